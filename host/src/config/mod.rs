@@ -1,0 +1,194 @@
+//! The host's TOML configuration: its shape, and loading it with errors that point at file, line and column.
+
+mod check;
+mod source;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use check::{Config, ServicePlan, TenantPlan, TenantService, load, load_str};
+pub use source::ConfigError;
+
+/// The configuration the host runs when none is given.
+pub const DEMO: &str = include_str!("demo.toml");
+
+/// The file as written, before checking against the registry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    pub security: Spanned<RawSecurity>,
+    #[serde(default)]
+    pub providers: Vec<Spanned<RawProvider>>,
+    #[serde(default)]
+    pub tenants: BTreeMap<Spanned<String>, Spanned<RawTenant>>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    pub body_limit_bytes: usize,
+    /// Deadline of one call, unless a provider's limits set a shorter one.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    /// An instance unused this long is disconnected and dropped.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// How long shutdown waits for in-flight calls before disconnecting anyway.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            body_limit_bytes: 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `sqlite://path` or `postgres://...`; may hold `${env:NAME}` references.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/host.db".into(),
+            max_connections: 8,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecurity {
+    pub issuer: String,
+    pub audience: String,
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    #[serde(default)]
+    pub keys: Vec<Spanned<RawKey>>,
+    #[serde(default)]
+    pub roles: BTreeMap<String, Vec<String>>,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKey {
+    pub kid: Option<String>,
+    pub algorithm: Spanned<String>,
+    pub secret: Option<Spanned<String>>,
+    pub secret_file: Option<PathBuf>,
+    pub public_key_file: Option<PathBuf>,
+    pub private_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProvider {
+    pub service: Spanned<String>,
+    pub plugin: Option<Spanned<String>>,
+    #[serde(default = "any_version")]
+    pub version: Spanned<String>,
+    #[serde(default = "empty_table")]
+    pub config: Spanned<toml::Table>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub required: bool,
+}
+
+fn empty_table() -> Spanned<toml::Table> {
+    Spanned::new(0..0, toml::Table::new())
+}
+
+fn any_version() -> Spanned<String> {
+    Spanned::new(0..0, "*".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTenant {
+    #[serde(default)]
+    pub services: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub providers: BTreeMap<Spanned<String>, Spanned<toml::Table>>,
+}
+
+/// Per-provider or per-tenant limits; the tighter of the two applies.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Deadline of one call.
+    #[serde(default, with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Calls in flight at once on one instance; more are refused with `RATE_LIMITED`.
+    pub max_concurrency: Option<u32>,
+}
+
+impl Limits {
+    /// The tighter of `self` and `other`, field by field.
+    pub fn tighter(self, other: Limits) -> Limits {
+        fn min<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        Limits {
+            timeout: min(self.timeout, other.timeout),
+            max_concurrency: min(self.max_concurrency, other.max_concurrency),
+        }
+    }
+}
+
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration '{text}': {e} (e.g. \"30s\", \"10m\")")))
+    }
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::Deserializer;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}

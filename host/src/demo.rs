@@ -1,0 +1,53 @@
+//! The demo `serve` runs without a config: its secret, and the ready-to-paste tour it prints.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+
+/// Where the demo keeps its HS256 secret (relative to the working directory).
+pub const SECRET_FILE: &str = "data/demo-jwt.secret";
+
+/// Creates the demo's signing secret on first use, readable by the owner only.
+pub fn ensure_secret(base: &Path) -> anyhow::Result<()> {
+    let path = base.join(SECRET_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let secret: String = (0..48)
+        .map(|_| char::from(b"0123456789abcdef"[rand::random_range(0..16)]))
+        .collect();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{secret}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The tour printed at start: how to call the demo with a token for each tenant.
+pub fn banner(addr: &str, acme: &str, globex: &str) -> String {
+    format!(
+        "\
+ERP Provider Layer demo on http://{addr}  (tenants: acme, globex; storage: sqlite://data/host.db)
+
+  export ACME='{acme}'
+  export GLOBEX='{globex}'
+
+  curl -s -X POST http://{addr}/providers/kv/set -H \"Authorization: Bearer $ACME\" -d '{{\"key\":\"greeting\",\"value\":\"hello\"}}'
+  curl -s -X POST http://{addr}/providers/kv/get -H \"Authorization: Bearer $ACME\" -d '{{\"key\":\"greeting\"}}'
+  curl -s -X POST http://{addr}/providers/kv/get -H \"Authorization: Bearer $GLOBEX\" -d '{{\"key\":\"greeting\"}}'   # NOT_FOUND: globex has its own store
+  curl -s http://{addr}/providers -H \"Authorization: Bearer $ACME\"
+  curl -s http://{addr}/openapi.json
+
+Tokens are valid for 24 hours; mint more with: provider-host token --tenant acme --roles clerk
+Stop with Ctrl-C.
+"
+    )
+}

@@ -1,0 +1,177 @@
+//! Route handlers. They authenticate, delegate to [`Host`] and shape the success body.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use providers_core::{ErrorCode, ProviderError};
+use serde_json::{Value, json};
+
+use super::{ApiError, RequestId};
+use crate::host::Host;
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+/// `POST /providers/{service}/{action}`.
+pub async fn call(
+    State(host): State<Arc<Host>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    Path((service, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let identity = host.authenticate(authorization(&headers))?;
+    host.tenant(&identity.tenant)?;
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError {
+                error: ProviderError::validation(format!(
+                    "request body exceeds the limit of {} bytes (server.body_limit_bytes)",
+                    host.config().server.body_limit_bytes
+                )),
+                status: Some(StatusCode::PAYLOAD_TOO_LARGE),
+            }
+        } else {
+            ApiError::new(ErrorCode::ValidationError, format!("request body could not be read: {rejection}"))
+        }
+    })?;
+    // An empty body is an empty object, so parameterless actions need no body.
+    let payload = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(ErrorCode::ValidationError, format!("request body is not valid JSON: {e}")))?
+    };
+    let ctx = host.context(identity, &request_id);
+    let data = host.call(ctx, &service, &action, payload).await?;
+    Ok(Json(json!({"data": data, "request_id": &*request_id})))
+}
+
+/// `GET /providers`: what the caller's tenant can call.
+pub async fn list(State(host): State<Arc<Host>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let identity = host.authenticate(authorization(&headers))?;
+    let tenant = host.tenant(&identity.tenant)?;
+    let mut services = Vec::new();
+    for (name, plan) in &tenant.services {
+        let d = plan.plan.factory.descriptor();
+        let actions: Vec<Value> = d
+            .actions
+            .iter()
+            .map(|a| json!({"name": a.name, "permission": a.permission, "idempotent": a.idempotent}))
+            .collect();
+        services.push(json!({
+            "service": name,
+            "version": d.version.to_string(),
+            "description": d.description,
+            "kind": plan.plan.factory.kind(),
+            "status": status(&host, &identity.tenant, name).await,
+            "actions": actions,
+        }));
+    }
+    Ok(Json(json!({"tenant": identity.tenant, "providers": services})))
+}
+
+async fn status(host: &Host, tenant: &str, service: &str) -> Value {
+    match host.instances().status(tenant, service).await {
+        Some(s) => json!({"state": s.state, "detail": s.detail}),
+        None => json!({"state": "idle", "detail": "no instance yet; one connects on the first call"}),
+    }
+}
+
+/// `GET /providers/{service}`: one service in full, with its action schemas.
+pub async fn describe(
+    State(host): State<Arc<Host>>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let identity = host.authenticate(authorization(&headers))?;
+    let tenant = host.tenant(&identity.tenant)?;
+    let plan = tenant.services.get(&service).ok_or_else(|| {
+        ProviderError::not_found(format!("no service '{service}' is available to tenant '{}'", identity.tenant))
+    })?;
+    let factory = &plan.plan.factory;
+    let d = factory.descriptor();
+    Ok(Json(json!({
+        "service": service,
+        "version": d.version.to_string(),
+        "contract_version": d.contract_version.to_string(),
+        "description": d.description,
+        "kind": factory.kind(),
+        "status": status(&host, &identity.tenant, &service).await,
+        "actions": d.actions,
+        "limits": {
+            "timeout_ms": plan.limits.timeout.map(|t| t.as_millis() as u64),
+            "max_concurrency": plan.limits.max_concurrency,
+        },
+    })))
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi(State(host): State<Arc<Host>>) -> Json<Value> {
+    Json(host.openapi().clone())
+}
+
+/// `GET /health`: the process is alive.
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: storage answers and no required provider has a failed instance.
+pub async fn ready(State(host): State<Arc<Host>>) -> Result<Json<Value>, ApiError> {
+    let mut problems = Vec::new();
+    let storage = match tokio::time::timeout(Duration::from_secs(2), host.storage().ping()).await {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => format!("unreachable: {e}"),
+        Err(_) => "unreachable: no answer within 2s".to_owned(),
+    };
+    if storage != "ok" {
+        problems.push(format!("storage {storage}"));
+    }
+    let mut providers = serde_json::Map::new();
+    for (name, plan) in &host.config().services {
+        if !plan.required {
+            continue;
+        }
+        let mut state = "ok".to_owned();
+        for (tenant, tp) in &host.config().tenants {
+            if !tp.services.contains_key(name) {
+                continue;
+            }
+            if let Some(s) = host.instances().status(tenant, name).await {
+                if s.state == providers_core::State::Failed {
+                    state = format!("failed for tenant '{tenant}': {}", s.detail);
+                    problems.push(format!("provider '{name}' {state}"));
+                    break;
+                }
+            }
+        }
+        providers.insert(name.clone(), Value::String(state));
+    }
+    if problems.is_empty() {
+        Ok(Json(json!({"status": "ready", "checks": {"storage": storage, "providers": providers}})))
+    } else {
+        Err(ApiError::new(ErrorCode::ProviderUnavailable, format!("not ready: {}", problems.join("; "))))
+    }
+}
+
+/// Any other path.
+pub async fn not_found() -> Response {
+    ApiError::new(ErrorCode::NotFound, "no such route; see /openapi.json").into_response()
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed() -> Response {
+    ApiError {
+        error: ProviderError::validation("method not allowed on this route; see /openapi.json"),
+        status: Some(StatusCode::METHOD_NOT_ALLOWED),
+    }
+    .into_response()
+}

@@ -1,0 +1,242 @@
+//! Tenant-scoped provider instances: created lazily, connected once, evicted when idle, drained at shutdown.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use providers_core::{ConnectContext, Kind, Provider, ProviderError, Resources, Status};
+use tokio::sync::{Notify, OnceCell, Semaphore};
+
+use crate::config::TenantService;
+use crate::guard;
+use crate::storage::{InstanceEvent, Storage};
+
+/// How long one `disconnect` may take before the host gives up on it.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connected instance.
+pub struct Live {
+    /// The provider.
+    pub provider: Arc<dyn Provider>,
+    /// Its version, for events.
+    pub version: String,
+    /// Bounds calls in flight, when the limits say so.
+    pub limiter: Option<Arc<Semaphore>>,
+}
+
+/// The place of one `(tenant, service)` instance. Entering and leaving it counts calls in
+/// flight; the count is raised under the map's read lock and eviction removes under its
+/// write lock, so an instance is never disconnected while a call that found it still runs.
+struct Slot {
+    cell: OnceCell<Arc<Live>>,
+    inflight: AtomicUsize,
+    drained: Notify,
+    last_used_ms: AtomicU64,
+}
+
+/// A call's hold on an instance; dropping it ends the call.
+pub struct Lease {
+    slot: Arc<Slot>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.slot.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.slot.drained.notify_waiters();
+        }
+    }
+}
+
+type Map = HashMap<String, HashMap<String, Arc<Slot>>>;
+
+/// Every instance of every tenant.
+pub struct Instances {
+    slots: RwLock<Map>,
+    resources: Resources,
+    storage: Storage,
+    epoch: Instant,
+    connect_timeout: Duration,
+}
+
+impl Instances {
+    /// No instances yet; `resources` go to builtin providers at connect.
+    pub fn new(storage: Storage, resources: Resources, connect_timeout: Duration) -> Self {
+        Self {
+            slots: RwLock::new(HashMap::new()),
+            resources,
+            storage,
+            epoch: Instant::now(),
+            connect_timeout,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn enter(&self, tenant: &str, service: &str) -> (Lease, Arc<Slot>) {
+        let now = self.now_ms();
+        let take = |slot: &Arc<Slot>| {
+            slot.inflight.fetch_add(1, Ordering::AcqRel);
+            slot.last_used_ms.store(now, Ordering::Relaxed);
+            (Lease { slot: slot.clone() }, slot.clone())
+        };
+        {
+            let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = map.get(tenant).and_then(|s| s.get(service)) {
+                return take(slot);
+            }
+        }
+        let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let slot = map
+            .entry(tenant.to_owned())
+            .or_default()
+            .entry(service.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    cell: OnceCell::new(),
+                    inflight: AtomicUsize::new(0),
+                    drained: Notify::new(),
+                    last_used_ms: AtomicU64::new(now),
+                })
+            });
+        take(slot)
+    }
+
+    /// The connected instance for `tenant`'s `service`, connecting it on first use.
+    /// Concurrent first calls share one `connect`; a failed connect is retried by the next call.
+    pub async fn acquire(
+        &self,
+        tenant: &str,
+        service: &str,
+        plan: &TenantService,
+    ) -> Result<(Lease, Arc<Live>), ProviderError> {
+        let (lease, slot) = self.enter(tenant, service);
+        let live = slot
+            .cell
+            .get_or_try_init(|| self.connect(tenant, service, plan))
+            .await?
+            .clone();
+        Ok((lease, live))
+    }
+
+    async fn connect(&self, tenant: &str, service: &str, plan: &TenantService) -> Result<Arc<Live>, ProviderError> {
+        let factory = &plan.plan.factory;
+        let version = factory.descriptor().version.to_string();
+        let resources = if factory.kind() == Kind::Builtin { self.resources.clone() } else { Resources::default() };
+        let ctx = ConnectContext::new(tenant, plan.config.clone()).with_resources(resources);
+        let mut provider = factory.create()?;
+        let what = format!("provider '{service}' connect for tenant '{tenant}'");
+        let outcome = guard::run(&what, Instant::now() + self.connect_timeout, async move {
+            let result = provider.connect(&ctx).await;
+            result.map(|()| provider)
+        })
+        .await;
+        match outcome {
+            Ok(provider) => {
+                self.note(tenant, service, &version, InstanceEvent::Connected, "").await;
+                tracing::info!(tenant, service, version, "instance connected");
+                Ok(Arc::new(Live {
+                    provider: Arc::from(provider),
+                    version,
+                    limiter: plan
+                        .limits
+                        .max_concurrency
+                        .map(|n| Arc::new(Semaphore::new(n as usize))),
+                }))
+            }
+            Err(e) => {
+                self.note(tenant, service, &version, InstanceEvent::ConnectFailed, &e.detail).await;
+                tracing::warn!(tenant, service, error = %e, "instance failed to connect");
+                Err(ProviderError::unavailable(format!("service '{service}' is unavailable: {}", e.detail)))
+            }
+        }
+    }
+
+    async fn note(&self, tenant: &str, service: &str, version: &str, event: InstanceEvent, detail: &str) {
+        if let Err(e) = self.storage.record(tenant, service, version, event, detail).await {
+            tracing::warn!(tenant, service, error = %e, "could not record instance event");
+        }
+    }
+
+    /// The status of `tenant`'s `service`, or `None` if it has no connected instance.
+    pub async fn status(&self, tenant: &str, service: &str) -> Option<Status> {
+        let live = {
+            let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+            map.get(tenant)?.get(service)?.cell.get()?.clone()
+        };
+        let provider = live.provider.clone();
+        let probe = guard::run("get_status", Instant::now() + Duration::from_secs(2), async move {
+            Ok(provider.get_status().await)
+        });
+        Some(probe.await.unwrap_or_else(|e| Status::failed(e.detail)))
+    }
+
+    /// Disconnects and drops every instance unused for `idle`. Returns how many went.
+    pub async fn evict_idle(&self, idle: Duration) -> usize {
+        let cutoff = self.now_ms().saturating_sub(idle.as_millis() as u64);
+        let mut gone = Vec::new();
+        {
+            let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            for (tenant, services) in map.iter_mut() {
+                services.retain(|service, slot| {
+                    let idle = slot.inflight.load(Ordering::Acquire) == 0
+                        && slot.last_used_ms.load(Ordering::Relaxed) <= cutoff;
+                    if idle {
+                        gone.push((tenant.clone(), service.clone(), slot.clone()));
+                    }
+                    !idle
+                });
+            }
+            map.retain(|_, services| !services.is_empty());
+        }
+        let count = gone.iter().filter(|(_, _, s)| s.cell.get().is_some()).count();
+        for (tenant, service, slot) in gone {
+            if let Some(live) = slot.cell.get() {
+                self.disconnect(&tenant, &service, live, "idle").await;
+            }
+        }
+        count
+    }
+
+    /// Removes every instance, waits up to `grace` for its calls to finish, and disconnects it.
+    pub async fn shutdown(&self, grace: Duration) {
+        let all: Map = std::mem::take(&mut *self.slots.write().unwrap_or_else(|p| p.into_inner()));
+        let deadline = Instant::now() + grace;
+        for (tenant, services) in all {
+            for (service, slot) in services {
+                loop {
+                    let notified = slot.drained.notified();
+                    if slot.inflight.load(Ordering::Acquire) == 0 {
+                        break;
+                    }
+                    if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                        tracing::warn!(tenant, service, "calls still in flight after the shutdown grace");
+                        break;
+                    }
+                }
+                if let Some(live) = slot.cell.get() {
+                    self.disconnect(&tenant, &service, live, "shutdown").await;
+                }
+            }
+        }
+    }
+
+    async fn disconnect(&self, tenant: &str, service: &str, live: &Arc<Live>, why: &str) {
+        let provider = live.provider.clone();
+        let what = format!("provider '{service}' disconnect for tenant '{tenant}'");
+        let detail = match guard::run(&what, Instant::now() + DISCONNECT_TIMEOUT, async move { provider.disconnect().await }).await {
+            Ok(()) => why.to_owned(),
+            Err(e) => format!("{why}: {}", e.detail),
+        };
+        tracing::info!(tenant, service, reason = why, "instance disconnected");
+        self.note(tenant, service, &live.version, InstanceEvent::Disconnected, &detail).await;
+    }
+
+    /// How many instances are connected.
+    pub fn connected(&self) -> usize {
+        let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        map.values().flat_map(|s| s.values()).filter(|s| s.cell.get().is_some()).count()
+    }
+}

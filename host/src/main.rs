@@ -1,0 +1,208 @@
+//! `provider-host`: serve, check a configuration, mint a development token.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use provider_host::config::{self, Config, ConfigError};
+use provider_host::{Host, builtin_registry, demo, http};
+use providers_security::TokenIssuer;
+
+#[derive(Parser)]
+#[command(name = "provider-host", version, about = "Hosts ERP providers behind one HTTP contract, per tenant.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serves the providers. Without --config, runs the demo (tenants acme and globex on SQLite in ./data).
+    Serve {
+        /// The host configuration (TOML).
+        #[arg(long, env = "PROVIDER_HOST_CONFIG")]
+        config: Option<PathBuf>,
+        /// Listen here instead of server.listen.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Checks a configuration against the providers this binary has, without starting anything.
+    Check {
+        /// The host configuration (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Mints a development token with the configured signing key.
+    Token {
+        /// The tenant the token speaks for.
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated roles.
+        #[arg(long, value_delimiter = ',', default_value = "")]
+        roles: Vec<String>,
+        /// The subject (`sub`).
+        #[arg(long, default_value = "dev")]
+        subject: String,
+        /// How long the token is valid, e.g. 1h, 30m.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The host configuration; the demo's when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn,sqlx=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match cli.command {
+        Command::Serve { config, listen } => serve(config, listen),
+        Command::Check { config } => check(&config),
+        Command::Token { tenant, roles, subject, ttl, config } => token(config, &tenant, &roles, &subject, ttl),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_errors(errors: &[ConfigError]) {
+    for e in errors {
+        eprintln!("{e}");
+    }
+}
+
+/// The configuration at `path`, or the demo's (creating its secret) when there is none.
+fn load(path: Option<&Path>) -> anyhow::Result<Result<Config, Vec<ConfigError>>> {
+    let registry = builtin_registry()?;
+    Ok(match path {
+        Some(path) => config::load(path, &registry),
+        None => {
+            let cwd = std::env::current_dir().context("reading the working directory")?;
+            demo::ensure_secret(&cwd)?;
+            config::load_str(config::DEMO, "<demo>", &cwd, &registry, &|n| std::env::var(n).ok())
+        }
+    })
+}
+
+fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    match load(Some(path))? {
+        Ok(c) => {
+            #[allow(clippy::print_stdout, reason = "the CLI's answer")]
+            {
+                println!(
+                    "{}: ok ({} services, {} tenants)",
+                    path.display(),
+                    c.services.len(),
+                    c.tenants.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            print_errors(&errors);
+            eprintln!("{}: {} error(s)", path.display(), errors.len());
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn token(path: Option<PathBuf>, tenant: &str, roles: &[String], subject: &str, ttl: Duration) -> anyhow::Result<ExitCode> {
+    let config = match load(path.as_deref())? {
+        Ok(c) => c,
+        Err(errors) => {
+            print_errors(&errors);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if !config.tenants.contains_key(tenant) {
+        bail!("tenant '{tenant}' is not configured in {}", config.source);
+    }
+    let roles: Vec<String> = roles.iter().filter(|r| !r.is_empty()).cloned().collect();
+    let issuer = TokenIssuer::new(&config.keys, config.token.clone())?;
+    let token = issuer.mint(subject, tenant, &roles, ttl.as_secs())?;
+    #[allow(clippy::print_stdout, reason = "the CLI's answer")]
+    {
+        println!("{token}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
+    let is_demo = path.is_none();
+    let mut config = match load(path.as_deref())? {
+        Ok(c) => c,
+        Err(errors) => {
+            print_errors(&errors);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Some(addr) = listen {
+        config.server.listen = addr;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let addr = config.server.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let local = listener.local_addr()?;
+        let tour = if is_demo {
+            let issuer = TokenIssuer::new(&config.keys, config.token.clone())?;
+            let day = 24 * 3600;
+            Some(demo::banner(
+                &local.to_string(),
+                &issuer.mint("demo-user", "acme", &["clerk".into()], day)?,
+                &issuer.mint("demo-user", "globex", &["clerk".into()], day)?,
+            ))
+        } else {
+            None
+        };
+        let host = Host::start(config).await?;
+        tracing::info!(%local, "listening");
+        if let Some(tour) = tour {
+            #[allow(clippy::print_stdout, reason = "the demo's tour is the CLI's output")]
+            {
+                println!("{tour}");
+            }
+        }
+        http::serve(host, listener, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight calls");
+}

@@ -1,0 +1,151 @@
+//! The call context: who is calling, under which request and deadline, and how to call others.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::{ErrorCode, ProviderError};
+
+/// How deep provider-to-provider calls may nest before the host refuses (a cycle guard).
+pub const MAX_CALL_DEPTH: u32 = 8;
+
+/// Calls another provider by name on behalf of the current caller.
+///
+/// The host implements this; the call is made for the same tenant and under the same
+/// subject, roles and deadline, so a provider can never reach further than its caller.
+#[async_trait]
+pub trait Caller: Send + Sync {
+    /// Runs `service`/`action` with `payload` as a nested call of `ctx`.
+    async fn call(
+        &self,
+        ctx: &CallContext,
+        service: &str,
+        action: &str,
+        payload: Value,
+    ) -> Result<Value, ProviderError>;
+}
+
+/// Everything a provider knows about the call it is serving.
+#[derive(Clone)]
+pub struct CallContext {
+    tenant: Arc<str>,
+    subject: Arc<str>,
+    roles: Arc<[String]>,
+    request_id: Arc<str>,
+    deadline: Option<Instant>,
+    depth: u32,
+    caller: Option<Arc<dyn Caller>>,
+}
+
+impl CallContext {
+    /// A context for `tenant` and `request_id`, with no subject, roles, deadline or caller.
+    pub fn new(tenant: impl Into<Arc<str>>, request_id: impl Into<Arc<str>>) -> Self {
+        Self {
+            tenant: tenant.into(),
+            subject: Arc::from(""),
+            roles: Arc::from(Vec::new()),
+            request_id: request_id.into(),
+            deadline: None,
+            depth: 0,
+            caller: None,
+        }
+    }
+
+    /// Sets the subject (the token's `sub`).
+    pub fn with_subject(mut self, subject: impl Into<Arc<str>>) -> Self {
+        self.subject = subject.into();
+        self
+    }
+
+    /// Sets the roles.
+    pub fn with_roles(mut self, roles: impl Into<Arc<[String]>>) -> Self {
+        self.roles = roles.into();
+        self
+    }
+
+    /// Sets the deadline.
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Sets the handle used by [`CallContext::call`].
+    pub fn with_caller(mut self, caller: Arc<dyn Caller>) -> Self {
+        self.caller = Some(caller);
+        self
+    }
+
+    /// The tenant the call is for. Providers scope every piece of data by it.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// The authenticated subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The caller's roles.
+    pub fn roles(&self) -> &[String] {
+        &self.roles
+    }
+
+    /// The request id, for logs and correlation.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// When the call must be done by; the host cancels it after that.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// How many provider-to-provider hops led here (0 for a client's call).
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// The context for a nested call: same tenant, subject, roles, request and deadline, one level deeper.
+    pub fn nested(&self) -> Result<Self, ProviderError> {
+        if self.depth >= MAX_CALL_DEPTH {
+            return Err(ProviderError::new(
+                ErrorCode::Forbidden,
+                format!("provider calls nest deeper than {MAX_CALL_DEPTH} levels"),
+            ));
+        }
+        let mut next = self.clone();
+        next.depth += 1;
+        Ok(next)
+    }
+
+    /// Calls `service`/`action` as this caller.
+    pub async fn call(
+        &self,
+        service: &str,
+        action: &str,
+        payload: Value,
+    ) -> Result<Value, ProviderError> {
+        let caller = self.caller.as_ref().ok_or_else(|| {
+            ProviderError::unavailable(format!(
+                "no caller in this context to reach '{service}/{action}'"
+            ))
+        })?;
+        caller.call(self, service, action, payload).await
+    }
+}
+
+impl fmt::Debug for CallContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallContext")
+            .field("tenant", &self.tenant)
+            .field("subject", &self.subject)
+            .field("roles", &self.roles)
+            .field("request_id", &self.request_id)
+            .field("deadline", &self.deadline)
+            .field("depth", &self.depth)
+            .finish_non_exhaustive()
+    }
+}

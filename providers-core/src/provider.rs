@@ -1,0 +1,252 @@
+//! The `Provider` trait and what `connect` and `get_status` exchange with the host.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{CallContext, Descriptor, ProviderError};
+
+/// A provider: one service behind the four calls of the contract.
+///
+/// # Lifecycle
+///
+/// For each `(tenant, service)` pair the host creates one instance and drives it in this order:
+///
+/// 1. [`connect`](Provider::connect) exactly once, with the tenant's configuration, before
+///    anything else. If it fails the instance is dropped and the next call tries a fresh one.
+/// 2. [`execute`](Provider::execute) any number of times, concurrently, each under its own
+///    [`CallContext`] and deadline; [`get_status`](Provider::get_status) at any time.
+/// 3. [`disconnect`](Provider::disconnect) exactly once, after the last in-flight `execute`
+///    has returned: on idle eviction, reload or shutdown.
+///
+/// Payloads reaching `execute` have already been validated against the action's input
+/// schema, and the caller holds the action's permission. A panic in any call is contained
+/// by the host and reported as `PROVIDER_ERROR`; it never takes the host down.
+///
+/// # Example: the smallest provider
+///
+/// ```
+/// use providers_core::{async_trait, CallContext, Descriptor, Action, Provider, ProviderError};
+/// use serde_json::{json, Value};
+///
+/// struct Echo;
+///
+/// #[async_trait]
+/// impl Provider for Echo {
+///     fn descriptor(&self) -> Descriptor {
+///         Descriptor::new("echo", semver::Version::new(1, 0, 0))
+///             .action(Action::new("echo").permission("echo.call").idempotent())
+///     }
+///
+///     async fn execute(&self, action: &str, payload: Value, _ctx: &CallContext) -> Result<Value, ProviderError> {
+///         match action {
+///             "echo" => Ok(payload),
+///             other => Err(ProviderError::not_found(format!("no action '{other}'"))),
+///         }
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let mut host = providers_core::testing::TestHost::new(Echo).await.unwrap();
+/// assert_eq!(host.call("echo", json!({"hello": 1})).await.unwrap(), json!({"hello": 1}));
+/// # });
+/// ```
+///
+/// # Example: a configured provider
+///
+/// ```
+/// use std::sync::OnceLock;
+/// use providers_core::{async_trait, Action, CallContext, ConnectContext, Descriptor, Provider, ProviderError};
+/// use serde_json::{json, Value};
+///
+/// #[derive(Default)]
+/// struct Greeter { greeting: OnceLock<String> }
+///
+/// #[async_trait]
+/// impl Provider for Greeter {
+///     fn descriptor(&self) -> Descriptor {
+///         Descriptor::new("greeter", semver::Version::new(1, 0, 0))
+///             .config_schema(json!({
+///                 "type": "object",
+///                 "properties": {"greeting": {"type": "string"}},
+///                 "required": ["greeting"],
+///                 "additionalProperties": false
+///             }))
+///             .action(Action::new("greet")
+///                 .permission("greeter.use")
+///                 .input(json!({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]})))
+///     }
+///
+///     async fn connect(&mut self, ctx: &ConnectContext) -> Result<(), ProviderError> {
+///         let greeting = ctx.config()["greeting"].as_str()
+///             .ok_or_else(|| ProviderError::validation("config.greeting: expected a string"))?;
+///         self.greeting.get_or_init(|| greeting.to_owned());
+///         Ok(())
+///     }
+///
+///     async fn execute(&self, _action: &str, payload: Value, ctx: &CallContext) -> Result<Value, ProviderError> {
+///         let greeting = self.greeting.get().map(String::as_str).unwrap_or("Hello");
+///         Ok(json!({"text": format!("{greeting}, {} (tenant {})", payload["name"].as_str().unwrap_or("?"), ctx.tenant())}))
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let mut host = providers_core::testing::TestHost::builder(Greeter::default())
+///     .tenant("acme")
+///     .config(json!({"greeting": "Bonjour"}))
+///     .connect().await.unwrap();
+/// let out = host.call("greet", json!({"name": "Ada"})).await.unwrap();
+/// assert_eq!(out["text"], "Bonjour, Ada (tenant acme)");
+/// # });
+/// ```
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Describes the provider. Must be cheap and return the same value every time.
+    fn descriptor(&self) -> Descriptor;
+
+    /// Brings the instance up with its tenant-specific configuration.
+    async fn connect(&mut self, ctx: &ConnectContext) -> Result<(), ProviderError> {
+        let _ = ctx;
+        Ok(())
+    }
+
+    /// Releases everything. Called once, after the last in-flight `execute` returned.
+    async fn disconnect(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    /// Runs one action. `payload` already satisfies the action's input schema.
+    async fn execute(
+        &self,
+        action: &str,
+        payload: Value,
+        ctx: &CallContext,
+    ) -> Result<Value, ProviderError>;
+
+    /// The instance's health.
+    async fn get_status(&self) -> Status {
+        Status::ready()
+    }
+}
+
+/// The state part of [`Status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum State {
+    /// Serving normally.
+    Ready,
+    /// Serving, with reduced capability.
+    Degraded,
+    /// Not serving.
+    Failed,
+}
+
+/// What `get_status` reports: a state and a sentence for humans.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The state.
+    pub state: State,
+    /// Why, for a human.
+    pub detail: String,
+}
+
+impl Status {
+    /// `ready`, with an empty detail.
+    pub fn ready() -> Self {
+        Self {
+            state: State::Ready,
+            detail: String::new(),
+        }
+    }
+
+    /// `degraded`, with a reason.
+    pub fn degraded(detail: impl Into<String>) -> Self {
+        Self {
+            state: State::Degraded,
+            detail: detail.into(),
+        }
+    }
+
+    /// `failed`, with a reason.
+    pub fn failed(detail: impl Into<String>) -> Self {
+        Self {
+            state: State::Failed,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// What `connect` receives: the tenant, its configuration and the host's shared resources.
+pub struct ConnectContext {
+    tenant: String,
+    config: Value,
+    resources: Resources,
+}
+
+impl ConnectContext {
+    /// A context for `tenant` with `config` and no resources.
+    pub fn new(tenant: impl Into<String>, config: Value) -> Self {
+        Self {
+            tenant: tenant.into(),
+            config,
+            resources: Resources::default(),
+        }
+    }
+
+    /// Adds the host's resources.
+    pub fn with_resources(mut self, resources: Resources) -> Self {
+        self.resources = resources;
+        self
+    }
+
+    /// The tenant this instance serves, and only this one.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// The provider's base config overlaid by the tenant's overrides; satisfies the config schema.
+    pub fn config(&self) -> &Value {
+        &self.config
+    }
+
+    /// A resource the host shares with trusted (builtin) providers, such as its database pool.
+    pub fn resource<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.resources.get::<T>()
+    }
+}
+
+impl fmt::Debug for ConnectContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectContext")
+            .field("tenant", &self.tenant)
+            .field("config", &self.config)
+            .field("resources", &self.resources.map.len())
+            .finish()
+    }
+}
+
+/// A type map of host resources handed to builtin providers at connect.
+///
+/// Only builtin providers share the host's Rust types, so only they get resources;
+/// native and wasm providers receive an empty map.
+#[derive(Default, Clone)]
+pub struct Resources {
+    map: HashMap<TypeId, std::sync::Arc<dyn Any + Send + Sync>>,
+}
+
+impl Resources {
+    /// Adds (or replaces) the resource of type `T`.
+    pub fn insert<T: Any + Send + Sync>(&mut self, value: T) {
+        self.map.insert(TypeId::of::<T>(), std::sync::Arc::new(value));
+    }
+
+    /// The resource of type `T`, if the host provides one.
+    pub fn get<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.map.get(&TypeId::of::<T>())?.downcast_ref::<T>()
+    }
+}

@@ -1,0 +1,165 @@
+//! Run a provider in a few lines, without the host: connect, call, disconnect.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::{CallContext, Caller, ConnectContext, Provider, ProviderError, Resources};
+
+/// A minimal host for one provider instance in tests.
+///
+/// It drives the lifecycle in the contract's order and routes [`CallContext::call`] to the
+/// other providers added with [`TestHostBuilder::peer`]. It does not validate schemas or
+/// permissions: use the real host for that.
+pub struct TestHost {
+    provider: Arc<dyn Provider>,
+    ctx: CallContext,
+    connected: bool,
+}
+
+/// Configures a [`TestHost`].
+pub struct TestHostBuilder {
+    provider: Box<dyn Provider>,
+    tenant: String,
+    roles: Vec<String>,
+    config: Value,
+    resources: Resources,
+    peers: Vec<(String, Box<dyn Provider>)>,
+}
+
+impl TestHost {
+    /// Connects `provider` for tenant `test` with an empty config.
+    pub async fn new(provider: impl Provider) -> Result<Self, ProviderError> {
+        Self::builder(provider).connect().await
+    }
+
+    /// A builder for finer setups.
+    pub fn builder(provider: impl Provider) -> TestHostBuilder {
+        TestHostBuilder {
+            provider: Box::new(provider),
+            tenant: "test".to_owned(),
+            roles: Vec::new(),
+            config: Value::Object(Default::default()),
+            resources: Resources::default(),
+            peers: Vec::new(),
+        }
+    }
+
+    /// Calls `action` with `payload` under the host's context.
+    pub async fn call(&mut self, action: &str, payload: Value) -> Result<Value, ProviderError> {
+        self.provider.execute(action, payload, &self.ctx).await
+    }
+
+    /// Calls `action` under a context of the caller's choosing.
+    pub async fn call_as(
+        &mut self,
+        ctx: &CallContext,
+        action: &str,
+        payload: Value,
+    ) -> Result<Value, ProviderError> {
+        self.provider.execute(action, payload, ctx).await
+    }
+
+    /// The context calls run under.
+    pub fn context(&self) -> &CallContext {
+        &self.ctx
+    }
+
+    /// The provider's status.
+    pub async fn status(&self) -> crate::Status {
+        self.provider.get_status().await
+    }
+
+    /// Disconnects the provider, ending its lifecycle.
+    pub async fn disconnect(mut self) -> Result<(), ProviderError> {
+        self.connected = false;
+        self.provider.disconnect().await
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        // Drop cannot await `disconnect`; a test that forgets it should not pass silently.
+        if self.connected && !std::thread::panicking() {
+            eprintln!("TestHost dropped without disconnect(); call it to exercise the whole lifecycle");
+        }
+    }
+}
+
+impl TestHostBuilder {
+    /// The tenant (default `test`).
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = tenant.into();
+        self
+    }
+
+    /// The caller's roles.
+    pub fn roles(mut self, roles: &[&str]) -> Self {
+        self.roles = roles.iter().map(|r| (*r).to_owned()).collect();
+        self
+    }
+
+    /// The config `connect` receives.
+    pub fn config(mut self, config: Value) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// A resource `connect` can find with [`ConnectContext::resource`].
+    pub fn resource<T: std::any::Any + Send + Sync>(mut self, value: T) -> Self {
+        self.resources.insert(value);
+        self
+    }
+
+    /// Another provider reachable through [`CallContext::call`], connected with an empty config.
+    pub fn peer(mut self, provider: impl Provider) -> Self {
+        let service = provider.descriptor().service;
+        self.peers.push((service, Box::new(provider)));
+        self
+    }
+
+    /// Connects everything and returns the host.
+    pub async fn connect(self) -> Result<TestHost, ProviderError> {
+        let mut peers = Vec::new();
+        for (service, mut peer) in self.peers {
+            let ctx = ConnectContext::new(self.tenant.clone(), Value::Object(Default::default()))
+                .with_resources(self.resources.clone());
+            peer.connect(&ctx).await?;
+            peers.push((service, Arc::<dyn Provider>::from(peer)));
+        }
+        let mut provider = self.provider;
+        let ctx = ConnectContext::new(self.tenant.clone(), self.config)
+            .with_resources(self.resources);
+        provider.connect(&ctx).await?;
+        let ctx = CallContext::new(self.tenant, "test-request")
+            .with_subject("test-subject")
+            .with_roles(self.roles)
+            .with_caller(Arc::new(Peers(peers)));
+        Ok(TestHost {
+            provider: Arc::from(provider),
+            ctx,
+            connected: true,
+        })
+    }
+}
+
+struct Peers(Vec<(String, Arc<dyn Provider>)>);
+
+#[async_trait]
+impl Caller for Peers {
+    async fn call(
+        &self,
+        ctx: &CallContext,
+        service: &str,
+        action: &str,
+        payload: Value,
+    ) -> Result<Value, ProviderError> {
+        let (_, peer) = self
+            .0
+            .iter()
+            .find(|(name, _)| name == service)
+            .ok_or_else(|| ProviderError::not_found(format!("no peer service '{service}'")))?;
+        peer.execute(action, payload, &ctx.nested()?).await
+    }
+}

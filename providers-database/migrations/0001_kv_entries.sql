@@ -1,0 +1,11 @@
+-- Tenant-scoped key-value entries of the `kv` provider. One DDL for SQLite and PostgreSQL.
+CREATE TABLE IF NOT EXISTS kv_entries (
+    tenant     TEXT   NOT NULL,
+    key        TEXT   NOT NULL,
+    value      TEXT   NOT NULL,
+    etag       BIGINT NOT NULL,
+    expires_at BIGINT,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+CREATE INDEX IF NOT EXISTS kv_entries_expiry ON kv_entries (tenant, expires_at);

@@ -1,0 +1,112 @@
+//! The `kv` descriptor: its actions' JSON Schemas and its config schema.
+
+use providers_core::semver::Version;
+use providers_core::{Action, Descriptor};
+use serde_json::{Value, json};
+
+/// Longest key, in characters.
+pub(crate) const MAX_KEY_CHARS: u64 = 512;
+/// Most keys in one `bulk_get`.
+pub(crate) const MAX_BULK_KEYS: u64 = 100;
+/// Largest page of `list`.
+pub(crate) const MAX_LIST_LIMIT: u64 = 1000;
+
+fn key() -> Value {
+    json!({"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS})
+}
+
+fn etag() -> Value {
+    json!({"type": "string", "minLength": 1, "maxLength": 32})
+}
+
+fn object(properties: Value, required: &[&str]) -> Value {
+    json!({"type": "object", "properties": properties, "required": required, "additionalProperties": false})
+}
+
+fn item() -> Value {
+    object(json!({"key": key(), "value": {}, "etag": etag()}), &["key", "value", "etag"])
+}
+
+pub(crate) fn descriptor(version: Version) -> Descriptor {
+    Descriptor::new("kv", version)
+        .description("Tenant-scoped key-value state with ETags for optimistic concurrency and optional TTLs.")
+        .config_schema(object(
+            json!({
+                "max_value_bytes": {"type": "integer", "minimum": 1, "maximum": 16_777_216,
+                    "description": "Largest value accepted, as serialised JSON (default 65536)."},
+                "default_ttl_seconds": {"type": "integer", "minimum": 1,
+                    "description": "TTL applied when a set names none (default: no expiry)."}
+            }),
+            &[],
+        ))
+        .action(
+            Action::new("get")
+                .description("Reads one key; NOT_FOUND if it is absent or expired.")
+                .permission("kv.read")
+                .idempotent()
+                .input(object(json!({"key": key()}), &["key"]))
+                .output(item()),
+        )
+        .action(
+            Action::new("set")
+                .description("Writes one key. With `etag`, only if the key still has that ETag (else CONFLICT).")
+                .permission("kv.write")
+                .input(object(
+                    json!({
+                        "key": key(),
+                        "value": {"description": "Any JSON value."},
+                        "etag": etag(),
+                        "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 315_360_000}
+                    }),
+                    &["key", "value"],
+                ))
+                .output(object(json!({"key": key(), "etag": etag()}), &["key", "etag"])),
+        )
+        .action(
+            Action::new("delete")
+                .description("Deletes one key. With `etag`, only if the key still has that ETag (else CONFLICT).")
+                .permission("kv.write")
+                .idempotent()
+                .input(object(json!({"key": key(), "etag": etag()}), &["key"]))
+                .output(object(
+                    json!({"key": key(), "deleted": {"type": "boolean"}}),
+                    &["key", "deleted"],
+                )),
+        )
+        .action(
+            Action::new("list")
+                .description("Lists keys starting with `prefix`, in key order, a page at a time; pass `next` back as `after`.")
+                .permission("kv.read")
+                .idempotent()
+                .input(object(
+                    json!({
+                        "prefix": {"type": "string", "maxLength": MAX_KEY_CHARS},
+                        "after": {"type": "string", "maxLength": MAX_KEY_CHARS},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}
+                    }),
+                    &[],
+                ))
+                .output(object(
+                    json!({"items": {"type": "array", "items": item()}, "next": {"type": ["string", "null"]}}),
+                    &["items", "next"],
+                )),
+        )
+        .action(
+            Action::new("bulk_get")
+                .description("Reads up to 100 keys at once; each item says whether it was found.")
+                .permission("kv.read")
+                .idempotent()
+                .input(object(
+                    json!({"keys": {"type": "array", "items": key(), "minItems": 1, "maxItems": MAX_BULK_KEYS}}),
+                    &["keys"],
+                ))
+                .output(object(
+                    json!({"items": {"type": "array", "items": {
+                        "type": "object",
+                        "properties": {"key": key(), "found": {"type": "boolean"}, "value": {}, "etag": etag()},
+                        "required": ["key", "found"]
+                    }}}),
+                    &["items"],
+                )),
+        )
+}

@@ -1,0 +1,28 @@
+//! This crate's migrations, applied on connect and tracked in their own table.
+
+use std::borrow::Cow;
+
+use sqlx::{AnyPool, SqlSafeStr};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use tokio::sync::Mutex;
+
+/// Instances connect concurrently; SQLite has no advisory lock, so serialise here.
+static MIGRATING: Mutex<()> = Mutex::const_new(());
+
+fn migrator() -> Migrator {
+    let mut m = Migrator::with_migrations(vec![Migration::new(
+        1,
+        Cow::Borrowed("kv entries"),
+        MigrationType::Simple,
+        sqlx::AssertSqlSafe(include_str!("../migrations/0001_kv_entries.sql")).into_sql_str(),
+        false,
+    )]);
+    // Each crate owns its migrations; a table of our own keeps version numbers from clashing.
+    m.dangerous_set_table_name("_kv_migrations");
+    m
+}
+
+pub(crate) async fn run(pool: &AnyPool) -> Result<(), sqlx::migrate::MigrateError> {
+    let _guard = MIGRATING.lock().await;
+    migrator().run(pool).await
+}

@@ -1,0 +1,33 @@
+//! Security for the ERP Provider Layer: bearer-token verification, roles and permissions,
+//! and secret references in configuration.
+//!
+//! The host depends on it; providers do not (they receive the verified tenant, subject and
+//! roles in their call context). It depends on no other workspace crate and runs no runtime.
+
+mod permissions;
+mod secrets;
+mod token;
+
+pub use permissions::Permissions;
+pub use secrets::{Reference, find_references, resolve_references};
+pub use token::{Algorithm, Identity, KeyMaterial, TokenIssuer, TokenSettings, TokenVerifier};
+
+/// Everything this crate can refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecurityError {
+    /// A token was missing, malformed, forged, expired or for someone else. The text is safe to show.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A key could not be used, with which key and why.
+    #[error("key {key}: {reason}")]
+    BadKey {
+        /// The key's id or position.
+        key: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A `${scheme:NAME}` reference could not be resolved.
+    #[error("{0}")]
+    Reference(String),
+}

@@ -1,0 +1,274 @@
+//! Bearer tokens: verification of signed JWTs and minting of development tokens.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation, decode, decode_header, encode};
+use serde::{Deserialize, Serialize};
+
+use crate::SecurityError;
+
+/// Signature algorithms a key may be used with. One key, one algorithm: a key is never
+/// tried under another algorithm than its own, which rules out algorithm confusion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Algorithm {
+    /// HMAC with SHA-256 over a shared secret of at least 32 bytes.
+    HS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    RS256,
+}
+
+impl Algorithm {
+    fn jwt(self) -> jsonwebtoken::Algorithm {
+        match self {
+            Algorithm::HS256 => jsonwebtoken::Algorithm::HS256,
+            Algorithm::RS256 => jsonwebtoken::Algorithm::RS256,
+        }
+    }
+}
+
+/// One key, as configured.
+#[derive(Clone)]
+pub struct KeyMaterial {
+    /// The key id tokens name in their `kid` header, if any.
+    pub kid: Option<String>,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// HS256: the shared secret. RS256: the public key, PEM.
+    pub verify: Vec<u8>,
+    /// HS256: the shared secret. RS256: the private key, PEM, when this host may mint tokens.
+    pub sign: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyMaterial")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who must have issued a token and for whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSettings {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud`.
+    pub audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_seconds: u64,
+}
+
+/// The verified identity behind a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// `sub`.
+    pub subject: String,
+    /// `tenant_id`: the only source of the tenant.
+    pub tenant: String,
+    /// `roles`.
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    tenant_id: String,
+    #[serde(default)]
+    roles: Vec<String>,
+    iss: String,
+    aud: String,
+    exp: u64,
+    iat: u64,
+}
+
+struct VerifyKey {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies bearer tokens against the configured keys.
+pub struct TokenVerifier {
+    keys: Vec<VerifyKey>,
+    settings: TokenSettings,
+}
+
+const MIN_HMAC_SECRET: usize = 32;
+
+fn key_name(k: &KeyMaterial, index: usize) -> String {
+    match &k.kid {
+        Some(kid) => format!("'{kid}'"),
+        None => format!("#{}", index + 1),
+    }
+}
+
+impl TokenVerifier {
+    /// A verifier for `keys`; refuses short HMAC secrets and unparsable PEM.
+    pub fn new(keys: &[KeyMaterial], settings: TokenSettings) -> Result<Self, SecurityError> {
+        if keys.is_empty() {
+            return Err(SecurityError::BadKey {
+                key: "(none)".into(),
+                reason: "at least one key is needed to verify tokens".into(),
+            });
+        }
+        let keys = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let bad = |reason: String| SecurityError::BadKey {
+                    key: key_name(k, i),
+                    reason,
+                };
+                let key = match k.algorithm {
+                    Algorithm::HS256 => {
+                        if k.verify.len() < MIN_HMAC_SECRET {
+                            return Err(bad(format!(
+                                "HS256 secret is {} bytes; at least {MIN_HMAC_SECRET} are required",
+                                k.verify.len()
+                            )));
+                        }
+                        DecodingKey::from_secret(&k.verify)
+                    }
+                    Algorithm::RS256 => DecodingKey::from_rsa_pem(&k.verify)
+                        .map_err(|e| bad(format!("RS256 public key is not a usable PEM: {e}")))?,
+                };
+                Ok(VerifyKey {
+                    kid: k.kid.clone(),
+                    algorithm: k.algorithm,
+                    key,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { keys, settings })
+    }
+
+    /// Verifies `token` (without the `Bearer ` prefix) and returns who it speaks for.
+    pub fn verify(&self, token: &str) -> Result<Identity, SecurityError> {
+        let unauth = |s: &str| SecurityError::Unauthenticated(s.to_owned());
+        // An unknown or "none" algorithm fails here: the header's alg must be one we implement.
+        let header = decode_header(token).map_err(|_| unauth("malformed bearer token"))?;
+        let candidates = self.keys.iter().filter(|k| {
+            k.algorithm.jwt() == header.alg
+                && match (&header.kid, &k.kid) {
+                    (Some(want), Some(have)) => want == have,
+                    (Some(_), None) => false,
+                    (None, _) => true,
+                }
+        });
+        let mut last = unauth("no configured key matches the token's algorithm or key id");
+        for k in candidates {
+            let mut v = Validation::new(k.algorithm.jwt());
+            v.set_issuer(&[&self.settings.issuer]);
+            v.set_audience(&[&self.settings.audience]);
+            v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+            v.leeway = self.settings.leeway_seconds;
+            v.validate_nbf = true;
+            match decode::<Claims>(token, &k.key, &v) {
+                Ok(data) => {
+                    let c = data.claims;
+                    if c.tenant_id.is_empty() {
+                        return Err(unauth("token has an empty tenant_id claim"));
+                    }
+                    return Ok(Identity {
+                        subject: c.sub,
+                        tenant: c.tenant_id,
+                        roles: c.roles,
+                    });
+                }
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind as K;
+                    last = match e.kind() {
+                        K::InvalidSignature => unauth("token signature is invalid"),
+                        K::ExpiredSignature => unauth("token has expired"),
+                        K::ImmatureSignature => unauth("token is not valid yet (nbf)"),
+                        K::InvalidIssuer => unauth("token issuer is not accepted"),
+                        K::InvalidAudience => unauth("token audience is not accepted"),
+                        K::MissingRequiredClaim(c) => {
+                            SecurityError::Unauthenticated(format!("token lacks the '{c}' claim"))
+                        }
+                        K::Json(_) | K::InvalidClaimFormat(_) => {
+                            unauth("token claims are malformed (sub, tenant_id, exp, iat: expected strings and numbers)")
+                        }
+                        _ => unauth("token could not be verified"),
+                    };
+                    // Only a bad signature means another key might still accept it.
+                    if !matches!(e.kind(), K::InvalidSignature) {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Mints tokens with a key that has signing material. For development and tests.
+pub struct TokenIssuer {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: EncodingKey,
+    settings: TokenSettings,
+}
+
+impl TokenIssuer {
+    /// An issuer using the first key of `keys` that can sign.
+    pub fn new(keys: &[KeyMaterial], settings: TokenSettings) -> Result<Self, SecurityError> {
+        let (i, k, sign) = keys
+            .iter()
+            .enumerate()
+            .find_map(|(i, k)| k.sign.as_ref().map(|s| (i, k, s)))
+            .ok_or_else(|| SecurityError::BadKey {
+                key: "(none)".into(),
+                reason: "no configured key can sign (an RS256 key needs private_key_file)".into(),
+            })?;
+        let key = match k.algorithm {
+            Algorithm::HS256 => EncodingKey::from_secret(sign),
+            Algorithm::RS256 => {
+                EncodingKey::from_rsa_pem(sign).map_err(|e| SecurityError::BadKey {
+                    key: key_name(k, i),
+                    reason: format!("RS256 private key is not a usable PEM: {e}"),
+                })?
+            }
+        };
+        Ok(Self {
+            kid: k.kid.clone(),
+            algorithm: k.algorithm,
+            key,
+            settings,
+        })
+    }
+
+    /// A token for `subject` in `tenant` with `roles`, valid for `ttl_seconds`.
+    pub fn mint(
+        &self,
+        subject: &str,
+        tenant: &str,
+        roles: &[String],
+        ttl_seconds: u64,
+    ) -> Result<String, SecurityError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let claims = Claims {
+            sub: subject.to_owned(),
+            tenant_id: tenant.to_owned(),
+            roles: roles.to_vec(),
+            iss: self.settings.issuer.clone(),
+            aud: self.settings.audience.clone(),
+            exp: now + ttl_seconds,
+            iat: now,
+        };
+        let mut header = Header::new(self.algorithm.jwt());
+        header.kid = self.kid.clone();
+        encode(&header, &claims, &self.key).map_err(|e| SecurityError::BadKey {
+            key: self.kid.clone().unwrap_or_else(|| "#1".into()),
+            reason: format!("could not sign: {e}"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,171 @@
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{EncodingKey, Header, encode};
+use serde_json::{Value, json};
+
+use super::*;
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn settings() -> TokenSettings {
+    TokenSettings {
+        issuer: "erp".into(),
+        audience: "providers".into(),
+        leeway_seconds: 0,
+    }
+}
+
+fn hs(kid: Option<&str>, secret: &[u8]) -> KeyMaterial {
+    KeyMaterial {
+        kid: kid.map(Into::into),
+        algorithm: Algorithm::HS256,
+        verify: secret.to_vec(),
+        sign: Some(secret.to_vec()),
+    }
+}
+
+fn rs(name: &str, with_private: bool) -> KeyMaterial {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/");
+    KeyMaterial {
+        kid: Some(name.into()),
+        algorithm: Algorithm::RS256,
+        verify: std::fs::read(format!("{dir}{name}.pub.pem")).unwrap(),
+        sign: with_private.then(|| std::fs::read(format!("{dir}{name}.key.pem")).unwrap()),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn claims() -> Value {
+    json!({"sub": "ada", "tenant_id": "acme", "roles": ["clerk"], "iss": "erp", "aud": "providers", "exp": now() + 60, "iat": now()})
+}
+
+fn sign_hs(claims: &Value, secret: &[u8]) -> String {
+    encode(&Header::default(), claims, &EncodingKey::from_secret(secret)).unwrap()
+}
+
+fn refused(v: &TokenVerifier, token: &str) -> String {
+    match v.verify(token) {
+        Err(SecurityError::Unauthenticated(why)) => why,
+        other => panic!("expected Unauthenticated, got {other:?}"),
+    }
+}
+
+#[test]
+fn hs256_round_trip_gives_the_identity() {
+    let keys = [hs(None, SECRET)];
+    let token = TokenIssuer::new(&keys, settings())
+        .unwrap()
+        .mint("ada", "acme", &["clerk".into()], 60)
+        .unwrap();
+    let id = TokenVerifier::new(&keys, settings()).unwrap().verify(&token).unwrap();
+    assert_eq!(
+        id,
+        Identity {
+            subject: "ada".into(),
+            tenant: "acme".into(),
+            roles: vec!["clerk".into()]
+        }
+    );
+}
+
+#[test]
+fn rs256_round_trip_and_wrong_key() {
+    let signer = TokenIssuer::new(&[rs("rs256", true)], settings()).unwrap();
+    let token = signer.mint("bob", "globex", &[], 60).unwrap();
+    let good = TokenVerifier::new(&[rs("rs256", false)], settings()).unwrap();
+    assert_eq!(good.verify(&token).unwrap().tenant, "globex");
+
+    // Same kid, other key pair: the signature cannot check out.
+    let mut other = rs("other", false);
+    other.kid = Some("rs256".into());
+    let wrong = TokenVerifier::new(&[other], settings()).unwrap();
+    assert_eq!(refused(&wrong, &token), "token signature is invalid");
+}
+
+#[test]
+fn refuses_alg_none_string_exp_wrong_secret_and_expiry() {
+    let v = TokenVerifier::new(&[hs(None, SECRET)], settings()).unwrap();
+
+    let head = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let body = URL_SAFE_NO_PAD.encode(claims().to_string());
+    assert_eq!(refused(&v, &format!("{head}.{body}.")), "malformed bearer token");
+
+    let mut c = claims();
+    c["exp"] = json!((now() + 600).to_string());
+    let why = refused(&v, &sign_hs(&c, SECRET));
+    assert!(why.starts_with("token claims are malformed"), "{why}");
+
+    assert_eq!(
+        refused(&v, &sign_hs(&claims(), b"another-secret-another-secret-xx")),
+        "token signature is invalid"
+    );
+
+    let mut c = claims();
+    c["exp"] = json!(now() - 5);
+    assert_eq!(refused(&v, &sign_hs(&c, SECRET)), "token has expired");
+
+    let mut c = claims();
+    c["iss"] = json!("someone-else");
+    assert_eq!(refused(&v, &sign_hs(&c, SECRET)), "token issuer is not accepted");
+
+    let mut c = claims();
+    c["aud"] = json!("elsewhere");
+    assert_eq!(refused(&v, &sign_hs(&c, SECRET)), "token audience is not accepted");
+
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("exp");
+    assert_eq!(refused(&v, &sign_hs(&c, SECRET)), "token lacks the 'exp' claim");
+
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("tenant_id");
+    assert!(refused(&v, &sign_hs(&c, SECRET)).starts_with("token claims are malformed"));
+
+    assert_eq!(refused(&v, "not-a-jwt"), "malformed bearer token");
+}
+
+#[test]
+fn an_hs256_token_is_not_checked_against_an_rs256_public_key() {
+    // Algorithm confusion: sign HS256 with the RSA public key's bytes.
+    let public = rs("rs256", false);
+    let forged = sign_hs(&claims(), &public.verify);
+    let v = TokenVerifier::new(&[public], settings()).unwrap();
+    assert_eq!(
+        refused(&v, &forged),
+        "no configured key matches the token's algorithm or key id"
+    );
+}
+
+#[test]
+fn kid_picks_the_key() {
+    let keys = [hs(Some("old"), b"old-secret-old-secret-old-secret"), hs(Some("new"), SECRET)];
+    let v = TokenVerifier::new(&keys, settings()).unwrap();
+    let token = TokenIssuer::new(&keys[1..], settings())
+        .unwrap()
+        .mint("ada", "acme", &[], 60)
+        .unwrap();
+    assert_eq!(v.verify(&token).unwrap().subject, "ada");
+    let unknown = TokenIssuer::new(&[hs(Some("gone"), SECRET)], settings())
+        .unwrap()
+        .mint("ada", "acme", &[], 60)
+        .unwrap();
+    assert_eq!(
+        refused(&v, &unknown),
+        "no configured key matches the token's algorithm or key id"
+    );
+}
+
+#[test]
+fn refuses_weak_secrets_and_bad_pem() {
+    let err = TokenVerifier::new(&[hs(Some("k1"), b"short")], settings()).err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        "key 'k1': HS256 secret is 5 bytes; at least 32 are required"
+    );
+    let mut bad = rs("rs256", false);
+    bad.verify = b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n".to_vec();
+    let err = TokenVerifier::new(&[bad], settings()).err().unwrap();
+    assert!(err.to_string().starts_with("key 'rs256': RS256 public key is not a usable PEM"), "{err}");
+}
