@@ -25,12 +25,18 @@ where
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic".to_owned());
             tracing::error!(call = what, panic = %message, "provider panicked");
-            Err(ProviderError::new(ErrorCode::ProviderError, format!("{what} failed: the provider panicked")))
+            Err(ProviderError::new(
+                ErrorCode::ProviderError,
+                format!("{what} failed: the provider panicked"),
+            ))
         }
         Ok(Err(_cancelled)) => Err(ProviderError::internal(format!("{what} was cancelled"))),
         Err(_elapsed) => {
             task.abort();
-            Err(ProviderError::new(ErrorCode::Timeout, format!("{what} did not finish before its deadline")))
+            Err(ProviderError::new(
+                ErrorCode::Timeout,
+                format!("{what} did not finish before its deadline"),
+            ))
         }
     }
 }

@@ -64,12 +64,20 @@ impl Host {
     /// Verifies an `Authorization` header value. The tenant comes from the token and nowhere else.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, ProviderError> {
         let header = authorization.ok_or_else(|| {
-            ProviderError::new(ErrorCode::Unauthenticated, "missing Authorization: Bearer <token> header")
+            ProviderError::new(
+                ErrorCode::Unauthenticated,
+                "missing Authorization: Bearer <token> header",
+            )
         })?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| ProviderError::new(ErrorCode::Unauthenticated, "Authorization header is not a Bearer token"))?;
+            .ok_or_else(|| {
+                ProviderError::new(
+                    ErrorCode::Unauthenticated,
+                    "Authorization header is not a Bearer token",
+                )
+            })?;
         self.verifier
             .verify(token.trim())
             .map_err(|e| ProviderError::new(ErrorCode::Unauthenticated, e.to_string()))
@@ -93,16 +101,31 @@ impl Host {
     /// Runs `service`/`action` for the context's tenant: checks the service is enabled for it,
     /// the roles grant the permission and the payload fits the schema, then calls the tenant's
     /// instance under the deadline.
-    pub async fn call(&self, ctx: CallContext, service: &str, action: &str, payload: Value) -> Result<Value, ProviderError> {
+    pub async fn call(
+        &self,
+        ctx: CallContext,
+        service: &str,
+        action: &str,
+        payload: Value,
+    ) -> Result<Value, ProviderError> {
         let tenant = self.tenant(ctx.tenant())?;
         let Some(plan) = tenant.services.get(service) else {
-            return Err(ProviderError::not_found(format!("no service '{service}' is available to tenant '{}'", ctx.tenant())));
+            return Err(ProviderError::not_found(format!(
+                "no service '{service}' is available to tenant '{}'",
+                ctx.tenant()
+            )));
         };
         let descriptor = plan.plan.factory.descriptor();
         let Some(spec) = descriptor.find_action(action) else {
-            return Err(ProviderError::not_found(format!("service '{service}' has no action '{action}'")));
+            return Err(ProviderError::not_found(format!(
+                "service '{service}' has no action '{action}'"
+            )));
         };
-        if !self.config.permissions.allows(ctx.roles(), &spec.permission) {
+        if !self
+            .config
+            .permissions
+            .allows(ctx.roles(), &spec.permission)
+        {
             return Err(ProviderError::forbidden(format!(
                 "action '{service}/{action}' needs permission '{}', which roles [{}] do not grant",
                 spec.permission,
@@ -119,7 +142,9 @@ impl Host {
         let timeout = plan
             .limits
             .timeout
-            .map_or(self.config.server.request_timeout, |t| t.min(self.config.server.request_timeout));
+            .map_or(self.config.server.request_timeout, |t| {
+                t.min(self.config.server.request_timeout)
+            });
         let mut deadline = Instant::now() + timeout;
         if let Some(outer) = ctx.deadline() {
             deadline = deadline.min(outer);
@@ -154,19 +179,26 @@ impl Host {
             Ok(result) => result,
             Err(_) => Err(ProviderError::new(
                 ErrorCode::Timeout,
-                format!("'{service}/{action}' did not finish within {}", humantime::format_duration(timeout)),
+                format!(
+                    "'{service}/{action}' did not finish within {}",
+                    humantime::format_duration(timeout)
+                ),
             )),
         }
     }
 
     /// Disconnects idle instances; returns how many went.
     pub async fn evict_idle(&self) -> usize {
-        self.instances.evict_idle(self.config.server.idle_timeout).await
+        self.instances
+            .evict_idle(self.config.server.idle_timeout)
+            .await
     }
 
     /// Drains and disconnects every instance, then closes storage.
     pub async fn shutdown(&self) {
-        self.instances.shutdown(self.config.server.shutdown_grace).await;
+        self.instances
+            .shutdown(self.config.server.shutdown_grace)
+            .await;
         self.storage.close().await;
     }
 
@@ -185,7 +217,13 @@ struct NestedCaller(Weak<Host>);
 
 #[async_trait]
 impl Caller for NestedCaller {
-    async fn call(&self, ctx: &CallContext, service: &str, action: &str, payload: Value) -> Result<Value, ProviderError> {
+    async fn call(
+        &self,
+        ctx: &CallContext,
+        service: &str,
+        action: &str,
+        payload: Value,
+    ) -> Result<Value, ProviderError> {
         let host = self
             .0
             .upgrade()

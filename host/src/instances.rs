@@ -121,10 +121,19 @@ impl Instances {
         Ok((lease, live))
     }
 
-    async fn connect(&self, tenant: &str, service: &str, plan: &TenantService) -> Result<Arc<Live>, ProviderError> {
+    async fn connect(
+        &self,
+        tenant: &str,
+        service: &str,
+        plan: &TenantService,
+    ) -> Result<Arc<Live>, ProviderError> {
         let factory = &plan.plan.factory;
         let version = factory.descriptor().version.to_string();
-        let resources = if factory.kind() == Kind::Builtin { self.resources.clone() } else { Resources::default() };
+        let resources = if factory.kind() == Kind::Builtin {
+            self.resources.clone()
+        } else {
+            Resources::default()
+        };
         let ctx = ConnectContext::new(tenant, plan.config.clone()).with_resources(resources);
         let mut provider = factory.create()?;
         let what = format!("provider '{service}' connect for tenant '{tenant}'");
@@ -135,7 +144,8 @@ impl Instances {
         .await;
         match outcome {
             Ok(provider) => {
-                self.note(tenant, service, &version, InstanceEvent::Connected, "").await;
+                self.note(tenant, service, &version, InstanceEvent::Connected, "")
+                    .await;
                 tracing::info!(tenant, service, version, "instance connected");
                 Ok(Arc::new(Live {
                     provider: Arc::from(provider),
@@ -147,15 +157,36 @@ impl Instances {
                 }))
             }
             Err(e) => {
-                self.note(tenant, service, &version, InstanceEvent::ConnectFailed, &e.detail).await;
+                self.note(
+                    tenant,
+                    service,
+                    &version,
+                    InstanceEvent::ConnectFailed,
+                    &e.detail,
+                )
+                .await;
                 tracing::warn!(tenant, service, error = %e, "instance failed to connect");
-                Err(ProviderError::unavailable(format!("service '{service}' is unavailable: {}", e.detail)))
+                Err(ProviderError::unavailable(format!(
+                    "service '{service}' is unavailable: {}",
+                    e.detail
+                )))
             }
         }
     }
 
-    async fn note(&self, tenant: &str, service: &str, version: &str, event: InstanceEvent, detail: &str) {
-        if let Err(e) = self.storage.record(tenant, service, version, event, detail).await {
+    async fn note(
+        &self,
+        tenant: &str,
+        service: &str,
+        version: &str,
+        event: InstanceEvent,
+        detail: &str,
+    ) {
+        if let Err(e) = self
+            .storage
+            .record(tenant, service, version, event, detail)
+            .await
+        {
             tracing::warn!(tenant, service, error = %e, "could not record instance event");
         }
     }
@@ -167,9 +198,11 @@ impl Instances {
             map.get(tenant)?.get(service)?.cell.get()?.clone()
         };
         let provider = live.provider.clone();
-        let probe = guard::run("get_status", Instant::now() + Duration::from_secs(2), async move {
-            Ok(provider.get_status().await)
-        });
+        let probe = guard::run(
+            "get_status",
+            Instant::now() + Duration::from_secs(2),
+            async move { Ok(provider.get_status().await) },
+        );
         Some(probe.await.unwrap_or_else(|e| Status::failed(e.detail)))
     }
 
@@ -191,7 +224,10 @@ impl Instances {
             }
             map.retain(|_, services| !services.is_empty());
         }
-        let count = gone.iter().filter(|(_, _, s)| s.cell.get().is_some()).count();
+        let count = gone
+            .iter()
+            .filter(|(_, _, s)| s.cell.get().is_some())
+            .count();
         for (tenant, service, slot) in gone {
             if let Some(live) = slot.cell.get() {
                 self.disconnect(&tenant, &service, live, "idle").await;
@@ -211,8 +247,15 @@ impl Instances {
                     if slot.inflight.load(Ordering::Acquire) == 0 {
                         break;
                     }
-                    if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
-                        tracing::warn!(tenant, service, "calls still in flight after the shutdown grace");
+                    if tokio::time::timeout_at(deadline.into(), notified)
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            tenant,
+                            service,
+                            "calls still in flight after the shutdown grace"
+                        );
                         break;
                     }
                 }
@@ -226,17 +269,31 @@ impl Instances {
     async fn disconnect(&self, tenant: &str, service: &str, live: &Arc<Live>, why: &str) {
         let provider = live.provider.clone();
         let what = format!("provider '{service}' disconnect for tenant '{tenant}'");
-        let detail = match guard::run(&what, Instant::now() + DISCONNECT_TIMEOUT, async move { provider.disconnect().await }).await {
+        let detail = match guard::run(&what, Instant::now() + DISCONNECT_TIMEOUT, async move {
+            provider.disconnect().await
+        })
+        .await
+        {
             Ok(()) => why.to_owned(),
             Err(e) => format!("{why}: {}", e.detail),
         };
         tracing::info!(tenant, service, reason = why, "instance disconnected");
-        self.note(tenant, service, &live.version, InstanceEvent::Disconnected, &detail).await;
+        self.note(
+            tenant,
+            service,
+            &live.version,
+            InstanceEvent::Disconnected,
+            &detail,
+        )
+        .await;
     }
 
     /// How many instances are connected.
     pub fn connected(&self) -> usize {
         let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
-        map.values().flat_map(|s| s.values()).filter(|s| s.cell.get().is_some()).count()
+        map.values()
+            .flat_map(|s| s.values())
+            .filter(|s| s.cell.get().is_some())
+            .count()
     }
 }

@@ -12,7 +12,11 @@ use provider_host::{Host, builtin_registry, demo, http};
 use providers_security::TokenIssuer;
 
 #[derive(Parser)]
-#[command(name = "provider-host", version, about = "Hosts ERP providers behind one HTTP contract, per tenant.")]
+#[command(
+    name = "provider-host",
+    version,
+    about = "Hosts ERP providers behind one HTTP contract, per tenant."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,11 +63,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn,sqlx=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let result = match cli.command {
         Command::Serve { config, listen } => serve(config, listen),
         Command::Check { config } => check(&config),
-        Command::Token { tenant, roles, subject, ttl, config } => token(config, &tenant, &roles, &subject, ttl),
+        Command::Token {
+            tenant,
+            roles,
+            subject,
+            ttl,
+            config,
+        } => token(config, &tenant, &roles, &subject, ttl),
     };
     match result {
         Ok(code) => code,
@@ -88,7 +102,9 @@ fn load(path: Option<&Path>) -> anyhow::Result<Result<Config, Vec<ConfigError>>>
         None => {
             let cwd = std::env::current_dir().context("reading the working directory")?;
             demo::ensure_secret(&cwd)?;
-            config::load_str(config::DEMO, "<demo>", &cwd, &registry, &|n| std::env::var(n).ok())
+            config::load_str(config::DEMO, "<demo>", &cwd, &registry, &|n| {
+                std::env::var(n).ok()
+            })
         }
     })
 }
@@ -115,7 +131,13 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn token(path: Option<PathBuf>, tenant: &str, roles: &[String], subject: &str, ttl: Duration) -> anyhow::Result<ExitCode> {
+fn token(
+    path: Option<PathBuf>,
+    tenant: &str,
+    roles: &[String],
+    subject: &str,
+    ttl: Duration,
+) -> anyhow::Result<ExitCode> {
     let config = match load(path.as_deref())? {
         Ok(c) => c,
         Err(errors) => {

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use sqlx::{AnyPool, SqlSafeStr};
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, SqlSafeStr};
 
 /// The system database.
 #[derive(Clone)]
@@ -51,15 +51,26 @@ fn migrator() -> Migrator {
 
 /// `sqlite://path` as sqlx wants it: the folder created and the file created on first open.
 fn sqlite_url(url: &str) -> anyhow::Result<String> {
-    let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path != ":memory:" {
-        if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the storage folder '{}'", dir.display()))?;
         }
     }
-    let mode = if query.contains("mode=") { "" } else if query.is_empty() { "?mode=rwc" } else { "&mode=rwc" };
+    let mode = if query.contains("mode=") {
+        ""
+    } else if query.is_empty() {
+        "?mode=rwc"
+    } else {
+        "&mode=rwc"
+    };
     Ok(format!("sqlite://{rest}{mode}"))
 }
 
@@ -67,7 +78,11 @@ impl Storage {
     /// Opens the database at `url` and applies the host's migrations.
     pub async fn open(url: &str, max_connections: u32) -> anyhow::Result<Self> {
         sqlx::any::install_default_drivers();
-        let url = if url.starts_with("sqlite:") { sqlite_url(url)? } else { url.to_owned() };
+        let url = if url.starts_with("sqlite:") {
+            sqlite_url(url)?
+        } else {
+            url.to_owned()
+        };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
@@ -88,7 +103,10 @@ impl Storage {
 
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 
     /// Appends an instance lifecycle event.
@@ -121,7 +139,11 @@ impl Storage {
     }
 
     /// Events of one tenant's service, oldest first, as `(event, version)`.
-    pub async fn events(&self, tenant: &str, service: &str) -> Result<Vec<(String, String)>, sqlx::Error> {
+    pub async fn events(
+        &self,
+        tenant: &str,
+        service: &str,
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
         use sqlx::Row;
         let rows = sqlx::query(
             "SELECT event, version FROM instance_events WHERE tenant = $1 AND service = $2 ORDER BY at_ms, id",
@@ -161,7 +183,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords_only() {
-        assert_eq!(redact("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://data/host.db"), "sqlite://data/host.db");
     }
@@ -172,6 +197,9 @@ mod tests {
         let url = format!("sqlite://{}/sub/h.db", dir.path().display());
         assert_eq!(sqlite_url(&url).unwrap(), format!("{url}?mode=rwc"));
         assert!(dir.path().join("sub").is_dir());
-        assert_eq!(sqlite_url("sqlite://x.db?mode=ro").unwrap(), "sqlite://x.db?mode=ro");
+        assert_eq!(
+            sqlite_url("sqlite://x.db?mode=ro").unwrap(),
+            "sqlite://x.db?mode=ro"
+        );
     }
 }

@@ -242,7 +242,8 @@ pub struct Resources {
 impl Resources {
     /// Adds (or replaces) the resource of type `T`.
     pub fn insert<T: Any + Send + Sync>(&mut self, value: T) {
-        self.map.insert(TypeId::of::<T>(), std::sync::Arc::new(value));
+        self.map
+            .insert(TypeId::of::<T>(), std::sync::Arc::new(value));
     }
 
     /// The resource of type `T`, if the host provides one.

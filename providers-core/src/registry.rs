@@ -91,7 +91,9 @@ impl Factory for BuiltinFactory {
 #[non_exhaustive]
 pub enum RegistryError {
     /// The service name is not `[a-z][a-z0-9_-]{0,63}`.
-    #[error("provider from {origin}: invalid service name '{service}' (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)")]
+    #[error(
+        "provider from {origin}: invalid service name '{service}' (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"
+    )]
     InvalidName {
         /// The offending name.
         service: String,
@@ -109,7 +111,9 @@ pub enum RegistryError {
         reason: String,
     },
     /// Built for a contract this host does not speak.
-    #[error("provider '{service}' {version} from {origin} was built for contract {built_for}, which is not compatible with this host's contract {host} (caret rule)")]
+    #[error(
+        "provider '{service}' {version} from {origin} was built for contract {built_for}, which is not compatible with this host's contract {host} (caret rule)"
+    )]
     IncompatibleContract {
         /// The service.
         service: String,
@@ -336,7 +340,12 @@ impl fmt::Debug for Registry {
         let mut list = f.debug_list();
         for factory in self.factories() {
             let d = factory.descriptor();
-            list.entry(&format_args!("{}@{} ({})", d.service, d.version, factory.origin()));
+            list.entry(&format_args!(
+                "{}@{} ({})",
+                d.service,
+                d.version,
+                factory.origin()
+            ));
         }
         list.finish()
     }

@@ -82,7 +82,9 @@ impl Drop for TestHost {
     fn drop(&mut self) {
         // Drop cannot await `disconnect`; a test that forgets it should not pass silently.
         if self.connected && !std::thread::panicking() {
-            eprintln!("TestHost dropped without disconnect(); call it to exercise the whole lifecycle");
+            eprintln!(
+                "TestHost dropped without disconnect(); call it to exercise the whole lifecycle"
+            );
         }
     }
 }
@@ -129,8 +131,8 @@ impl TestHostBuilder {
             peers.push((service, Arc::<dyn Provider>::from(peer)));
         }
         let mut provider = self.provider;
-        let ctx = ConnectContext::new(self.tenant.clone(), self.config)
-            .with_resources(self.resources);
+        let ctx =
+            ConnectContext::new(self.tenant.clone(), self.config).with_resources(self.resources);
         provider.connect(&ctx).await?;
         let ctx = CallContext::new(self.tenant, "test-request")
             .with_subject("test-subject")

@@ -40,10 +40,16 @@ fn contract_compatibility_is_caret() {
     let host = Version::new(1, 3, 0);
     assert!(contract_compatible(&Version::new(1, 0, 0), &host));
     assert!(contract_compatible(&Version::new(1, 3, 0), &host));
-    assert!(!contract_compatible(&Version::new(1, 4, 0), &host), "provider needs a newer host");
+    assert!(
+        !contract_compatible(&Version::new(1, 4, 0), &host),
+        "provider needs a newer host"
+    );
     assert!(!contract_compatible(&Version::new(2, 0, 0), &host));
     assert!(!contract_compatible(&Version::new(0, 9, 0), &host));
-    assert!(!contract_compatible(&Version::new(0, 1, 0), &Version::new(0, 2, 0)));
+    assert!(!contract_compatible(
+        &Version::new(0, 1, 0),
+        &Version::new(0, 2, 0)
+    ));
 }
 
 #[test]
@@ -87,7 +93,10 @@ fn registry_refuses_duplicates_but_keeps_versions_side_by_side() {
         "service 'kv': no loaded version matches '^3' (loaded: 1.2.0, 1.10.0, 2.0.0)"
     );
     assert_eq!(
-        r.resolve("nope", &VersionReq::STAR).err().unwrap().to_string(),
+        r.resolve("nope", &VersionReq::STAR)
+            .err()
+            .unwrap()
+            .to_string(),
         "no provider offers service 'nope' (available: kv)"
     );
 }
@@ -101,7 +110,10 @@ fn registry_checks_names() {
         .action(Action::new("get"))
         .action(Action::new("get"));
     let err = b.add(factory(d, "x")).unwrap_err();
-    assert_eq!(err.to_string(), "provider 'ok' from x: action 'get' is declared twice");
+    assert_eq!(
+        err.to_string(),
+        "provider 'ok' from x: action 'get' is declared twice"
+    );
     assert!(is_valid_name("kv"));
     assert!(is_valid_name("bulk_get"));
     assert!(!is_valid_name("9kv"));
@@ -140,13 +152,25 @@ async fn nested_calls_reach_peers_and_stop_at_max_depth() {
         fn descriptor(&self) -> Descriptor {
             desc("loop", "1.0.0").action(Action::new("again"))
         }
-        async fn execute(&self, _: &str, _: Value, ctx: &CallContext) -> Result<Value, ProviderError> {
+        async fn execute(
+            &self,
+            _: &str,
+            _: Value,
+            ctx: &CallContext,
+        ) -> Result<Value, ProviderError> {
             ctx.call("loop", "again", json!({})).await
         }
     }
-    let mut host = testing::TestHost::builder(Loop).peer(Loop).connect().await.unwrap();
+    let mut host = testing::TestHost::builder(Loop)
+        .peer(Loop)
+        .connect()
+        .await
+        .unwrap();
     let err = host.call("again", json!({})).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::Forbidden);
-    assert_eq!(err.detail, format!("provider calls nest deeper than {MAX_CALL_DEPTH} levels"));
+    assert_eq!(
+        err.detail,
+        format!("provider calls nest deeper than {MAX_CALL_DEPTH} levels")
+    );
     host.disconnect().await.unwrap();
 }

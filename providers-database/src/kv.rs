@@ -107,8 +107,9 @@ fn parse_etag(key: &str, etag: &str) -> Result<i64, ProviderError> {
 }
 
 fn entry(key: String, value: &str, etag: i64) -> Result<Value, ProviderError> {
-    let value: Value = serde_json::from_str(value)
-        .map_err(|e| ProviderError::internal(format!("stored value of '{key}' is not JSON: {e}")))?;
+    let value: Value = serde_json::from_str(value).map_err(|e| {
+        ProviderError::internal(format!("stored value of '{key}' is not JSON: {e}"))
+    })?;
     Ok(json!({"key": key, "value": value, "etag": etag.to_string()}))
 }
 
@@ -130,8 +131,15 @@ impl Connected {
         .await
         .map_err(db)?;
         match row {
-            Some(row) => entry(req.key, row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?),
-            None => Err(ProviderError::not_found(format!("key '{}' not found", req.key))),
+            Some(row) => entry(
+                req.key,
+                row.try_get(0).map_err(db)?,
+                row.try_get(1).map_err(db)?,
+            ),
+            None => Err(ProviderError::not_found(format!(
+                "key '{}' not found",
+                req.key
+            ))),
         }
     }
 
@@ -255,7 +263,10 @@ impl Connected {
             )?);
         }
         let next = if more {
-            items.last().map(|i| i["key"].clone()).unwrap_or(Value::Null)
+            items
+                .last()
+                .map(|i| i["key"].clone())
+                .unwrap_or(Value::Null)
         } else {
             Value::Null
         };
@@ -263,7 +274,8 @@ impl Connected {
     }
 
     async fn bulk_get(&self, req: BulkReq) -> Result<Value, ProviderError> {
-        let placeholders: Vec<String> = (0..req.keys.len()).map(|i| format!("${}", i + 3)).collect();
+        let placeholders: Vec<String> =
+            (0..req.keys.len()).map(|i| format!("${}", i + 3)).collect();
         let sql = format!(
             "SELECT key, value, etag FROM kv_entries WHERE tenant = $1 \
              AND (expires_at IS NULL OR expires_at > $2) AND key IN ({})",
@@ -279,7 +291,13 @@ impl Connected {
         let mut found = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
             let key: String = row.try_get(0).map_err(db)?;
-            found.insert(key, (row.try_get::<String, _>(1).map_err(db)?, row.try_get::<i64, _>(2).map_err(db)?));
+            found.insert(
+                key,
+                (
+                    row.try_get::<String, _>(1).map_err(db)?,
+                    row.try_get::<i64, _>(2).map_err(db)?,
+                ),
+            );
         }
         let mut items = Vec::with_capacity(req.keys.len());
         for key in req.keys {
@@ -306,7 +324,9 @@ impl Provider for Kv {
         let config: Config = serde_json::from_value(ctx.config().clone())
             .map_err(|e| ProviderError::validation(format!("kv config: {e}")))?;
         let pool = ctx.resource::<AnyPool>().cloned().ok_or_else(|| {
-            ProviderError::unavailable("kv needs the host's system database, which was not provided")
+            ProviderError::unavailable(
+                "kv needs the host's system database, which was not provided",
+            )
         })?;
         crate::migrate::run(&pool)
             .await
@@ -353,7 +373,9 @@ impl Provider for Kv {
             "delete" => state.delete(parse(payload)?).await,
             "list" => state.list(parse(payload)?).await,
             "bulk_get" => state.bulk_get(parse(payload)?).await,
-            other => Err(ProviderError::not_found(format!("kv has no action '{other}'"))),
+            other => Err(ProviderError::not_found(format!(
+                "kv has no action '{other}'"
+            ))),
         }
     }
 

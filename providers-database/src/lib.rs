@@ -10,4 +10,7 @@ mod migrate;
 
 pub use kv::Kv;
 
+#[cfg(feature = "test-support")]
+pub mod testing;
+
 providers_core::submit_builtin!(Kv::default());

@@ -2,8 +2,8 @@
 
 use std::borrow::Cow;
 
-use sqlx::{AnyPool, SqlSafeStr};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, SqlSafeStr};
 use tokio::sync::Mutex;
 
 /// Instances connect concurrently; SQLite has no advisory lock, so serialise here.

@@ -57,7 +57,10 @@ mod tests {
         assert!(!p.allows(&r(&["reader"]), "kv.write"));
         assert!(!p.allows(&r(&["reader"]), "kv.read.more"));
         assert!(p.allows(&r(&["kv"]), "kv.write"));
-        assert!(!p.allows(&r(&["kv"]), "kvx.write"), "prefix stops at the dot");
+        assert!(
+            !p.allows(&r(&["kv"]), "kvx.write"),
+            "prefix stops at the dot"
+        );
         assert!(!p.allows(&r(&["ghost"]), "kv.read"));
         assert!(!p.allows(&[], "kv.read"));
         assert!(p.allows(&r(&["ghost", "reader"]), "kv.read"));

@@ -135,12 +135,21 @@ mod tests {
             "environment variable 'NOPE' is not set (referenced as '${env:NOPE}')"
         );
         let (at, err) = resolve_references("ab${env:X", env).unwrap_err();
-        assert_eq!((at, err.to_string().as_str()), (2, "unterminated '${' (expected '${env:NAME}')"));
+        assert_eq!(
+            (at, err.to_string().as_str()),
+            (2, "unterminated '${' (expected '${env:NAME}')")
+        );
         let (_, err) = resolve_references("${vault:X}", env).unwrap_err();
-        assert_eq!(err.to_string(), "unknown reference source 'vault' in '${vault:X}' (expected 'env')");
+        assert_eq!(
+            err.to_string(),
+            "unknown reference source 'vault' in '${vault:X}' (expected 'env')"
+        );
         let (_, err) = resolve_references("${secret:X}", env).unwrap_err();
         assert!(err.to_string().contains("no secret store"), "{err}");
         let (_, err) = resolve_references("${DB_PASS}", env).unwrap_err();
-        assert_eq!(err.to_string(), "'${DB_PASS}' names no source (expected '${env:NAME}')");
+        assert_eq!(
+            err.to_string(),
+            "'${DB_PASS}' names no source (expected '${env:NAME}')"
+        );
     }
 }

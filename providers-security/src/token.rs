@@ -71,16 +71,18 @@ pub struct Identity {
     pub roles: Vec<String>,
 }
 
+// The registered claims are options so that a missing one is reported by the validation
+// (naming it) rather than as a shapeless decoding error.
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
-    sub: String,
+    sub: Option<String>,
     tenant_id: String,
     #[serde(default)]
     roles: Vec<String>,
-    iss: String,
-    aud: String,
-    exp: u64,
-    iat: u64,
+    iss: Option<String>,
+    aud: Option<String>,
+    exp: Option<u64>,
+    iat: Option<u64>,
 }
 
 struct VerifyKey {
@@ -172,7 +174,7 @@ impl TokenVerifier {
                         return Err(unauth("token has an empty tenant_id claim"));
                     }
                     return Ok(Identity {
-                        subject: c.sub,
+                        subject: c.sub.unwrap_or_default(),
                         tenant: c.tenant_id,
                         roles: c.roles,
                     });
@@ -188,9 +190,9 @@ impl TokenVerifier {
                         K::MissingRequiredClaim(c) => {
                             SecurityError::Unauthenticated(format!("token lacks the '{c}' claim"))
                         }
-                        K::Json(_) | K::InvalidClaimFormat(_) => {
-                            unauth("token claims are malformed (sub, tenant_id, exp, iat: expected strings and numbers)")
-                        }
+                        K::Json(_) | K::InvalidClaimFormat(_) => unauth(
+                            "token claims are malformed (sub, tenant_id, exp, iat: expected strings and numbers)",
+                        ),
                         _ => unauth("token could not be verified"),
                     };
                     // Only a bad signature means another key might still accept it.
@@ -253,13 +255,13 @@ impl TokenIssuer {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let claims = Claims {
-            sub: subject.to_owned(),
+            sub: Some(subject.to_owned()),
             tenant_id: tenant.to_owned(),
             roles: roles.to_vec(),
-            iss: self.settings.issuer.clone(),
-            aud: self.settings.audience.clone(),
-            exp: now + ttl_seconds,
-            iat: now,
+            iss: Some(self.settings.issuer.clone()),
+            aud: Some(self.settings.audience.clone()),
+            exp: Some(now + ttl_seconds),
+            iat: Some(now),
         };
         let mut header = Header::new(self.algorithm.jwt());
         header.kid = self.kid.clone();

@@ -144,25 +144,33 @@ impl Checker<'_> {
             || storage.url.starts_with("postgres://")
             || storage.url.starts_with("postgresql://"))
         {
-            let e = self.src.error("storage.url: expected 'sqlite://path' or 'postgres://...'");
+            let e = self
+                .src
+                .error("storage.url: expected 'sqlite://path' or 'postgres://...'");
             self.errors.push(e);
         }
         if storage.max_connections == 0 {
-            let e = self.src.error("storage.max_connections: must be at least 1");
+            let e = self
+                .src
+                .error("storage.max_connections: must be at least 1");
             self.errors.push(e);
         }
 
         let security_span = raw.security.span();
         let security = raw.security.into_inner();
         let mut keys = Vec::new();
+        let declared_keys = security.keys.len();
         for key in security.keys {
             let span = key.span();
             if let Some(k) = self.key(span, key.into_inner()) {
                 keys.push(k);
             }
         }
-        if keys.is_empty() {
-            self.at(security_span.clone(), "security: at least one [[security.keys]] entry is needed to verify tokens");
+        if declared_keys == 0 {
+            self.at(
+                security_span.clone(),
+                "security: at least one [[security.keys]] entry is needed to verify tokens",
+            );
         }
         if let Err(e) = providers_security::TokenVerifier::new(
             &keys,
@@ -178,21 +186,30 @@ impl Checker<'_> {
         }
         for (role, grants) in &security.roles {
             if grants.iter().any(|g| g.is_empty()) {
-                self.at(security_span.clone(), format!("security.roles.{role}: empty permission"));
+                self.at(
+                    security_span.clone(),
+                    format!("security.roles.{role}: empty permission"),
+                );
             }
         }
 
         let mut services = BTreeMap::new();
         let mut provider_entries = BTreeMap::new();
-        let declared: std::collections::BTreeSet<String> =
-            raw.providers.iter().map(|p| p.get_ref().service.get_ref().clone()).collect();
+        let declared: std::collections::BTreeSet<String> = raw
+            .providers
+            .iter()
+            .map(|p| p.get_ref().service.get_ref().clone())
+            .collect();
         for entry in raw.providers {
             let span = entry.span();
             let entry = entry.into_inner();
             if let Some(plan) = self.provider(span.clone(), &entry, registry) {
                 let name = plan.service.clone();
                 if services.contains_key(&name) {
-                    self.at(entry.service.span(), format!("service '{name}' is configured twice"));
+                    self.at(
+                        entry.service.span(),
+                        format!("service '{name}' is configured twice"),
+                    );
                     continue;
                 }
                 services.insert(name.clone(), Arc::new(plan));
@@ -218,7 +235,9 @@ impl Checker<'_> {
                     }
                     continue;
                 };
-                let Some(entry) = provider_entries.get(s) else { continue };
+                let Some(entry) = provider_entries.get(s) else {
+                    continue;
+                };
                 let mut base = toml::Value::Table(entry.config.get_ref().clone());
                 if let Err(e) = resolve_value(&mut base, self.env) {
                     self.at(entry.config.span(), e);
@@ -226,10 +245,20 @@ impl Checker<'_> {
                 let mut config = to_json(base);
                 let mut limits = entry.limits.tighter(tenant.limits);
                 if limits.max_concurrency == Some(0) {
-                    self.at(tenant_span.clone(), format!("tenant '{name}', service '{s}': max_concurrency must be at least 1"));
+                    self.at(
+                        tenant_span.clone(),
+                        format!(
+                            "tenant '{name}', service '{s}': max_concurrency must be at least 1"
+                        ),
+                    );
                     limits.max_concurrency = Some(1);
                 }
-                if let Some(overrides) = tenant.providers.iter().find(|(k, _)| k.get_ref() == s).map(|(_, v)| v) {
+                if let Some(overrides) = tenant
+                    .providers
+                    .iter()
+                    .find(|(k, _)| k.get_ref() == s)
+                    .map(|(_, v)| v)
+                {
                     let mut o = toml::Value::Table(overrides.get_ref().clone());
                     if let Err(e) = resolve_value(&mut o, self.env) {
                         self.at(overrides.span(), e);
@@ -237,11 +266,27 @@ impl Checker<'_> {
                     merge(&mut config, to_json(o));
                 }
                 let schema = &plan.factory.descriptor().config_schema;
-                self.validate_config(schema, &config, tenant_span.clone(), &format!("tenant '{name}', service '{s}' config"));
-                enabled.insert(s.clone(), TenantService { plan: plan.clone(), config, limits });
+                self.validate_config(
+                    schema,
+                    &config,
+                    tenant_span.clone(),
+                    &format!("tenant '{name}', service '{s}' config"),
+                );
+                enabled.insert(
+                    s.clone(),
+                    TenantService {
+                        plan: plan.clone(),
+                        config,
+                        limits,
+                    },
+                );
             }
             for (service, overrides) in &tenant.providers {
-                if !tenant.services.iter().any(|s| s.get_ref() == service.get_ref()) {
+                if !tenant
+                    .services
+                    .iter()
+                    .any(|s| s.get_ref() == service.get_ref())
+                {
                     self.at(overrides.span(), format!("tenant '{name}' overrides the config of '{}', which it does not enable (add it to services)", service.get_ref()));
                 }
             }
@@ -264,20 +309,38 @@ impl Checker<'_> {
         })
     }
 
-    fn validate_config(&mut self, schema: &Value, config: &Value, span: std::ops::Range<usize>, what: &str) {
+    fn validate_config(
+        &mut self,
+        schema: &Value,
+        config: &Value,
+        span: std::ops::Range<usize>,
+        what: &str,
+    ) {
         match jsonschema::validator_for(schema) {
             Ok(v) => {
                 if let Err(e) = v.validate(config) {
                     let path = e.instance_path().as_str().to_owned();
-                    let at = if path.is_empty() { "/".to_owned() } else { path };
+                    let at = if path.is_empty() {
+                        "/".to_owned()
+                    } else {
+                        path
+                    };
                     self.at(span, format!("{what} at '{at}': {e}"));
                 }
             }
-            Err(e) => self.at(span, format!("{what}: the provider's config schema is invalid: {e}")),
+            Err(e) => self.at(
+                span,
+                format!("{what}: the provider's config schema is invalid: {e}"),
+            ),
         }
     }
 
-    fn provider(&mut self, span: std::ops::Range<usize>, entry: &RawProvider, registry: &Registry) -> Option<ServicePlan> {
+    fn provider(
+        &mut self,
+        span: std::ops::Range<usize>,
+        entry: &RawProvider,
+        registry: &Registry,
+    ) -> Option<ServicePlan> {
         let service = entry.service.get_ref();
         if !is_valid_name(service) {
             self.at(entry.service.span(), format!("invalid service name '{service}' (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"));
@@ -287,14 +350,24 @@ impl Checker<'_> {
         let requirement = match VersionReq::parse(entry.version.get_ref()) {
             Ok(r) => r,
             Err(e) => {
-                self.at(entry.version.span(), format!("service '{service}': invalid version requirement '{}': {e}", entry.version.get_ref()));
+                self.at(
+                    entry.version.span(),
+                    format!(
+                        "service '{service}': invalid version requirement '{}': {e}",
+                        entry.version.get_ref()
+                    ),
+                );
                 return None;
             }
         };
         let factory = match registry.resolve(plugin.get_ref(), &requirement) {
             Ok(f) => f,
             Err(e) => {
-                let place = if entry.version.span() == (0..0) { plugin.span() } else { entry.version.span() };
+                let place = if entry.version.span() == (0..0) {
+                    plugin.span()
+                } else {
+                    entry.version.span()
+                };
                 self.at(place, e.to_string());
                 return None;
             }
@@ -313,12 +386,20 @@ impl Checker<'_> {
             }
         }
         if entry.limits.max_concurrency == Some(0) {
-            self.at(span.clone(), format!("service '{service}': limits.max_concurrency must be at least 1"));
+            self.at(
+                span.clone(),
+                format!("service '{service}': limits.max_concurrency must be at least 1"),
+            );
         }
         let mut base = toml::Value::Table(entry.config.get_ref().clone());
         if resolve_value(&mut base, self.env).is_ok() {
             let what = format!("service '{service}' config");
-            self.validate_config(&d.config_schema.clone(), &to_json(base), entry.config.span(), &what);
+            self.validate_config(
+                &d.config_schema.clone(),
+                &to_json(base),
+                entry.config.span(),
+                &what,
+            );
         }
         Some(ServicePlan {
             service: service.clone(),
@@ -333,7 +414,10 @@ impl Checker<'_> {
             "HS256" => Algorithm::HS256,
             "RS256" => Algorithm::RS256,
             other => {
-                self.at(key.algorithm.span(), format!("unsupported algorithm '{other}' (expected \"HS256\" or \"RS256\")"));
+                self.at(
+                    key.algorithm.span(),
+                    format!("unsupported algorithm '{other}' (expected \"HS256\" or \"RS256\")"),
+                );
                 return None;
             }
         };
@@ -365,15 +449,26 @@ impl Checker<'_> {
                         bytes
                     }
                     _ => {
-                        self.at(span, "an HS256 key needs exactly one of secret or secret_file");
+                        self.at(
+                            span,
+                            "an HS256 key needs exactly one of secret or secret_file",
+                        );
                         return None;
                     }
                 };
-                Some(KeyMaterial { kid: key.kid, algorithm, verify: secret.clone(), sign: Some(secret) })
+                Some(KeyMaterial {
+                    kid: key.kid,
+                    algorithm,
+                    verify: secret.clone(),
+                    sign: Some(secret),
+                })
             }
             _ => {
                 let Some(public) = &key.public_key_file else {
-                    self.at(span, "an RS256 key needs public_key_file (and private_key_file to mint tokens)");
+                    self.at(
+                        span,
+                        "an RS256 key needs public_key_file (and private_key_file to mint tokens)",
+                    );
                     return None;
                 };
                 let verify = read(self, public, "public_key_file")?;
@@ -381,7 +476,12 @@ impl Checker<'_> {
                     Some(p) => Some(read(self, p, "private_key_file")?),
                     None => None,
                 };
-                Some(KeyMaterial { kid: key.kid, algorithm, verify, sign })
+                Some(KeyMaterial {
+                    kid: key.kid,
+                    algorithm,
+                    verify,
+                    sign,
+                })
             }
         }
     }

@@ -178,8 +178,11 @@ mod duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration '{text}': {e} (e.g. \"30s\", \"10m\")")))
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration '{text}': {e} (e.g. \"30s\", \"10m\")"
+            ))
+        })
     }
 }
 

@@ -23,7 +23,11 @@ impl fmt::Display for ConfigError {
         if self.line == 0 {
             write!(f, "{}: {}", self.file, self.message)
         } else {
-            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
         }
     }
 }
@@ -77,11 +81,18 @@ impl Source<'_> {
                     for r in refs {
                         let text = &code[r.offset..r.offset + r.len];
                         if let Err((_, e)) = resolve_references(text, env) {
-                            errors.push(self.error_at(offset + r.offset..offset + r.offset + 1, e.to_string()));
+                            errors.push(
+                                self.error_at(
+                                    offset + r.offset..offset + r.offset + 1,
+                                    e.to_string(),
+                                ),
+                            );
                         }
                     }
                 }
-                Err((at, e)) => errors.push(self.error_at(offset + at..offset + at + 1, e.to_string())),
+                Err((at, e)) => {
+                    errors.push(self.error_at(offset + at..offset + at + 1, e.to_string()))
+                }
             }
             offset += line.len();
         }
@@ -138,7 +149,10 @@ mod tests {
 
     #[test]
     fn positions_are_one_based_lines_and_character_columns() {
-        let s = Source { name: "h.toml", text: "a = 1\nbé = \"x\"\n" };
+        let s = Source {
+            name: "h.toml",
+            text: "a = 1\nbé = \"x\"\n",
+        };
         let e = s.error_at(11..12, "bad");
         assert_eq!(e.to_string(), "h.toml:2:5: bad");
         assert_eq!(s.error("whole").to_string(), "h.toml: whole");
@@ -162,7 +176,13 @@ mod tests {
     #[test]
     fn merge_overlays_objects_deeply() {
         let mut base = json!({"a": 1, "nested": {"x": 1, "y": 2}, "list": [1, 2]});
-        merge(&mut base, json!({"nested": {"y": 3}, "list": [9], "b": true}));
-        assert_eq!(base, json!({"a": 1, "nested": {"x": 1, "y": 3}, "list": [9], "b": true}));
+        merge(
+            &mut base,
+            json!({"nested": {"y": 3}, "list": [9], "b": true}),
+        );
+        assert_eq!(
+            base,
+            json!({"a": 1, "nested": {"x": 1, "y": 3}, "list": [9], "b": true})
+        );
     }
 }

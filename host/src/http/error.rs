@@ -28,7 +28,10 @@ impl ApiError {
 
 impl From<ProviderError> for ApiError {
     fn from(error: ProviderError) -> Self {
-        Self { error, status: None }
+        Self {
+            error,
+            status: None,
+        }
     }
 }
 

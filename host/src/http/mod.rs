@@ -32,7 +32,8 @@ fn acceptable_id(value: &HeaderValue) -> Option<&str> {
     let s = value.to_str().ok()?;
     let ok = !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
     ok.then_some(s)
 }
 
@@ -53,7 +54,11 @@ async fn request_context(mut request: Request, next: Next) -> Response {
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    ApiError::new(ErrorCode::Internal, "the host failed while handling this request").into_response()
+    ApiError::new(
+        ErrorCode::Internal,
+        "the host failed while handling this request",
+    )
+    .into_response()
 }
 
 /// The host's routes.

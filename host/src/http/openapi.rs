@@ -40,18 +40,25 @@ pub fn document(config: &Config) -> Value {
             );
         }
     }
-    let plain = |summary: &str| {
-        json!({"get": {"summary": summary, "responses": {"200": {"description": "OK"}, "default": {"$ref": "#/components/responses/Error"}}}})
-    };
-    paths.insert("/providers".into(), plain("Services the caller's tenant can call, with versions and status."));
+    let plain = |summary: &str| json!({"get": {"summary": summary, "responses": {"200": {"description": "OK"}, "default": {"$ref": "#/components/responses/Error"}}}});
+    paths.insert(
+        "/providers".into(),
+        plain("Services the caller's tenant can call, with versions and status."),
+    );
     paths.insert("/providers/{service}".into(), {
         let mut p = plain("One service: version, status and action schemas.");
         p["get"]["parameters"] = json!([{"name": "service", "in": "path", "required": true, "schema": {"type": "string"}}]);
         p
     });
     paths.insert("/health".into(), plain("The process is alive."));
-    paths.insert("/ready".into(), plain("Storage is reachable and required providers are not failed."));
-    let codes: Vec<&str> = providers_core::ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    paths.insert(
+        "/ready".into(),
+        plain("Storage is reachable and required providers are not failed."),
+    );
+    let codes: Vec<&str> = providers_core::ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
     json!({
         "openapi": "3.1.0",
         "info": {

@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use providers_core::{ErrorCode, ProviderError};
 use serde_json::{Value, json};
 
@@ -17,7 +17,9 @@ use super::{ApiError, RequestId};
 use crate::host::Host;
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// `POST /providers/{service}/{action}`.
@@ -40,15 +42,22 @@ pub async fn call(
                 status: Some(StatusCode::PAYLOAD_TOO_LARGE),
             }
         } else {
-            ApiError::new(ErrorCode::ValidationError, format!("request body could not be read: {rejection}"))
+            ApiError::new(
+                ErrorCode::ValidationError,
+                format!("request body could not be read: {rejection}"),
+            )
         }
     })?;
     // An empty body is an empty object, so parameterless actions need no body.
     let payload = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(ErrorCode::ValidationError, format!("request body is not valid JSON: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                ErrorCode::ValidationError,
+                format!("request body is not valid JSON: {e}"),
+            )
+        })?
     };
     let ctx = host.context(identity, &request_id);
     let data = host.call(ctx, &service, &action, payload).await?;
@@ -56,7 +65,10 @@ pub async fn call(
 }
 
 /// `GET /providers`: what the caller's tenant can call.
-pub async fn list(State(host): State<Arc<Host>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
     let identity = host.authenticate(authorization(&headers))?;
     let tenant = host.tenant(&identity.tenant)?;
     let mut services = Vec::new();
@@ -65,7 +77,9 @@ pub async fn list(State(host): State<Arc<Host>>, headers: HeaderMap) -> Result<J
         let actions: Vec<Value> = d
             .actions
             .iter()
-            .map(|a| json!({"name": a.name, "permission": a.permission, "idempotent": a.idempotent}))
+            .map(
+                |a| json!({"name": a.name, "permission": a.permission, "idempotent": a.idempotent}),
+            )
             .collect();
         services.push(json!({
             "service": name,
@@ -76,13 +90,17 @@ pub async fn list(State(host): State<Arc<Host>>, headers: HeaderMap) -> Result<J
             "actions": actions,
         }));
     }
-    Ok(Json(json!({"tenant": identity.tenant, "providers": services})))
+    Ok(Json(
+        json!({"tenant": identity.tenant, "providers": services}),
+    ))
 }
 
 async fn status(host: &Host, tenant: &str, service: &str) -> Value {
     match host.instances().status(tenant, service).await {
         Some(s) => json!({"state": s.state, "detail": s.detail}),
-        None => json!({"state": "idle", "detail": "no instance yet; one connects on the first call"}),
+        None => {
+            json!({"state": "idle", "detail": "no instance yet; one connects on the first call"})
+        }
     }
 }
 
@@ -95,7 +113,10 @@ pub async fn describe(
     let identity = host.authenticate(authorization(&headers))?;
     let tenant = host.tenant(&identity.tenant)?;
     let plan = tenant.services.get(&service).ok_or_else(|| {
-        ProviderError::not_found(format!("no service '{service}' is available to tenant '{}'", identity.tenant))
+        ProviderError::not_found(format!(
+            "no service '{service}' is available to tenant '{}'",
+            identity.tenant
+        ))
     })?;
     let factory = &plan.plan.factory;
     let d = factory.descriptor();
@@ -156,9 +177,14 @@ pub async fn ready(State(host): State<Arc<Host>>) -> Result<Json<Value>, ApiErro
         providers.insert(name.clone(), Value::String(state));
     }
     if problems.is_empty() {
-        Ok(Json(json!({"status": "ready", "checks": {"storage": storage, "providers": providers}})))
+        Ok(Json(
+            json!({"status": "ready", "checks": {"storage": storage, "providers": providers}}),
+        ))
     } else {
-        Err(ApiError::new(ErrorCode::ProviderUnavailable, format!("not ready: {}", problems.join("; "))))
+        Err(ApiError::new(
+            ErrorCode::ProviderUnavailable,
+            format!("not ready: {}", problems.join("; ")),
+        ))
     }
 }
 

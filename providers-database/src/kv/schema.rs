@@ -24,7 +24,10 @@ fn object(properties: Value, required: &[&str]) -> Value {
 }
 
 fn item() -> Value {
-    object(json!({"key": key(), "value": {}, "etag": etag()}), &["key", "value", "etag"])
+    object(
+        json!({"key": key(), "value": {}, "etag": etag()}),
+        &["key", "value", "etag"],
+    )
 }
 
 pub(crate) fn descriptor(version: Version) -> Descriptor {

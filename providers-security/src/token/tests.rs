@@ -35,7 +35,10 @@ fn rs(name: &str, with_private: bool) -> KeyMaterial {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn claims() -> Value {
@@ -43,7 +46,12 @@ fn claims() -> Value {
 }
 
 fn sign_hs(claims: &Value, secret: &[u8]) -> String {
-    encode(&Header::default(), claims, &EncodingKey::from_secret(secret)).unwrap()
+    encode(
+        &Header::default(),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
 }
 
 fn refused(v: &TokenVerifier, token: &str) -> String {
@@ -60,7 +68,10 @@ fn hs256_round_trip_gives_the_identity() {
         .unwrap()
         .mint("ada", "acme", &["clerk".into()], 60)
         .unwrap();
-    let id = TokenVerifier::new(&keys, settings()).unwrap().verify(&token).unwrap();
+    let id = TokenVerifier::new(&keys, settings())
+        .unwrap()
+        .verify(&token)
+        .unwrap();
     assert_eq!(
         id,
         Identity {
@@ -91,7 +102,10 @@ fn refuses_alg_none_string_exp_wrong_secret_and_expiry() {
 
     let head = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
     let body = URL_SAFE_NO_PAD.encode(claims().to_string());
-    assert_eq!(refused(&v, &format!("{head}.{body}.")), "malformed bearer token");
+    assert_eq!(
+        refused(&v, &format!("{head}.{body}.")),
+        "malformed bearer token"
+    );
 
     let mut c = claims();
     c["exp"] = json!((now() + 600).to_string());
@@ -109,15 +123,24 @@ fn refuses_alg_none_string_exp_wrong_secret_and_expiry() {
 
     let mut c = claims();
     c["iss"] = json!("someone-else");
-    assert_eq!(refused(&v, &sign_hs(&c, SECRET)), "token issuer is not accepted");
+    assert_eq!(
+        refused(&v, &sign_hs(&c, SECRET)),
+        "token issuer is not accepted"
+    );
 
     let mut c = claims();
     c["aud"] = json!("elsewhere");
-    assert_eq!(refused(&v, &sign_hs(&c, SECRET)), "token audience is not accepted");
+    assert_eq!(
+        refused(&v, &sign_hs(&c, SECRET)),
+        "token audience is not accepted"
+    );
 
     let mut c = claims();
     c.as_object_mut().unwrap().remove("exp");
-    assert_eq!(refused(&v, &sign_hs(&c, SECRET)), "token lacks the 'exp' claim");
+    assert_eq!(
+        refused(&v, &sign_hs(&c, SECRET)),
+        "token lacks the 'exp' claim"
+    );
 
     let mut c = claims();
     c.as_object_mut().unwrap().remove("tenant_id");
@@ -140,7 +163,10 @@ fn an_hs256_token_is_not_checked_against_an_rs256_public_key() {
 
 #[test]
 fn kid_picks_the_key() {
-    let keys = [hs(Some("old"), b"old-secret-old-secret-old-secret"), hs(Some("new"), SECRET)];
+    let keys = [
+        hs(Some("old"), b"old-secret-old-secret-old-secret"),
+        hs(Some("new"), SECRET),
+    ];
     let v = TokenVerifier::new(&keys, settings()).unwrap();
     let token = TokenIssuer::new(&keys[1..], settings())
         .unwrap()
@@ -159,7 +185,9 @@ fn kid_picks_the_key() {
 
 #[test]
 fn refuses_weak_secrets_and_bad_pem() {
-    let err = TokenVerifier::new(&[hs(Some("k1"), b"short")], settings()).err().unwrap();
+    let err = TokenVerifier::new(&[hs(Some("k1"), b"short")], settings())
+        .err()
+        .unwrap();
     assert_eq!(
         err.to_string(),
         "key 'k1': HS256 secret is 5 bytes; at least 32 are required"
@@ -167,5 +195,9 @@ fn refuses_weak_secrets_and_bad_pem() {
     let mut bad = rs("rs256", false);
     bad.verify = b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n".to_vec();
     let err = TokenVerifier::new(&[bad], settings()).err().unwrap();
-    assert!(err.to_string().starts_with("key 'rs256': RS256 public key is not a usable PEM"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("key 'rs256': RS256 public key is not a usable PEM"),
+        "{err}"
+    );
 }

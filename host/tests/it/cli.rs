@@ -1,0 +1,197 @@
+//! The real `provider-host` binary on a loopback port.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_provider-host");
+
+/// Reads the child's stderr until the "listening" line and returns the address.
+fn wait_listening(child: &mut Child) -> (String, std::thread::JoinHandle<String>) {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let rest = std::thread::spawn(move || {
+        let mut reader = BufReader::new(stderr);
+        let mut all = String::new();
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            if let Some(at) = line.find("local=") {
+                let _ = tx.send(line[at + 6..].trim().to_owned());
+            }
+            all.push_str(&line);
+            line.clear();
+        }
+        all
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the host announced its address");
+    (addr, rest)
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < end, "the host did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn the_demo_serves_its_printed_tour_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, logs) = wait_listening(&mut child);
+    let mut stdout = child.stdout.take().unwrap();
+    let mut tour = vec![0u8; 4096];
+    let n = stdout.read(&mut tour).unwrap();
+    let tour = String::from_utf8_lossy(&tour[..n]).into_owned();
+    let token_of = |var: &str| {
+        let line = tour
+            .lines()
+            .find(|l| l.contains(&format!("export {var}=")))
+            .unwrap();
+        line.split('\'').nth(1).unwrap().to_owned()
+    };
+    assert!(
+        tour.contains(&format!("curl -s -X POST http://{addr}/providers/kv/set")),
+        "{tour}"
+    );
+
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("http://{addr}{p}");
+    let r = client
+        .post(url("/providers/kv/set"))
+        .bearer_auth(token_of("ACME"))
+        .header("x-request-id", "tour-1")
+        .json(&json!({"key": "greeting", "value": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "tour-1");
+    let r: serde_json::Value = client
+        .post(url("/providers/kv/get"))
+        .bearer_auth(token_of("GLOBEX"))
+        .json(&json!({"key": "greeting"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["error_code"], "NOT_FOUND");
+
+    // The token command mints with the same demo key.
+    let out = Command::new(BIN)
+        .args([
+            "token", "--tenant", "acme", "--roles", "viewer", "--ttl", "5m",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let viewer = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let r: serde_json::Value = client
+        .post(url("/providers/kv/get"))
+        .bearer_auth(&viewer)
+        .json(&json!({"key": "greeting"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["data"]["value"], "hello");
+    let r = client
+        .post(url("/providers/kv/set"))
+        .bearer_auth(&viewer)
+        .json(&json!({"key": "x", "value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "viewer may only read");
+
+    let status = terminate(&mut child);
+    assert!(status.success(), "exit status {status:?}");
+    let logs = logs.join().unwrap();
+    assert!(logs.contains("instance disconnected"), "{logs}");
+    assert!(dir.path().join("data/host.db").exists());
+
+    // The instance's whole life is in the system database.
+    let storage = provider_host::storage::Storage::open(
+        &format!("sqlite://{}/data/host.db", dir.path().display()),
+        1,
+    )
+    .await
+    .unwrap();
+    let events = storage.events("acme", "kv").await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(kinds, ["connected", "disconnected"]);
+}
+
+#[test]
+fn check_reports_every_error_with_its_place_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("host.toml");
+    std::fs::write(
+        &path,
+        "[security]\nissuer = \"i\"\naudience = \"a\"\n\n[[security.keys]]\nalgorithm = \"HS256\"\nsecret = \"${env:PH_TEST_UNSET_SECRET}\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:7:11: environment variable 'PH_TEST_UNSET_SECRET' is not set",
+            path.display()
+        )),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &path,
+        "[security]\nissuer = \"i\"\naudience = \"a\"\n\n[[security.keys]]\nalgorithm = \"HS256\"\nsecret = \"${env:PH_TEST_SECRET}\"\n\n[[providers]]\nservice = \"kv\"\n\n[tenants.acme]\nservices = [\"kv\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("PH_TEST_SECRET", "0123456789abcdef0123456789abcdef")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}: ok (1 services, 1 tenants)", path.display())
+    );
+}

@@ -1,0 +1,162 @@
+use std::sync::Arc;
+
+use crate::support::{Counters, config_text, load, registry};
+
+fn errors_of(text: &str) -> Vec<String> {
+    let counters = Arc::new(Counters::default());
+    match load(text, &registry(&counters)) {
+        Ok(_) => panic!("expected errors"),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn base() -> String {
+    config_text("sqlite://unused.db", "")
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.contains(needle)).unwrap() + 1
+}
+
+#[test]
+fn the_test_and_demo_configs_load() {
+    let counters = Arc::new(Counters::default());
+    let c = load(&base(), &registry(&counters)).unwrap();
+    assert_eq!(
+        c.services.keys().collect::<Vec<_>>(),
+        ["kv", "limited", "probe", "quick"]
+    );
+    let acme = &c.tenants["acme"].services["probe"];
+    assert_eq!(
+        acme.config,
+        serde_json::json!({"label": "acme-label"}),
+        "tenant override wins"
+    );
+    let globex_kv = &c.tenants["globex"].services["kv"];
+    assert_eq!(globex_kv.config, serde_json::json!({}));
+
+    let dir = tempfile::tempdir().unwrap();
+    provider_host::demo::ensure_secret(dir.path()).unwrap();
+    let demo = provider_host::config::load_str(
+        provider_host::config::DEMO,
+        "<demo>",
+        dir.path(),
+        &provider_host::builtin_registry().unwrap(),
+        &|_| None,
+    )
+    .unwrap();
+    assert_eq!(demo.tenants.keys().collect::<Vec<_>>(), ["acme", "globex"]);
+    assert_eq!(
+        demo.tenants["globex"].services["kv"].config,
+        serde_json::json!({"max_value_bytes": 4096})
+    );
+}
+
+#[test]
+fn unknown_keys_are_errors_with_line_and_column() {
+    let text = base().replace(
+        "idle_timeout = \"1h\"",
+        "idle_timeout = \"1h\"\nidle_timout = \"2h\"",
+    );
+    let line = line_of(&text, "idle_timout");
+    let errors = errors_of(&text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with(&format!("test.toml:{line}:1: unknown field `idle_timout`")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn services_versions_and_tenants_are_checked_against_the_registry() {
+    let text = base()
+        .replace("version = \"^1.4\"", "version = \"^2\"")
+        .replace("services = [\"kv\"]\n", "services = [\"kv\", \"ledger\"]\n");
+    let errors = errors_of(&text);
+    let version_line = line_of(&text, "version = \"^2\"");
+    let ledger_line = line_of(&text, "\"ledger\"");
+    assert_eq!(
+        errors,
+        [
+            format!(
+                "test.toml:{version_line}:11: service 'probe': no loaded version matches '^2' (loaded: 1.4.2)"
+            ),
+            format!(
+                "test.toml:{ledger_line}:19: tenant 'globex' enables service 'ledger', which no [[providers]] entry configures"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn references_clear_secrets_and_config_schemas_are_checked() {
+    let text = base()
+        .replace("${env:TEST_JWT_SECRET}", "${env:NOT_SET_ANYWHERE}")
+        .replace("label = \"acme-label\"", "label = 42");
+    let errors = errors_of(&text);
+    let line = line_of(&text, "NOT_SET_ANYWHERE");
+    assert_eq!(
+        errors,
+        [format!(
+            "test.toml:{line}:11: environment variable 'NOT_SET_ANYWHERE' is not set (referenced as '${{env:NOT_SET_ANYWHERE}}')"
+        )],
+        "reference errors stop before semantic checks"
+    );
+
+    let text = base().replace(
+        "${env:TEST_JWT_SECRET}",
+        "plain-text-secret-plain-text-secret",
+    );
+    let errors = errors_of(&text);
+    let line = line_of(&text, "plain-text-secret");
+    assert_eq!(
+        errors,
+        [format!(
+            "test.toml:{line}:10: secrets are never written in clear: use secret = \"${{env:NAME}}\" or secret_file"
+        )]
+    );
+
+    let text = base().replace("label = \"acme-label\"", "label = 42");
+    let errors = errors_of(&text);
+    let line = line_of(&text, "[tenants.acme]");
+    assert_eq!(
+        errors,
+        [format!(
+            "test.toml:{line}:10: tenant 'acme', service 'probe' config at '/label': 42 is not of type \"string\""
+        )]
+    );
+}
+
+#[test]
+fn syntax_errors_and_bad_values_point_at_their_place() {
+    let text = base().replace(
+        "request_timeout = \"3s\"",
+        "request_timeout = \"3 parsecs\"",
+    );
+    let errors = errors_of(&text);
+    let line = line_of(&text, "parsecs");
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].starts_with(&format!(
+            "test.toml:{line}:19: invalid duration '3 parsecs'"
+        )),
+        "{errors:?}"
+    );
+
+    let errors = errors_of("[server\nlisten = 1");
+    assert!(errors[0].starts_with("test.toml:1:8: "), "{errors:?}");
+
+    let text = base().replace("service = \"quick\"", "service = \"kv\"");
+    let errors = errors_of(&text);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].ends_with("service 'kv' is configured twice"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].ends_with(
+            "tenant 'acme' enables service 'quick', which no [[providers]] entry configures"
+        ),
+        "{errors:?}"
+    );
+}

@@ -1,0 +1,257 @@
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use providers_core::ErrorCode;
+use serde_json::json;
+
+use crate::support::{App, assert_error, eventually};
+
+#[tokio::test]
+async fn a_hundred_concurrent_first_calls_connect_once() {
+    let app = std::sync::Arc::new(App::sqlite().await);
+    let token = app.token("acme", &["user"]);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let (app, token) = (app.clone(), token.clone());
+        calls.spawn(async move {
+            app.post(Some(&token), "probe/echo", json!({"quantity": i}))
+                .await
+                .status
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(status) = calls.join_next().await {
+        statuses.push(status.unwrap().as_u16());
+    }
+    assert_eq!(statuses, vec![200; 100]);
+    assert_eq!(app.counters.connects.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        app.counters.lines(),
+        ["connect acme acme-label"],
+        "base config overlaid by the tenant's"
+    );
+    assert_eq!(app.host.instances().connected(), 1);
+}
+
+#[tokio::test]
+async fn a_panic_is_a_provider_error_and_the_instance_keeps_serving() {
+    let app = App::sqlite().await;
+    let token = app.token("acme", &["user"]);
+    let r = app.post(Some(&token), "probe/panic", json!({})).await;
+    assert_eq!(
+        assert_error(&r, 502, ErrorCode::ProviderError),
+        "'probe/panic' failed: the provider panicked"
+    );
+    let r = app
+        .post(Some(&token), "probe/echo", json!({"quantity": 1}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        app.counters.connects.load(Ordering::SeqCst),
+        1,
+        "same instance, not reconnected"
+    );
+}
+
+#[tokio::test]
+async fn the_deadline_turns_a_slow_call_into_a_timeout() {
+    let app = App::sqlite().await;
+    let token = app.token("acme", &["user"]);
+    // `quick` is probe with limits.timeout = 300ms, which also covers connecting: connect first.
+    assert_eq!(
+        app.post(Some(&token), "quick/echo", json!({})).await.status,
+        200
+    );
+    let r = app
+        .post(Some(&token), "quick/sleep", json!({"ms": 150}))
+        .await;
+    assert_eq!(r.status, 200, "under the deadline: {}", r.body);
+    let started = std::time::Instant::now();
+    let r = app
+        .post(Some(&token), "quick/sleep", json!({"ms": 2000}))
+        .await;
+    assert_eq!(
+        assert_error(&r, 504, ErrorCode::Timeout),
+        "'quick/sleep' did not finish before its deadline"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "answered at the deadline, not after the sleep"
+    );
+    // The aborted call never completed its work.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!app.counters.lines().iter().any(|l| l == "done sleep 2000"));
+}
+
+#[tokio::test]
+async fn max_concurrency_refuses_the_call_past_the_limit() {
+    let app = std::sync::Arc::new(App::sqlite().await);
+    let token = app.token("acme", &["user"]);
+    // Connect first, so the slow calls below overlap in execute, not in connect.
+    assert_eq!(
+        app.post(Some(&token), "limited/echo", json!({}))
+            .await
+            .status,
+        200
+    );
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let (app, token) = (app.clone(), token.clone());
+        slow.push(tokio::spawn(async move {
+            app.post(Some(&token), "limited/sleep", json!({"ms": 400}))
+                .await
+                .status
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = app.post(Some(&token), "limited/echo", json!({})).await;
+    assert_eq!(
+        assert_error(&r, 429, ErrorCode::RateLimited),
+        "tenant 'acme' has 2 calls in flight on 'limited', its limit"
+    );
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    assert_eq!(
+        app.post(Some(&token), "limited/echo", json!({}))
+            .await
+            .status,
+        200,
+        "free again"
+    );
+}
+
+#[tokio::test]
+async fn idle_instances_are_evicted_with_disconnect_and_come_back() {
+    let app = App::sqlite().await;
+    let token = app.token("acme", &["user"]);
+    app.post(Some(&token), "probe/echo", json!({})).await;
+    app.post(Some(&token), "kv/set", json!({"key": "kept", "value": 1}))
+        .await;
+    assert_eq!(app.host.instances().connected(), 2);
+    // Nothing is idle for an hour yet.
+    assert_eq!(app.host.evict_idle().await, 0);
+    assert_eq!(app.host.instances().evict_idle(Duration::ZERO).await, 2);
+    assert_eq!(app.counters.disconnects.load(Ordering::SeqCst), 1);
+    assert_eq!(app.host.instances().connected(), 0);
+    let r = app
+        .post(Some(&token), "kv/get", json!({"key": "kept"}))
+        .await;
+    assert_eq!(r.body["data"]["value"], 1, "state outlives the instance");
+    app.post(Some(&token), "probe/echo", json!({})).await;
+    assert_eq!(app.counters.connects.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        app.counters.lines(),
+        [
+            "connect acme acme-label",
+            "disconnect acme",
+            "connect acme acme-label"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_failed_connect_is_unavailable_and_retried() {
+    let counters = std::sync::Arc::new(crate::support::Counters::default());
+    let registry = crate::support::registry(&counters);
+    let db = providers_database::testing::TestDatabase::sqlite();
+    let text = crate::support::config_text(&db.url, "")
+        .replace("label = \"acme-label\"", "fail_connect = true");
+    let config = crate::support::load(&text, &registry).unwrap();
+    let issuer = providers_security::TokenIssuer::new(&config.keys, config.token.clone()).unwrap();
+    let host = provider_host::Host::start(config).await.unwrap();
+    let app = App {
+        router: provider_host::http::router(host.clone()),
+        host,
+        counters,
+        issuer,
+        _db: db,
+    };
+    let token = app.token("acme", &["user"]);
+    for attempt in 1..=2 {
+        let r = app.post(Some(&token), "probe/echo", json!({})).await;
+        assert_eq!(
+            assert_error(&r, 503, ErrorCode::ProviderUnavailable),
+            "service 'probe' is unavailable: probe was told to fail"
+        );
+        assert_eq!(app.counters.connects.load(Ordering::SeqCst), attempt);
+    }
+    let events = app.host.storage().events("acme", "probe").await.unwrap();
+    assert_eq!(
+        events,
+        [
+            ("connect_failed".to_owned(), "1.4.2".to_owned()),
+            ("connect_failed".to_owned(), "1.4.2".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_calls_then_disconnects() {
+    let app = App::sqlite().await;
+    let token = app.token("acme", &["user"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(provider_host::http::serve(
+        app.host.clone(),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/providers/probe/sleep");
+    let slow = {
+        let (client, url, token) = (client.clone(), url.clone(), token.clone());
+        tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"ms": 500}))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        })
+    };
+    let counters = app.counters.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || counters
+            .connects
+            .load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    let (status, body) = slow.await.unwrap();
+    assert_eq!((status, &body["data"]), (200, &json!({"slept_ms": 500})));
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        app.counters.lines(),
+        [
+            "connect acme acme-label",
+            "done sleep 500",
+            "disconnect acme"
+        ],
+        "disconnect only after the in-flight call finished"
+    );
+    assert!(
+        client
+            .post(url)
+            .bearer_auth(token)
+            .json(&json!({"ms": 1}))
+            .send()
+            .await
+            .is_err(),
+        "no longer listening"
+    );
+}

@@ -1,0 +1,315 @@
+//! A host in a test: a probe provider with counters, a config on a fresh database, and request helpers.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use provider_host::config::{self, Config};
+use provider_host::{Host, http};
+use providers_core::{
+    Action, CallContext, ConnectContext, Descriptor, ErrorCode, FnFactory, Provider, ProviderError,
+    Registry, async_trait,
+};
+use providers_security::TokenIssuer;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+/// What the probe saw, shared between the test and every probe instance.
+#[derive(Default)]
+pub struct Counters {
+    pub connects: AtomicUsize,
+    pub disconnects: AtomicUsize,
+    /// Ordered log of lifecycle moments, e.g. "connect acme", "done sleep", "disconnect acme".
+    pub log: Mutex<Vec<String>>,
+}
+
+impl Counters {
+    pub fn log(&self, line: impl Into<String>) {
+        self.log.lock().unwrap().push(line.into());
+    }
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// A provider whose actions exercise the host: echo, sleep, panic, fail, nested call.
+pub struct Probe {
+    counters: Arc<Counters>,
+    tenant: Option<String>,
+}
+
+#[async_trait]
+impl Provider for Probe {
+    fn descriptor(&self) -> Descriptor {
+        let any = json!({"type": "object"});
+        Descriptor::new("probe", providers_core::semver::Version::new(1, 4, 2))
+            .description("Test provider")
+            .config_schema(json!({"type": "object", "properties": {"fail_connect": {"type": "boolean"}, "label": {"type": "string"}}, "additionalProperties": false}))
+            .action(Action::new("echo").permission("probe.use").idempotent().input(json!({
+                "type": "object",
+                "properties": {
+                    "quantity": {"type": "number"},
+                    "lines": {"type": "array", "items": {"type": "object", "properties": {"sku": {"type": "string"}}, "required": ["sku"]}}
+                },
+                "additionalProperties": true
+            })))
+            .action(Action::new("sleep").permission("probe.use").input(json!({"type": "object", "properties": {"ms": {"type": "integer"}}, "required": ["ms"]})))
+            .action(Action::new("panic").permission("probe.use").input(any.clone()))
+            .action(Action::new("fail").permission("probe.use").input(any.clone()))
+            .action(Action::new("call").permission("probe.use").input(any.clone()))
+            .action(Action::new("secret").permission("probe.secret").input(any))
+    }
+
+    async fn connect(&mut self, ctx: &ConnectContext) -> Result<(), ProviderError> {
+        self.counters.connects.fetch_add(1, Ordering::SeqCst);
+        // Long enough that concurrent first calls really overlap.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if ctx.config()["fail_connect"] == json!(true) {
+            return Err(ProviderError::unavailable("probe was told to fail"));
+        }
+        self.counters.log(format!(
+            "connect {} {}",
+            ctx.tenant(),
+            ctx.config()["label"].as_str().unwrap_or("")
+        ));
+        self.tenant = Some(ctx.tenant().to_owned());
+        Ok(())
+    }
+
+    async fn disconnect(&self) -> Result<(), ProviderError> {
+        self.counters.disconnects.fetch_add(1, Ordering::SeqCst);
+        self.counters.log(format!(
+            "disconnect {}",
+            self.tenant.as_deref().unwrap_or("?")
+        ));
+        Ok(())
+    }
+
+    async fn execute(
+        &self,
+        action: &str,
+        payload: Value,
+        ctx: &CallContext,
+    ) -> Result<Value, ProviderError> {
+        match action {
+            "echo" => Ok(
+                json!({"payload": payload, "tenant": ctx.tenant(), "subject": ctx.subject(), "request_id": ctx.request_id()}),
+            ),
+            "sleep" => {
+                let ms = payload["ms"].as_u64().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                self.counters.log(format!("done sleep {ms}"));
+                Ok(json!({"slept_ms": ms}))
+            }
+            "panic" => panic!("probe panics on purpose"),
+            "fail" => Err(ProviderError::conflict("probe reports a conflict")),
+            "call" => {
+                let (s, a) = (
+                    payload["service"].as_str().unwrap_or(""),
+                    payload["action"].as_str().unwrap_or(""),
+                );
+                ctx.call(s, a, payload["payload"].clone()).await
+            }
+            "secret" => Ok(json!("classified")),
+            other => Err(ProviderError::not_found(format!("no action {other}"))),
+        }
+    }
+}
+
+pub fn registry(counters: &Arc<Counters>) -> Registry {
+    let mut builder = Registry::builder().with_builtins().unwrap();
+    let c = counters.clone();
+    builder
+        .add(Arc::new(FnFactory::new("tests/it/support.rs", move || {
+            Box::new(Probe {
+                counters: c.clone(),
+                tenant: None,
+            }) as Box<dyn Provider>
+        })))
+        .unwrap();
+    builder.build()
+}
+
+/// The test configuration; `extra` is appended (more tenants, overrides).
+pub fn config_text(storage_url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+body_limit_bytes = 1024
+request_timeout = "3s"
+idle_timeout = "1h"
+shutdown_grace = "5s"
+
+[storage]
+url = "{storage_url}"
+
+[security]
+issuer = "test-issuer"
+audience = "providers"
+leeway_seconds = 0
+
+[[security.keys]]
+algorithm = "HS256"
+secret = "${{env:TEST_JWT_SECRET}}"
+
+[security.roles]
+user = ["probe.use", "kv.*"]
+reader = ["kv.read", "probe.use"]
+admin = ["*"]
+
+[[providers]]
+service = "kv"
+version = "^1"
+required = true
+
+[[providers]]
+service = "probe"
+version = "^1.4"
+config = {{ label = "base" }}
+
+[[providers]]
+service = "limited"
+plugin = "probe"
+limits = {{ max_concurrency = 2 }}
+
+[[providers]]
+service = "quick"
+plugin = "probe"
+limits = {{ timeout = "300ms" }}
+
+[tenants.acme]
+services = ["kv", "probe", "limited", "quick"]
+
+[tenants.acme.providers.probe]
+label = "acme-label"
+
+[tenants.globex]
+services = ["kv"]
+{extra}
+"#
+    )
+}
+
+pub fn env(name: &str) -> Option<String> {
+    (name == "TEST_JWT_SECRET").then(|| SECRET.to_owned())
+}
+
+pub fn load(text: &str, registry: &Registry) -> Result<Config, Vec<config::ConfigError>> {
+    config::load_str(text, "test.toml", std::path::Path::new("."), registry, &env)
+}
+
+pub struct App {
+    pub host: Arc<Host>,
+    pub router: axum::Router,
+    pub counters: Arc<Counters>,
+    pub issuer: TokenIssuer,
+    pub _db: providers_database::testing::TestDatabase,
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub body: Value,
+    pub headers: axum::http::HeaderMap,
+}
+
+impl App {
+    pub async fn sqlite() -> App {
+        Self::on(providers_database::testing::TestDatabase::sqlite()).await
+    }
+
+    pub async fn on(db: providers_database::testing::TestDatabase) -> App {
+        let counters = Arc::new(Counters::default());
+        let registry = registry(&counters);
+        let config = load(&config_text(&db.url, ""), &registry).unwrap_or_else(|e| panic!("{e:?}"));
+        let issuer = TokenIssuer::new(&config.keys, config.token.clone()).unwrap();
+        let host = Host::start(config).await.unwrap();
+        App {
+            router: http::router(host.clone()),
+            host,
+            counters,
+            issuer,
+            _db: db,
+        }
+    }
+
+    pub fn token(&self, tenant: &str, roles: &[&str]) -> String {
+        let roles: Vec<String> = roles.iter().map(|r| (*r).to_owned()).collect();
+        self.issuer.mint("tester", tenant, &roles, 300).unwrap()
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> Resp {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Resp {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    /// POST /providers/{path} with a JSON body and a bearer token.
+    pub async fn post(&self, token: Option<&str>, path: &str, body: Value) -> Resp {
+        self.post_raw(token, path, body.to_string().into_bytes())
+            .await
+    }
+
+    pub async fn post_raw(&self, token: Option<&str>, path: &str, body: Vec<u8>) -> Resp {
+        let mut req =
+            Request::post(format!("/providers/{path}")).header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        self.send(req.body(Body::from(body)).unwrap()).await
+    }
+
+    pub async fn get(&self, token: Option<&str>, path: &str) -> Resp {
+        let mut req = Request::get(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        self.send(req.body(Body::empty()).unwrap()).await
+    }
+}
+
+/// Asserts the one error shape with this status and code; returns the detail.
+pub fn assert_error(r: &Resp, status: u16, code: ErrorCode) -> String {
+    assert_eq!(r.status.as_u16(), status, "body: {}", r.body);
+    assert_eq!(r.body["error_code"], code.as_str(), "body: {}", r.body);
+    let keys: Vec<&String> = r.body.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        ["detail", "error_code", "request_id", "timestamp"],
+        "exactly the error shape"
+    );
+    assert_eq!(
+        r.body["request_id"].as_str(),
+        r.headers.get("x-request-id").and_then(|v| v.to_str().ok())
+    );
+    r.body["detail"].as_str().unwrap().to_owned()
+}
+
+/// Polls `check` every 10 ms until it holds or `limit` passes.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check()
+}

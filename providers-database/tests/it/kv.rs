@@ -1,0 +1,319 @@
+use providers_core::testing::TestHost;
+use providers_core::{CallContext, ErrorCode, ProviderError};
+use providers_database::Kv;
+use providers_database::testing::TestDatabase;
+use serde_json::{Value, json};
+use sqlx::AnyPool;
+
+async fn connect(pool: &AnyPool, tenant: &str, config: Value) -> TestHost {
+    TestHost::builder(Kv::default())
+        .tenant(tenant)
+        .config(config)
+        .resource(pool.clone())
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn rows(pool: &AnyPool, tenant: &str) -> i64 {
+    use sqlx::Row;
+    sqlx::query("SELECT COUNT(*) FROM kv_entries WHERE tenant = $1")
+        .bind(tenant)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .get::<i64, _>(0)
+}
+
+fn code(r: Result<Value, ProviderError>) -> (ErrorCode, String) {
+    let e = r.unwrap_err();
+    (e.code, e.detail)
+}
+
+#[tokio::test]
+async fn set_get_etag_conflict_and_delete() {
+    for db in TestDatabase::both().await {
+        let pool = db.pool().await;
+        let mut kv = connect(&pool, "acme", json!({})).await;
+        let first = kv
+            .call("set", json!({"key": "a", "value": {"n": 1}}))
+            .await
+            .unwrap();
+        let etag1 = first["etag"].as_str().unwrap().to_owned();
+        let got = kv.call("get", json!({"key": "a"})).await.unwrap();
+        assert_eq!(
+            got,
+            json!({"key": "a", "value": {"n": 1}, "etag": etag1}),
+            "{}",
+            db.backend
+        );
+
+        let second = kv
+            .call("set", json!({"key": "a", "value": {"n": 2}, "etag": etag1}))
+            .await
+            .unwrap();
+        let etag2 = second["etag"].as_str().unwrap().to_owned();
+        assert_ne!(etag1, etag2);
+
+        // The stale etag loses and the stored value is untouched.
+        let (c, detail) = code(
+            kv.call("set", json!({"key": "a", "value": {"n": 3}, "etag": etag1}))
+                .await,
+        );
+        assert_eq!(c, ErrorCode::Conflict, "{}", db.backend);
+        assert_eq!(
+            detail,
+            format!("etag '{etag1}' does not match the current version of key 'a'")
+        );
+        assert_eq!(
+            kv.call("get", json!({"key": "a"})).await.unwrap()["value"],
+            json!({"n": 2})
+        );
+
+        // An etag for a key that does not exist is a conflict too, and creates nothing.
+        let (c, _) = code(
+            kv.call("set", json!({"key": "ghost", "value": 1, "etag": "12"}))
+                .await,
+        );
+        assert_eq!(c, ErrorCode::Conflict);
+        let (c, _) = code(
+            kv.call(
+                "set",
+                json!({"key": "ghost", "value": 1, "etag": "not-a-number"}),
+            )
+            .await,
+        );
+        assert_eq!(c, ErrorCode::Conflict);
+        assert_eq!(rows(&pool, "acme").await, 1);
+
+        let (c, _) = code(kv.call("delete", json!({"key": "a", "etag": etag1})).await);
+        assert_eq!(c, ErrorCode::Conflict);
+        assert_eq!(
+            rows(&pool, "acme").await,
+            1,
+            "a stale delete removes nothing"
+        );
+        assert_eq!(
+            kv.call("delete", json!({"key": "a", "etag": etag2}))
+                .await
+                .unwrap(),
+            json!({"key": "a", "deleted": true})
+        );
+        assert_eq!(
+            kv.call("delete", json!({"key": "a"})).await.unwrap(),
+            json!({"key": "a", "deleted": false})
+        );
+        let (c, detail) = code(kv.call("get", json!({"key": "a"})).await);
+        assert_eq!(
+            (c, detail.as_str()),
+            (ErrorCode::NotFound, "key 'a' not found")
+        );
+
+        // Re-created, it gets a fresh etag: the old one cannot win by coincidence.
+        let again = kv
+            .call("set", json!({"key": "a", "value": 0}))
+            .await
+            .unwrap();
+        assert_ne!(again["etag"], json!(etag1));
+        assert_ne!(again["etag"], json!(etag2));
+        kv.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_other() {
+    for db in TestDatabase::both().await {
+        let pool = db.pool().await;
+        let mut acme = connect(&pool, "acme", json!({})).await;
+        let mut globex = connect(&pool, "globex", json!({})).await;
+        acme.call("set", json!({"key": "shared-name", "value": "acme's"}))
+            .await
+            .unwrap();
+        acme.call("set", json!({"key": "only-acme", "value": 1}))
+            .await
+            .unwrap();
+        globex
+            .call("set", json!({"key": "shared-name", "value": "globex's"}))
+            .await
+            .unwrap();
+
+        assert_eq!(
+            acme.call("get", json!({"key": "shared-name"}))
+                .await
+                .unwrap()["value"],
+            "acme's"
+        );
+        assert_eq!(
+            globex
+                .call("get", json!({"key": "shared-name"}))
+                .await
+                .unwrap()["value"],
+            "globex's"
+        );
+        let (c, _) = code(globex.call("get", json!({"key": "only-acme"})).await);
+        assert_eq!(c, ErrorCode::NotFound, "{}", db.backend);
+        let listed = globex.call("list", json!({})).await.unwrap();
+        assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+        assert_eq!(listed["items"][0]["value"], "globex's");
+        let bulk = globex
+            .call("bulk_get", json!({"keys": ["only-acme", "shared-name"]}))
+            .await
+            .unwrap();
+        assert_eq!(
+            bulk["items"][0],
+            json!({"key": "only-acme", "found": false})
+        );
+        assert_eq!(bulk["items"][1]["value"], "globex's");
+        // Deleting globex's key leaves acme's alone.
+        globex
+            .call("delete", json!({"key": "shared-name"}))
+            .await
+            .unwrap();
+        assert_eq!(rows(&pool, "acme").await, 2);
+        assert_eq!(rows(&pool, "globex").await, 0);
+
+        // An instance refuses a context for another tenant, even if the host erred.
+        let foreign = CallContext::new("globex", "r1");
+        let (c, detail) = code(
+            acme.call_as(&foreign, "get", json!({"key": "only-acme"}))
+                .await,
+        );
+        assert_eq!(c, ErrorCode::Forbidden);
+        assert_eq!(
+            detail,
+            "this kv instance serves tenant 'acme', not 'globex'"
+        );
+        acme.disconnect().await.unwrap();
+        globex.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn list_pages_by_prefix_in_key_order() {
+    for db in TestDatabase::both().await {
+        let pool = db.pool().await;
+        let mut kv = connect(&pool, "acme", json!({})).await;
+        for k in [
+            "order/3", "order/1", "order/2", "orders", "other", "Order/9",
+        ] {
+            kv.call("set", json!({"key": k, "value": k})).await.unwrap();
+        }
+        let page = kv
+            .call("list", json!({"prefix": "order/", "limit": 2}))
+            .await
+            .unwrap();
+        let keys = |p: &Value| {
+            p["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["key"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&page), ["order/1", "order/2"], "{}", db.backend);
+        assert_eq!(page["next"], "order/2");
+        let page = kv
+            .call(
+                "list",
+                json!({"prefix": "order/", "limit": 2, "after": "order/2"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(keys(&page), ["order/3"]);
+        assert_eq!(page["next"], Value::Null);
+        // Prefixes are case-sensitive on both backends, and % or _ are not wildcards.
+        kv.call("set", json!({"key": "a%b", "value": 1}))
+            .await
+            .unwrap();
+        kv.call("set", json!({"key": "axb", "value": 1}))
+            .await
+            .unwrap();
+        assert_eq!(
+            keys(&kv.call("list", json!({"prefix": "a%"})).await.unwrap()),
+            ["a%b"]
+        );
+        assert_eq!(
+            keys(&kv.call("list", json!({"prefix": "Order"})).await.unwrap()),
+            ["Order/9"]
+        );
+        kv.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn ttl_hides_expired_values_and_limits_hold_at_the_edge() {
+    for db in TestDatabase::both().await {
+        let pool = db.pool().await;
+        let mut kv = connect(&pool, "acme", json!({"max_value_bytes": 10})).await;
+        kv.call("set", json!({"key": "short", "value": 1, "ttl_seconds": 1}))
+            .await
+            .unwrap();
+        kv.call(
+            "set",
+            json!({"key": "long", "value": 2, "ttl_seconds": 3600}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            kv.call("get", json!({"key": "short"})).await.unwrap()["value"],
+            1
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let (c, _) = code(kv.call("get", json!({"key": "short"})).await);
+        assert_eq!(c, ErrorCode::NotFound, "{}", db.backend);
+        let listed = kv.call("list", json!({})).await.unwrap();
+        assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+        // An expired key takes a plain set as a fresh key.
+        kv.call("set", json!({"key": "short", "value": 3}))
+            .await
+            .unwrap();
+        assert_eq!(
+            kv.call("get", json!({"key": "short"})).await.unwrap()["value"],
+            3
+        );
+
+        // "0123456789" serialises to 12 bytes with its quotes; "01234567" to exactly 10.
+        kv.call("set", json!({"key": "edge", "value": "01234567"}))
+            .await
+            .unwrap();
+        let (c, detail) = code(
+            kv.call("set", json!({"key": "edge", "value": "012345678"}))
+                .await,
+        );
+        assert_eq!(c, ErrorCode::ValidationError);
+        assert_eq!(
+            detail,
+            "payload/value: 11 bytes exceeds the limit of 10 bytes (config max_value_bytes)"
+        );
+        assert_eq!(
+            kv.call("get", json!({"key": "edge"})).await.unwrap()["value"],
+            "01234567"
+        );
+        kv.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn connect_refuses_bad_config_and_missing_storage() {
+    let db = TestDatabase::sqlite();
+    let pool = db.pool().await;
+    let err = TestHost::builder(Kv::default())
+        .config(json!({"max_value_bytes": "big"}))
+        .resource(pool)
+        .connect()
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code, ErrorCode::ValidationError);
+    assert!(err.detail.starts_with("kv config: "), "{}", err.detail);
+    let err = TestHost::builder(Kv::default())
+        .connect()
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code, ErrorCode::ProviderUnavailable);
+    assert_eq!(
+        err.detail,
+        "kv needs the host's system database, which was not provided"
+    );
+}

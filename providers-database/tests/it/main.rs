@@ -1,0 +1,3 @@
+//! The `kv` provider against real SQLite and PostgreSQL databases.
+
+mod kv;
