@@ -132,8 +132,10 @@ impl Host {
                 ctx.roles().join(", ")
             )));
         }
-        if let Some(validator) = plan.plan.validators.get(action) {
-            if let Err(e) = validator.validate(&payload) {
+        if let Some(validator) = plan.plan.validators.get(action)
+            && let Err(e) = validator.validate(&payload)
+        {
+            {
                 let at = e.instance_path().as_str();
                 let at = if at.is_empty() { "/" } else { at };
                 return Err(ProviderError::validation(format!("payload at '{at}': {e}")));

@@ -55,14 +55,13 @@ fn sqlite_url(url: &str) -> anyhow::Result<String> {
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if path != ":memory:" {
-        if let Some(dir) = Path::new(path)
+    if path != ":memory:"
+        && let Some(dir) = Path::new(path)
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating the storage folder '{}'", dir.display()))?;
-        }
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the storage folder '{}'", dir.display()))?;
     }
     let mode = if query.contains("mode=") {
         ""

@@ -118,13 +118,13 @@ pub enum RegistryError {
         /// The service.
         service: String,
         /// The provider's version.
-        version: Version,
+        version: String,
         /// Where it came from.
         origin: String,
         /// The contract it was built for.
-        built_for: Version,
+        built_for: String,
         /// The host's contract.
-        host: Version,
+        host: String,
     },
     /// The same service and version registered twice.
     #[error("provider '{service}' {version} is registered twice: by {first} and by {second}")]
@@ -132,7 +132,7 @@ pub enum RegistryError {
         /// The service.
         service: String,
         /// The version.
-        version: Version,
+        version: String,
         /// The first registration.
         first: String,
         /// The second registration.
@@ -152,7 +152,7 @@ pub enum RegistryError {
         /// The service.
         service: String,
         /// The requirement.
-        requested: VersionReq,
+        requested: String,
         /// The versions loaded, comma-separated.
         loaded: String,
     },
@@ -192,6 +192,10 @@ impl RegistryBuilder {
     /// Adds every builtin registered with [`submit_builtin!`](crate::submit_builtin).
     ///
     /// Stops at the first refusal: a bad builtin is a defect of this build, not an operator error.
+    #[allow(
+        clippy::result_large_err,
+        reason = "registry errors carry full context and occur at start-up, never on a hot path"
+    )]
     pub fn with_builtins(mut self) -> Result<Self, RegistryError> {
         let mut builtins: Vec<_> = inventory::iter::<Builtin>
             .into_iter()
@@ -219,6 +223,10 @@ impl RegistryBuilder {
     }
 
     /// Checks and adds one factory. On refusal the builder is unchanged.
+    #[allow(
+        clippy::result_large_err,
+        reason = "registry errors carry full context and occur at start-up, never on a hot path"
+    )]
     pub fn add(&mut self, factory: Arc<dyn Factory>) -> Result<(), RegistryError> {
         let d = factory.descriptor();
         let origin = factory.origin().to_owned();
@@ -246,10 +254,10 @@ impl RegistryBuilder {
         if !contract_compatible(&d.contract_version, &self.host_contract) {
             return Err(RegistryError::IncompatibleContract {
                 service: d.service.clone(),
-                version: d.version.clone(),
+                version: d.version.to_string(),
                 origin,
-                built_for: d.contract_version.clone(),
-                host: self.host_contract.clone(),
+                built_for: d.contract_version.to_string(),
+                host: self.host_contract.to_string(),
             });
         }
         let versions = self.by_service.entry(d.service.clone()).or_default();
@@ -259,7 +267,7 @@ impl RegistryBuilder {
         {
             return Err(RegistryError::Duplicate {
                 service: d.service.clone(),
-                version: d.version.clone(),
+                version: d.version.to_string(),
                 first: existing.origin().to_owned(),
                 second: origin,
             });
@@ -297,6 +305,10 @@ impl Registry {
     }
 
     /// The highest loaded version of `service` that satisfies `requirement`.
+    #[allow(
+        clippy::result_large_err,
+        reason = "registry errors carry full context and occur at start-up, never on a hot path"
+    )]
     pub fn resolve(
         &self,
         service: &str,
@@ -315,7 +327,7 @@ impl Registry {
             .cloned()
             .ok_or_else(|| RegistryError::NoMatchingVersion {
                 service: service.to_owned(),
-                requested: requirement.clone(),
+                requested: requirement.to_string(),
                 loaded: versions
                     .iter()
                     .map(|f| f.descriptor().version.to_string())

@@ -75,7 +75,7 @@ fn registry_refuses_duplicates_but_keeps_versions_side_by_side() {
         err,
         RegistryError::Duplicate {
             service: "kv".into(),
-            version: Version::new(1, 2, 0),
+            version: "1.2.0".into(),
             first: "a".into(),
             second: "d".into()
         }

@@ -166,8 +166,10 @@ pub async fn ready(State(host): State<Arc<Host>>) -> Result<Json<Value>, ApiErro
             if !tp.services.contains_key(name) {
                 continue;
             }
-            if let Some(s) = host.instances().status(tenant, name).await {
-                if s.state == providers_core::State::Failed {
+            if let Some(s) = host.instances().status(tenant, name).await
+                && s.state == providers_core::State::Failed
+            {
+                {
                     state = format!("failed for tenant '{tenant}': {}", s.detail);
                     problems.push(format!("provider '{name}' {state}"));
                     break;
