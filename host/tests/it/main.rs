@@ -1,6 +1,10 @@
 //! The host end to end: configuration, routes, instances, storage on both backends, and the real binary.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test helpers outside #[test] functions fail loudly on purpose")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions fail loudly on purpose"
+)]
 
 mod cli;
 mod config;

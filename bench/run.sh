@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: the host's POST /providers/kv/get (JWT auth, schema validation,
+# tenant instance, SQLite read) against two references measured in the same run:
+#   bare - a bare axum handler returning the same JSON from memory;
+#   sql  - a bare axum handler doing the same SELECT on the same database.
+# Writes bench/results.md (the newest run first) with rps, p50, p99 and the ratios.
+#
+# Usage: bench/run.sh [duration-seconds] [connections]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration=${1:-10}
+connections=${2:-32}
+
+if ! command -v wrk >/dev/null; then
+  echo "[bench] installing wrk from Debian's packages" >&2
+  sudo_cmd=""; [[ $EUID -ne 0 ]] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq wrk
+fi
+
+cargo build --release --locked -p provider-host -p loadtest
+bin=target/release
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/provider-bench.XXXXXX")
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "[bench] nothing listens on port $1" >&2; return 1
+}
+
+export BENCH_JWT_SECRET=bench-secret-bench-secret-bench-secret-0123
+cat > "$work/host.toml" <<TOML
+[server]
+listen = "127.0.0.1:0"
+[storage]
+url = "sqlite://$work/host.db"
+[security]
+issuer = "bench"
+audience = "providers"
+[[security.keys]]
+algorithm = "HS256"
+secret = "\${env:BENCH_JWT_SECRET}"
+[security.roles]
+clerk = ["kv.*"]
+[[providers]]
+service = "kv"
+[tenants.bench]
+services = ["kv"]
+TOML
+
+host_port=$(free_port)
+RUST_LOG=warn "$bin/provider-host" serve --config "$work/host.toml" --listen "127.0.0.1:$host_port" >/dev/null 2>"$work/host.log" &
+pids+=($!)
+wait_port "$host_port"
+token=$("$bin/provider-host" token --config "$work/host.toml" --tenant bench --roles clerk --ttl 2h)
+curl -sf -X POST "http://127.0.0.1:$host_port/providers/kv/set" -H "Authorization: Bearer $token" \
+  -d '{"key":"bench","value":{"sku":"A-100","qty":42,"warehouse":"north"}}' >/dev/null
+
+bare_port=$(free_port)
+"$bin/loadtest" bare "127.0.0.1:$bare_port" & pids+=($!)
+sql_port=$(free_port)
+"$bin/loadtest" sql "127.0.0.1:$sql_port" "sqlite://$work/host.db" & pids+=($!)
+wait_port "$bare_port"; wait_port "$sql_port"
+
+# The responses must match in shape before their speed is compared.
+curl -sf -X POST "http://127.0.0.1:$host_port/providers/kv/get" -H "Authorization: Bearer $token" -d '{"key":"bench"}' | grep -q '"qty":42'
+curl -sf -X POST "http://127.0.0.1:$sql_port/providers/kv/get" -d '{"key":"bench"}' | grep -q '"qty":42'
+
+# One wrk thread: the servers need the other core.
+run() { # name port token -> "rps p50 p99" (latencies in microseconds)
+  TOKEN=$3 wrk -t1 -c"$connections" -d2s -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >/dev/null
+  TOKEN=$3 wrk -t1 -c"$connections" -d"${duration}s" --latency -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >"$work/$1.txt"
+  python3 - "$work/$1.txt" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+if re.search(r"Non-2xx", text):
+    sys.exit("non-2xx responses:\n" + text)
+def us(v):
+    n, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p50 = us(re.search(r"50%\s+(\S+)", text).group(1))
+p99 = us(re.search(r"99%\s+(\S+)", text).group(1))
+print(f"{rps:.0f} {p50:.0f} {p99:.0f}")
+PY
+}
+
+read -r bare_rps bare_p50 bare_p99 <<<"$(run bare "$bare_port" "")"
+read -r sql_rps sql_p50 sql_p99 <<<"$(run sql "$sql_port" "")"
+read -r host_rps host_p50 host_p99 <<<"$(run host "$host_port" "$token")"
+
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
+entry=$(cat <<MD
+## $(date -u +%Y-%m-%dT%H:%M:%SZ)
+
+Machine: $(nproc) cores, ${cpu:-unknown CPU}; $(rustc --version). wrk: 1 thread, $connections connections, ${duration}s after a 2s warm-up, on loopback.
+
+| target | rps | p50 (µs) | p99 (µs) | host ÷ target (rps) |
+| --- | ---: | ---: | ---: | ---: |
+| bare axum handler, JSON from memory | $bare_rps | $bare_p50 | $bare_p99 | $(ratio "$host_rps" "$bare_rps") |
+| bare axum handler + the same SQLite SELECT | $sql_rps | $sql_p50 | $sql_p99 | $(ratio "$host_rps" "$sql_rps") |
+| **provider-host** \`POST /providers/kv/get\` (JWT, schema, tenant instance, SQLite) | $host_rps | $host_p50 | $host_p99 | 1.00 |
+
+MD
+)
+results=bench/results.md
+header="# Benchmark results
+
+Written by \`bench/run.sh\`; newest first. Ratios compare runs made in the same invocation.
+"
+old=""
+[[ -f $results ]] && old=$(sed '1,/^Written by/d' "$results" | sed '1{/^$/d}')
+printf '%s\n%s\n\n%s\n' "$header" "$entry" "$old" > "$results"
+echo "$entry"
