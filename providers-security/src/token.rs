@@ -89,12 +89,13 @@ struct VerifyKey {
     kid: Option<String>,
     algorithm: Algorithm,
     key: DecodingKey,
+    // Built once: it holds the issuer and audience sets, which would otherwise be allocated per request.
+    validation: Validation,
 }
 
 /// Verifies bearer tokens against the configured keys.
 pub struct TokenVerifier {
     keys: Vec<VerifyKey>,
-    settings: TokenSettings,
 }
 
 const MIN_HMAC_SECRET: usize = 32;
@@ -136,14 +137,21 @@ impl TokenVerifier {
                     Algorithm::RS256 => DecodingKey::from_rsa_pem(&k.verify)
                         .map_err(|e| bad(format!("RS256 public key is not a usable PEM: {e}")))?,
                 };
+                let mut validation = Validation::new(k.algorithm.jwt());
+                validation.set_issuer(&[&settings.issuer]);
+                validation.set_audience(&[&settings.audience]);
+                validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+                validation.leeway = settings.leeway_seconds;
+                validation.validate_nbf = true;
                 Ok(VerifyKey {
                     kid: k.kid.clone(),
                     algorithm: k.algorithm,
                     key,
+                    validation,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { keys, settings })
+        Ok(Self { keys })
     }
 
     /// Verifies `token` (without the `Bearer ` prefix) and returns who it speaks for.
@@ -161,13 +169,7 @@ impl TokenVerifier {
         });
         let mut last = unauth("no configured key matches the token's algorithm or key id");
         for k in candidates {
-            let mut v = Validation::new(k.algorithm.jwt());
-            v.set_issuer(&[&self.settings.issuer]);
-            v.set_audience(&[&self.settings.audience]);
-            v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-            v.leeway = self.settings.leeway_seconds;
-            v.validate_nbf = true;
-            match decode::<Claims>(token, &k.key, &v) {
+            match decode::<Claims>(token, &k.key, &k.validation) {
                 Ok(data) => {
                     let c = data.claims;
                     if c.tenant_id.is_empty() {

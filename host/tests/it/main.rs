@@ -8,6 +8,7 @@
 
 mod cli;
 mod config;
+mod deps;
 mod instances;
 mod registry;
 mod routes;
