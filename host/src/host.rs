@@ -152,7 +152,7 @@ impl Host {
             deadline = deadline.min(outer);
         }
         let work = async {
-            let (lease, live) = self.instances.acquire(ctx.tenant(), service, plan).await?;
+            let (_lease, live) = self.instances.acquire(ctx.tenant(), service, plan).await?;
             let _permit = match &live.limiter {
                 Some(limiter) => Some(limiter.clone().try_acquire_owned().map_err(|_| {
                     ProviderError::new(
@@ -160,33 +160,17 @@ impl Host {
                         format!(
                             "tenant '{}' has {} calls in flight on '{service}', its limit",
                             ctx.tenant(),
-                            limiter_size(plan)
+                            plan.limits.max_concurrency.unwrap_or(0)
                         ),
                     )
                 })?),
                 None => None,
             };
-            let provider = live.provider.clone();
             let ctx = ctx.clone().with_deadline(Some(deadline));
-            let action_name = action.to_owned();
-            let what = format!("'{service}/{action}'");
-            let result = guard::run(&what, deadline, async move {
-                provider.execute(&action_name, payload, &ctx).await
-            })
-            .await;
-            drop(lease);
-            result
+            live.provider.execute(action, payload, &ctx).await
         };
-        match tokio::time::timeout_at(deadline.into(), work).await {
-            Ok(result) => result,
-            Err(_) => Err(ProviderError::new(
-                ErrorCode::Timeout,
-                format!(
-                    "'{service}/{action}' did not finish within {}",
-                    humantime::format_duration(timeout)
-                ),
-            )),
-        }
+        // One deadline covers connecting (on a first call) and executing.
+        guard::run(|| format!("'{service}/{action}'"), deadline, work).await
     }
 
     /// Disconnects idle instances; returns how many went.
@@ -208,10 +192,6 @@ impl Host {
     pub fn eviction_period(&self) -> Duration {
         (self.config.server.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
-}
-
-fn limiter_size(plan: &crate::config::TenantService) -> u32 {
-    plan.limits.max_concurrency.unwrap_or(0)
 }
 
 /// Provider-to-provider calls go back through [`Host::call`], so they meet the same checks.

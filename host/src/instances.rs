@@ -136,8 +136,8 @@ impl Instances {
         };
         let ctx = ConnectContext::new(tenant, plan.config.clone()).with_resources(resources);
         let mut provider = factory.create()?;
-        let what = format!("provider '{service}' connect for tenant '{tenant}'");
-        let outcome = guard::run(&what, Instant::now() + self.connect_timeout, async move {
+        let what = || format!("provider '{service}' connect for tenant '{tenant}'");
+        let outcome = guard::run(what, Instant::now() + self.connect_timeout, async move {
             let result = provider.connect(&ctx).await;
             result.map(|()| provider)
         })
@@ -199,7 +199,7 @@ impl Instances {
         };
         let provider = live.provider.clone();
         let probe = guard::run(
-            "get_status",
+            || format!("provider '{service}' get_status for tenant '{tenant}'"),
             Instant::now() + Duration::from_secs(2),
             async move { Ok(provider.get_status().await) },
         );
@@ -268,8 +268,8 @@ impl Instances {
 
     async fn disconnect(&self, tenant: &str, service: &str, live: &Arc<Live>, why: &str) {
         let provider = live.provider.clone();
-        let what = format!("provider '{service}' disconnect for tenant '{tenant}'");
-        let detail = match guard::run(&what, Instant::now() + DISCONNECT_TIMEOUT, async move {
+        let what = || format!("provider '{service}' disconnect for tenant '{tenant}'");
+        let detail = match guard::run(what, Instant::now() + DISCONNECT_TIMEOUT, async move {
             provider.disconnect().await
         })
         .await

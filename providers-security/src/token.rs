@@ -1,5 +1,7 @@
 //! Bearer tokens: verification of signed JWTs and minting of development tokens.
 
+use std::collections::HashMap;
+use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation, decode, decode_header, encode};
@@ -96,6 +98,20 @@ struct VerifyKey {
 /// Verifies bearer tokens against the configured keys.
 pub struct TokenVerifier {
     keys: Vec<VerifyKey>,
+    leeway_seconds: u64,
+    /// Tokens already verified, with their expiry. The same bytes verify the same way until
+    /// they expire, so a client reusing its token skips the signature check and JSON decoding.
+    verified: RwLock<HashMap<Box<str>, (Identity, u64)>>,
+}
+
+/// Entries kept in the verified-token cache before it is emptied.
+const CACHE_CAPACITY: usize = 4096;
+
+fn now_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 const MIN_HMAC_SECRET: usize = 32;
@@ -151,11 +167,38 @@ impl TokenVerifier {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { keys })
+        Ok(Self {
+            keys,
+            leeway_seconds: settings.leeway_seconds,
+            verified: RwLock::new(HashMap::new()),
+        })
     }
 
     /// Verifies `token` (without the `Bearer ` prefix) and returns who it speaks for.
     pub fn verify(&self, token: &str) -> Result<Identity, SecurityError> {
+        let now = now_seconds();
+        if let Some((identity, exp)) = self
+            .verified
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            && now < exp.saturating_add(self.leeway_seconds)
+        {
+            return Ok(identity.clone());
+        }
+        let (identity, exp) = self.verify_signed(token)?;
+        let mut cache = self.verified.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_CAPACITY {
+            cache.retain(|_, (_, exp)| now < exp.saturating_add(self.leeway_seconds));
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(token.into(), (identity.clone(), exp));
+        Ok(identity)
+    }
+
+    fn verify_signed(&self, token: &str) -> Result<(Identity, u64), SecurityError> {
         let unauth = |s: &str| SecurityError::Unauthenticated(s.to_owned());
         // An unknown or "none" algorithm fails here: the header's alg must be one we implement.
         let header = decode_header(token).map_err(|_| unauth("malformed bearer token"))?;
@@ -175,11 +218,12 @@ impl TokenVerifier {
                     if c.tenant_id.is_empty() {
                         return Err(unauth("token has an empty tenant_id claim"));
                     }
-                    return Ok(Identity {
+                    let identity = Identity {
                         subject: c.sub.unwrap_or_default(),
                         tenant: c.tenant_id,
                         roles: c.roles,
-                    });
+                    };
+                    return Ok((identity, c.exp.unwrap_or(0)));
                 }
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind as K;
@@ -252,10 +296,7 @@ impl TokenIssuer {
         roles: &[String],
         ttl_seconds: u64,
     ) -> Result<String, SecurityError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = now_seconds();
         let claims = Claims {
             sub: Some(subject.to_owned()),
             tenant_id: tenant.to_owned(),

@@ -201,3 +201,32 @@ fn refuses_weak_secrets_and_bad_pem() {
         "{err}"
     );
 }
+
+#[test]
+fn a_cached_token_still_expires() {
+    let keys = [hs(None, SECRET)];
+    let v = TokenVerifier::new(&keys, settings()).unwrap();
+    let mut c = claims();
+    c["exp"] = json!(now() + 1);
+    let token = sign_hs(&c, SECRET);
+    assert_eq!(v.verify(&token).unwrap().tenant, "acme");
+    assert_eq!(
+        v.verify(&token).unwrap().tenant,
+        "acme",
+        "served from the cache"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(
+        refused(&v, &token),
+        "token has expired",
+        "the cache does not outlive exp"
+    );
+    // A forged variant of a cached token is not a cache hit.
+    let fresh = sign_hs(&claims(), SECRET);
+    v.verify(&fresh).unwrap();
+    // Change a character well inside the signature, where every bit counts.
+    let at = fresh.len() - 10;
+    let swapped = if &fresh[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &fresh[..at], &fresh[at + 1..]);
+    assert_eq!(refused(&v, &forged), "token signature is invalid");
+}
