@@ -5,11 +5,12 @@
 #   sql  - a bare axum handler doing the same SELECT on the same database.
 # Writes bench/results.md (the newest run first) with rps, p50, p99 and the ratios.
 #
-# Usage: bench/run.sh [duration-seconds] [connections]
+# Usage: bench/run.sh [duration-seconds] [connections] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
 connections=${2:-32}
+rounds=${3:-3}
 
 if ! command -v wrk >/dev/null; then
   echo "[bench] installing wrk from Debian's packages" >&2
@@ -72,11 +73,13 @@ wait_port "$bare_port"; wait_port "$sql_port"
 curl -sf -X POST "http://127.0.0.1:$host_port/providers/kv/get" -H "Authorization: Bearer $token" -d '{"key":"bench"}' | grep -q '"qty":42'
 curl -sf -X POST "http://127.0.0.1:$sql_port/providers/kv/get" -d '{"key":"bench"}' | grep -q '"qty":42'
 
-# One wrk thread: the servers need the other core.
-run() { # name port token -> "rps p50 p99" (latencies in microseconds)
+# One wrk thread: the servers need the other core. Each target runs `rounds` times,
+# interleaved with the others so that drifts of a shared machine hit all alike; the
+# round with the median throughput is reported.
+run() { # name port token round -> appends "rps p50 p99" (latencies in microseconds)
   TOKEN=$3 wrk -t1 -c"$connections" -d2s -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >/dev/null
-  TOKEN=$3 wrk -t1 -c"$connections" -d"${duration}s" --latency -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >"$work/$1.txt"
-  python3 - "$work/$1.txt" <<'PY'
+  TOKEN=$3 wrk -t1 -c"$connections" -d"${duration}s" --latency -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >"$work/$1.$4.txt"
+  python3 - "$work/$1.$4.txt" >>"$work/$1.rounds" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 if re.search(r"Non-2xx", text):
@@ -90,23 +93,30 @@ p99 = us(re.search(r"99%\s+(\S+)", text).group(1))
 print(f"{rps:.0f} {p50:.0f} {p99:.0f}")
 PY
 }
+median() { sort -n "$work/$1.rounds" | sed -n "$(( (rounds + 1) / 2 ))p"; }
 
-read -r bare_rps bare_p50 bare_p99 <<<"$(run bare "$bare_port" "")"
-read -r sql_rps sql_p50 sql_p99 <<<"$(run sql "$sql_port" "")"
-read -r host_rps host_p50 host_p99 <<<"$(run host "$host_port" "$token")"
+for round in $(seq 1 "$rounds"); do
+  run bare "$bare_port" "" "$round"
+  run sql "$sql_port" "" "$round"
+  run host "$host_port" "$token" "$round"
+done
+read -r bare_rps bare_p50 bare_p99 <<<"$(median bare)"
+read -r sql_rps sql_p50 sql_p99 <<<"$(median sql)"
+read -r host_rps host_p50 host_p99 <<<"$(median host)"
+spread() { echo "$(cut -d' ' -f1 "$work/$1.rounds" | sort -n | tr '\n' ' ' | sed 's/ $//')"; }
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
 entry=$(cat <<MD
 ## $(date -u +%Y-%m-%dT%H:%M:%SZ)
 
-Machine: $(nproc) cores, ${cpu:-unknown CPU}; $(rustc --version). wrk: 1 thread, $connections connections, ${duration}s after a 2s warm-up, on loopback.
+Machine: $(nproc) cores, ${cpu:-unknown CPU}; $(rustc --version). wrk: 1 thread, $connections connections, ${duration}s after a 2s warm-up, on loopback; median of $rounds interleaved rounds.
 
-| target | rps | p50 (µs) | p99 (µs) | host ÷ target (rps) |
-| --- | ---: | ---: | ---: | ---: |
-| bare axum handler, JSON from memory | $bare_rps | $bare_p50 | $bare_p99 | $(ratio "$host_rps" "$bare_rps") |
-| bare axum handler + the same SQLite SELECT | $sql_rps | $sql_p50 | $sql_p99 | $(ratio "$host_rps" "$sql_rps") |
-| **provider-host** \`POST /providers/kv/get\` (JWT, schema, tenant instance, SQLite) | $host_rps | $host_p50 | $host_p99 | 1.00 |
+| target | rps (median) | p50 (µs) | p99 (µs) | host ÷ target (rps) | rps of every round |
+| --- | ---: | ---: | ---: | ---: | --- |
+| bare axum handler, JSON from memory | $bare_rps | $bare_p50 | $bare_p99 | $(ratio "$host_rps" "$bare_rps") | $(spread bare) |
+| bare axum handler + the same SQLite SELECT | $sql_rps | $sql_p50 | $sql_p99 | $(ratio "$host_rps" "$sql_rps") | $(spread sql) |
+| **provider-host** \`POST /providers/kv/get\` (JWT, schema, tenant instance, SQLite) | $host_rps | $host_p50 | $host_p99 | 1.00 | $(spread host) |
 
 MD
 )
