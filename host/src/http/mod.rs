@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -63,7 +63,6 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The host's routes.
 pub fn router(host: Arc<Host>) -> Router {
-    let body_limit = host.config().server.body_limit_bytes;
     Router::new()
         .route("/providers", get(routes::list))
         .route("/providers/{service}", get(routes::describe))
@@ -73,7 +72,6 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/ready", get(routes::ready))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
         .layer(middleware::from_fn(request_context))

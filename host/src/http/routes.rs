@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use providers_core::{ErrorCode, ProviderError};
@@ -23,28 +21,32 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// `POST /providers/{service}/{action}`.
+///
+/// Takes the raw request rather than `HeaderMap` and `Bytes` extractors: those copy every
+/// header, and reading the body here lets the limit error say which setting to raise.
 pub async fn call(
     State(host): State<Arc<Host>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
     Path((service, action)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Json<Value>, ApiError> {
-    let identity = host.authenticate(authorization(&headers))?;
+    let (parts, body) = request.into_parts();
+    let identity = host.authenticate(authorization(&parts.headers))?;
     host.tenant(&identity.tenant)?;
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    let limit = host.config().server.body_limit_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
             ApiError {
                 error: ProviderError::validation(format!(
-                    "request body exceeds the limit of {} bytes (server.body_limit_bytes)",
-                    host.config().server.body_limit_bytes
+                    "request body exceeds the limit of {limit} bytes (server.body_limit_bytes)"
                 )),
                 status: Some(StatusCode::PAYLOAD_TOO_LARGE),
             }
         } else {
             ApiError::new(
                 ErrorCode::ValidationError,
-                format!("request body could not be read: {rejection}"),
+                format!("request body could not be read: {e}"),
             )
         }
     })?;

@@ -1,0 +1,238 @@
+//! In-process cost of the host's call pipeline, as ratios against references measured in
+//! the same run, written to `bench/pipeline-results.md`.
+//!
+//! Run: `cargo bench -p provider-host --bench pipeline`.
+//!
+//! Four measurements of the same work (a provider that returns its payload):
+//! - `direct`: `Provider::execute` called directly — the floor for any host.
+//! - `host.call`: `Host::call` — tenant plan, permission, schema validation, instance lookup,
+//!   deadline and panic guard, but no HTTP.
+//! - `bare router`: an axum router whose handler parses the JSON body and wraps it in the
+//!   response envelope — the floor for any axum service doing this work.
+//! - `host router`: the host's router — adds bearer-token verification, request ids, the
+//!   error-shape middleware and everything of `host.call`.
+//!
+//! Times come from a plain loop: the figures of interest are ratios within one run on one
+//! machine, for which the median of a few batch means is enough; no statistics crate needed.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    reason = "a benchmark binary"
+)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::Request;
+use axum::routing::post;
+use http_body_util::BodyExt;
+use provider_host::{Host, config, http};
+use providers_core::{
+    Action, CallContext, Descriptor, FnFactory, Provider, ProviderError, Registry, async_trait,
+};
+use providers_security::{Identity, TokenIssuer};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+struct Echo;
+
+#[async_trait]
+impl Provider for Echo {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor::new("echo", providers_core::semver::Version::new(1, 0, 0)).action(
+            Action::new("echo").permission("echo.call").idempotent().input(json!({
+                "type": "object",
+                "properties": {"sku": {"type": "string"}, "qty": {"type": "integer"}, "warehouse": {"type": "string"}},
+                "required": ["sku"]
+            })),
+        )
+    }
+
+    async fn execute(
+        &self,
+        _: &str,
+        payload: Value,
+        _: &CallContext,
+    ) -> Result<Value, ProviderError> {
+        Ok(payload)
+    }
+}
+
+const SECRET: &str = "bench-secret-bench-secret-bench-secret";
+
+fn payload() -> Value {
+    json!({"sku": "A-100", "qty": 42, "warehouse": "north"})
+}
+
+/// Nanoseconds per iteration of `f`: batches of ~100 ms after a warm-up, median batch mean.
+fn measure<F, Fut>(rt: &tokio::runtime::Runtime, mut f: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    rt.block_on(async {
+        let mut n = 1u64;
+        loop {
+            let start = Instant::now();
+            for _ in 0..n {
+                f().await;
+            }
+            if start.elapsed() > Duration::from_millis(100) {
+                break;
+            }
+            n *= 2;
+        }
+        let mut means = Vec::new();
+        for _ in 0..7 {
+            let start = Instant::now();
+            for _ in 0..n {
+                f().await;
+            }
+            means.push(start.elapsed().as_nanos() as f64 / n as f64);
+        }
+        means.sort_by(f64::total_cmp);
+        means[means.len() / 2]
+    })
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+[storage]
+url = "sqlite://{}/bench.db"
+[security]
+issuer = "bench"
+audience = "providers"
+[[security.keys]]
+algorithm = "HS256"
+secret = "${{env:BENCH_SECRET}}"
+[security.roles]
+caller = ["echo.call"]
+[[providers]]
+service = "echo"
+[tenants.bench]
+services = ["echo"]
+"#,
+        dir.path().display()
+    );
+    let mut registry = Registry::builder();
+    registry
+        .add(Arc::new(FnFactory::new("bench", || {
+            Box::new(Echo) as Box<dyn Provider>
+        })))
+        .unwrap();
+    let env = |n: &str| (n == "BENCH_SECRET").then(|| SECRET.to_owned());
+    let config =
+        config::load_str(&text, "bench.toml", dir.path(), &registry.build(), &env).unwrap();
+    let token = TokenIssuer::new(&config.keys, config.token.clone())
+        .unwrap()
+        .mint("bench", "bench", &["caller".into()], 3600)
+        .unwrap();
+    let host = rt.block_on(Host::start(config)).unwrap();
+    let router = http::router(host.clone());
+    let identity = Identity {
+        subject: "bench".into(),
+        tenant: "bench".into(),
+        roles: vec!["caller".into()],
+    };
+    let body = Bytes::from(payload().to_string());
+
+    let direct = {
+        let provider: Arc<dyn Provider> = Arc::new(Echo);
+        let ctx = CallContext::new("bench", "r");
+        measure(&rt, || {
+            let (provider, ctx) = (provider.clone(), ctx.clone());
+            async move {
+                std::hint::black_box(provider.execute("echo", payload(), &ctx).await.unwrap());
+            }
+        })
+    };
+    let host_call = measure(&rt, || {
+        let (host, identity) = (host.clone(), identity.clone());
+        async move {
+            let ctx = host.context(identity, "r");
+            std::hint::black_box(host.call(ctx, "echo", "echo", payload()).await.unwrap());
+        }
+    });
+    let bare = Router::new().route(
+        "/providers/echo/echo",
+        post(|body: Bytes| async move {
+            let data: Value = serde_json::from_slice(&body).unwrap();
+            axum::Json(json!({"data": data, "request_id": "00000000-0000-4000-8000-000000000000"}))
+        }),
+    );
+    let request = |router: &Router, auth: bool| {
+        let mut req =
+            Request::post("/providers/echo/echo").header("content-type", "application/json");
+        if auth {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let (router, req) = (router.clone(), req.body(Body::from(body.clone())).unwrap());
+        async move {
+            let response = router.oneshot(req).await.unwrap();
+            assert!(response.status().is_success());
+            std::hint::black_box(response.into_body().collect().await.unwrap().to_bytes());
+        }
+    };
+    let bare_router = measure(&rt, || request(&bare, false));
+    let host_router = measure(&rt, || request(&router, true));
+
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let row = |name: &str, ns: f64, reference: f64| {
+        format!("| {name} | {:.0} | {:.2} |\n", ns, ns / reference)
+    };
+    let entry = format!(
+        "## {stamp}\n\nMachine: {cores} cores, {cpu}. One current-thread runtime; median of 7 batch means of ~100 ms.\n\n\
+         | measurement | ns per call | × reference |\n| --- | ---: | ---: |\n{}{}{}{}\n\
+         Host pipeline overhead over a direct call: {:.1} µs; host router overhead over a bare axum router doing the same JSON work: {:.1} µs.\n",
+        row(
+            "direct `Provider::execute` (reference for host.call)",
+            direct,
+            direct
+        ),
+        row("`Host::call` (no HTTP)", host_call, direct),
+        row(
+            "bare axum router, same JSON work (reference for host router)",
+            bare_router,
+            bare_router
+        ),
+        row(
+            "host router, `POST /providers/echo/echo` with JWT",
+            host_router,
+            bare_router
+        ),
+        (host_call - direct) / 1000.0,
+        (host_router - bare_router) / 1000.0,
+    );
+    println!("{entry}");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/pipeline-results.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let old = old
+        .split_once("\n## ")
+        .map(|(_, rest)| format!("## {rest}"))
+        .unwrap_or_default();
+    let header = "# In-process pipeline results\n\nWritten by `cargo bench -p provider-host --bench pipeline`; newest first. Ratios compare runs made in the same invocation.\n\n";
+    std::fs::write(&path, format!("{header}{entry}\n{old}")).unwrap();
+}
