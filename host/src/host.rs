@@ -16,7 +16,7 @@ use crate::storage::Storage;
 pub struct Host {
     config: Config,
     storage: Storage,
-    instances: Instances,
+    instances: Arc<Instances>,
     verifier: TokenVerifier,
     caller: Arc<dyn Caller>,
     openapi: Value,
@@ -29,7 +29,11 @@ impl Host {
         let verifier = TokenVerifier::new(&config.keys, config.token.clone())?;
         let mut resources = Resources::default();
         resources.insert(storage.pool().clone());
-        let instances = Instances::new(storage.clone(), resources, config.server.request_timeout);
+        let instances = Arc::new(Instances::new(
+            storage.clone(),
+            resources,
+            config.server.request_timeout,
+        ));
         let openapi = crate::http::openapi::document(&config);
         Ok(Arc::new_cyclic(|me: &Weak<Host>| Host {
             config,
@@ -52,7 +56,7 @@ impl Host {
     }
 
     /// The tenant instances.
-    pub fn instances(&self) -> &Instances {
+    pub fn instances(&self) -> &Arc<Instances> {
         &self.instances
     }
 
@@ -69,9 +73,11 @@ impl Host {
                 "missing Authorization: Bearer <token> header",
             )
         })?;
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
+            .get(..7)
+            .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+            .map(|_| &header[7..])
             .ok_or_else(|| {
                 ProviderError::new(
                     ErrorCode::Unauthenticated,
@@ -180,11 +186,10 @@ impl Host {
             .await
     }
 
-    /// Drains and disconnects every instance, then closes storage.
-    pub async fn shutdown(&self) {
-        self.instances
-            .shutdown(self.config.server.shutdown_grace)
-            .await;
+    /// Refuses new calls, lets in-flight ones finish until `deadline`, disconnects every
+    /// instance, then closes storage.
+    pub async fn shutdown(&self, deadline: Instant) {
+        self.instances.shutdown(deadline).await;
         self.storage.close().await;
     }
 

@@ -1,14 +1,15 @@
 //! Tenant-scoped provider instances: created lazily, connected once, evicted when idle, drained at shutdown.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use providers_core::{ConnectContext, Kind, Provider, ProviderError, Resources, Status};
+use providers_core::{ConnectContext, Factory, Kind, Provider, ProviderError, Resources, Status};
+use serde_json::Value;
 use tokio::sync::{Notify, OnceCell, Semaphore};
 
-use crate::config::TenantService;
+use crate::config::{Limits, TenantService};
 use crate::guard;
 use crate::storage::{InstanceEvent, Storage};
 
@@ -33,6 +34,8 @@ struct Slot {
     inflight: AtomicUsize,
     drained: Notify,
     last_used_ms: AtomicU64,
+    /// Why the last connect failed, until one succeeds; readiness reports it.
+    last_error: Mutex<Option<String>>,
 }
 
 /// A call's hold on an instance; dropping it ends the call.
@@ -53,10 +56,21 @@ type Map = HashMap<String, HashMap<String, Arc<Slot>>>;
 /// Every instance of every tenant.
 pub struct Instances {
     slots: RwLock<Map>,
+    /// Set under the write lock at shutdown; no slot is entered after it.
+    closing: AtomicBool,
     resources: Resources,
     storage: Storage,
     epoch: Instant,
     connect_timeout: Duration,
+}
+
+/// What connecting one instance needs, owned so that the connect can outlive its first caller.
+struct ConnectPlan {
+    tenant: String,
+    service: String,
+    factory: Arc<dyn Factory>,
+    config: Value,
+    limits: Limits,
 }
 
 impl Instances {
@@ -64,6 +78,7 @@ impl Instances {
     pub fn new(storage: Storage, resources: Resources, connect_timeout: Duration) -> Self {
         Self {
             slots: RwLock::new(HashMap::new()),
+            closing: AtomicBool::new(false),
             resources,
             storage,
             epoch: Instant::now(),
@@ -75,20 +90,27 @@ impl Instances {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn enter(&self, tenant: &str, service: &str) -> (Lease, Arc<Slot>) {
+    fn enter(&self, tenant: &str, service: &str) -> Result<(Lease, Arc<Slot>), ProviderError> {
         let now = self.now_ms();
         let take = |slot: &Arc<Slot>| {
             slot.inflight.fetch_add(1, Ordering::AcqRel);
             slot.last_used_ms.store(now, Ordering::Relaxed);
             (Lease { slot: slot.clone() }, slot.clone())
         };
+        let shutting_down = || ProviderError::unavailable("the host is shutting down");
         {
             let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+            if self.closing.load(Ordering::Acquire) {
+                return Err(shutting_down());
+            }
             if let Some(slot) = map.get(tenant).and_then(|s| s.get(service)) {
-                return take(slot);
+                return Ok(take(slot));
             }
         }
         let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        if self.closing.load(Ordering::Acquire) {
+            return Err(shutting_down());
+        }
         let slot = map
             .entry(tenant.to_owned())
             .or_default()
@@ -99,42 +121,66 @@ impl Instances {
                     inflight: AtomicUsize::new(0),
                     drained: Notify::new(),
                     last_used_ms: AtomicU64::new(now),
+                    last_error: Mutex::new(None),
                 })
             });
-        take(slot)
+        Ok(take(slot))
     }
 
     /// The connected instance for `tenant`'s `service`, connecting it on first use.
-    /// Concurrent first calls share one `connect`; a failed connect is retried by the next call.
+    ///
+    /// Concurrent first calls share one `connect`, which runs on a task of its own under the
+    /// connect timeout: a caller that gives up (deadline, client gone) does not cancel it
+    /// halfway. A failed connect is retried by the next call.
     pub async fn acquire(
-        &self,
+        self: &Arc<Self>,
         tenant: &str,
         service: &str,
         plan: &TenantService,
     ) -> Result<(Lease, Arc<Live>), ProviderError> {
-        let (lease, slot) = self.enter(tenant, service);
-        let live = slot
-            .cell
-            .get_or_try_init(|| self.connect(tenant, service, plan))
-            .await?
-            .clone();
+        let (lease, slot) = self.enter(tenant, service)?;
+        if let Some(live) = slot.cell.get() {
+            return Ok((lease, live.clone()));
+        }
+        let (connecting, _) = self.enter(tenant, service)?;
+        let me = self.clone();
+        let owned = ConnectPlan {
+            tenant: tenant.to_owned(),
+            service: service.to_owned(),
+            factory: plan.plan.factory.clone(),
+            config: plan.config.clone(),
+            limits: plan.limits,
+        };
+        let task = tokio::spawn(async move {
+            // The task holds its own lease, so eviction cannot drop the slot under it.
+            let _connecting = connecting;
+            let slot = slot;
+            slot.cell
+                .get_or_try_init(|| me.connect(&slot, owned))
+                .await
+                .cloned()
+        });
+        let live = task.await.map_err(|e| {
+            ProviderError::internal(format!("connecting '{service}' failed: {e}"))
+        })??;
         Ok((lease, live))
     }
 
-    async fn connect(
-        &self,
-        tenant: &str,
-        service: &str,
-        plan: &TenantService,
-    ) -> Result<Arc<Live>, ProviderError> {
-        let factory = &plan.plan.factory;
+    async fn connect(&self, slot: &Slot, plan: ConnectPlan) -> Result<Arc<Live>, ProviderError> {
+        let ConnectPlan {
+            tenant,
+            service,
+            factory,
+            config,
+            limits,
+        } = plan;
         let version = factory.descriptor().version.to_string();
         let resources = if factory.kind() == Kind::Builtin {
             self.resources.clone()
         } else {
             Resources::default()
         };
-        let ctx = ConnectContext::new(tenant, plan.config.clone()).with_resources(resources);
+        let ctx = ConnectContext::new(tenant.clone(), config).with_resources(resources);
         let mut provider = factory.create()?;
         let what = || format!("provider '{service}' connect for tenant '{tenant}'");
         let outcome = guard::run(what, Instant::now() + self.connect_timeout, async move {
@@ -142,24 +188,25 @@ impl Instances {
             result.map(|()| provider)
         })
         .await;
+        *slot.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            outcome.as_ref().err().map(|e| e.detail.clone());
         match outcome {
             Ok(provider) => {
-                self.note(tenant, service, &version, InstanceEvent::Connected, "")
+                self.note(&tenant, &service, &version, InstanceEvent::Connected, "")
                     .await;
                 tracing::info!(tenant, service, version, "instance connected");
                 Ok(Arc::new(Live {
                     provider: Arc::from(provider),
                     version,
-                    limiter: plan
-                        .limits
+                    limiter: limits
                         .max_concurrency
                         .map(|n| Arc::new(Semaphore::new(n as usize))),
                 }))
             }
             Err(e) => {
                 self.note(
-                    tenant,
-                    service,
+                    &tenant,
+                    &service,
                     &version,
                     InstanceEvent::ConnectFailed,
                     &e.detail,
@@ -191,11 +238,20 @@ impl Instances {
         }
     }
 
-    /// The status of `tenant`'s `service`, or `None` if it has no connected instance.
+    /// The status of `tenant`'s `service`: the provider's own when connected, `failed` when
+    /// its last connect failed, `None` when it has not been tried.
     pub async fn status(&self, tenant: &str, service: &str) -> Option<Status> {
-        let live = {
+        let slot = {
             let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
-            map.get(tenant)?.get(service)?.cell.get()?.clone()
+            map.get(tenant)?.get(service)?.clone()
+        };
+        let Some(live) = slot.cell.get() else {
+            let error = slot
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            return error.map(|e| Status::failed(format!("connect failed: {e}")));
         };
         let provider = live.provider.clone();
         let probe = guard::run(
@@ -208,7 +264,10 @@ impl Instances {
 
     /// Disconnects and drops every instance unused for `idle`. Returns how many went.
     pub async fn evict_idle(&self, idle: Duration) -> usize {
-        let cutoff = self.now_ms().saturating_sub(idle.as_millis() as u64);
+        // A host younger than `idle` has nothing idle that long.
+        let Some(cutoff) = self.now_ms().checked_sub(idle.as_millis() as u64) else {
+            return 0;
+        };
         let mut gone = Vec::new();
         {
             let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
@@ -236,10 +295,13 @@ impl Instances {
         count
     }
 
-    /// Removes every instance, waits up to `grace` for its calls to finish, and disconnects it.
-    pub async fn shutdown(&self, grace: Duration) {
-        let all: Map = std::mem::take(&mut *self.slots.write().unwrap_or_else(|p| p.into_inner()));
-        let deadline = Instant::now() + grace;
+    /// Refuses new calls, waits until `deadline` for in-flight ones, and disconnects every instance.
+    pub async fn shutdown(&self, deadline: Instant) {
+        let all: Map = {
+            let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            self.closing.store(true, Ordering::Release);
+            std::mem::take(&mut *map)
+        };
         for (tenant, services) in all {
             for (service, slot) in services {
                 loop {

@@ -55,24 +55,34 @@ impl CallContext {
     }
 
     /// Sets the subject (the token's `sub`).
+    ///
+    /// A context whose identity changes loses its caller: a provider cannot give itself
+    /// another identity and then call out under it.
     pub fn with_subject(mut self, subject: impl Into<Arc<str>>) -> Self {
         self.subject = subject.into();
+        self.caller = None;
         self
     }
 
-    /// Sets the roles.
+    /// Sets the roles. Like [`with_subject`](Self::with_subject), this drops the caller.
     pub fn with_roles(mut self, roles: impl Into<Arc<[String]>>) -> Self {
         self.roles = roles.into();
+        self.caller = None;
         self
     }
 
-    /// Sets the deadline.
+    /// Sets the deadline. Once the context has a caller, a deadline can only move earlier:
+    /// a provider cannot extend the time its own caller gave it.
     pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
-        self.deadline = deadline;
+        self.deadline = match (self.caller.is_some(), self.deadline, deadline) {
+            (true, Some(current), Some(new)) => Some(current.min(new)),
+            (true, Some(current), None) => Some(current),
+            (_, _, new) => new,
+        };
         self
     }
 
-    /// Sets the handle used by [`CallContext::call`].
+    /// Sets the handle used by [`CallContext::call`]; set it last, after the identity.
     pub fn with_caller(mut self, caller: Arc<dyn Caller>) -> Self {
         self.caller = Some(caller);
         self

@@ -174,3 +174,60 @@ async fn nested_calls_reach_peers_and_stop_at_max_depth() {
     );
     host.disconnect().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_provider_cannot_change_who_calls_or_extend_its_deadline() {
+    struct Escalate;
+    #[async_trait]
+    impl Provider for Escalate {
+        fn descriptor(&self) -> Descriptor {
+            desc("escalate", "1.0.0").action(Action::new("go"))
+        }
+        async fn execute(
+            &self,
+            _: &str,
+            _: Value,
+            ctx: &CallContext,
+        ) -> Result<Value, ProviderError> {
+            let forged = ctx.clone().with_roles(vec!["admin".to_owned()]);
+            forged.call("escalate", "go", json!({})).await
+        }
+    }
+    let mut host = testing::TestHost::builder(Escalate)
+        .peer(Escalate)
+        .connect()
+        .await
+        .unwrap();
+    let err = host.call("go", json!({})).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::ProviderUnavailable);
+    assert_eq!(
+        err.detail,
+        "no caller in this context to reach 'escalate/go'"
+    );
+    host.disconnect().await.unwrap();
+
+    let soon = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let ctx = host_ctx().with_deadline(Some(soon));
+    let later = ctx
+        .clone()
+        .with_deadline(Some(soon + std::time::Duration::from_secs(60)));
+    assert_eq!(later.deadline(), Some(soon));
+    assert_eq!(ctx.clone().with_deadline(None).deadline(), Some(soon));
+}
+
+fn host_ctx() -> CallContext {
+    struct Nobody;
+    #[async_trait]
+    impl Caller for Nobody {
+        async fn call(
+            &self,
+            _: &CallContext,
+            _: &str,
+            _: &str,
+            _: Value,
+        ) -> Result<Value, ProviderError> {
+            Ok(Value::Null)
+        }
+    }
+    CallContext::new("t", "r").with_caller(Arc::new(Nobody))
+}

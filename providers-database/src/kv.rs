@@ -87,8 +87,20 @@ fn parse<T: for<'de> Deserialize<'de>>(payload: Value) -> Result<T, ProviderErro
     serde_json::from_value(payload).map_err(|e| ProviderError::validation(format!("payload: {e}")))
 }
 
+/// Storage errors are logged in full and reported to clients without database internals.
 fn db(e: sqlx::Error) -> ProviderError {
-    ProviderError::unavailable(format!("kv storage: {e}"))
+    tracing::error!(error = %e, "kv storage error");
+    ProviderError::unavailable("kv storage is unavailable; the host log has the cause")
+}
+
+/// PostgreSQL text cannot hold NUL, so no backend accepts it: the same key works everywhere.
+fn check_key(field: &str, key: &str) -> Result<(), ProviderError> {
+    if key.contains('\0') {
+        return Err(ProviderError::validation(format!(
+            "payload/{field}: must not contain NUL characters"
+        )));
+    }
+    Ok(())
 }
 
 /// ETags are opaque: a fresh random number per write, so a key deleted and written again
@@ -328,9 +340,12 @@ impl Provider for Kv {
                 "kv needs the host's system database, which was not provided",
             )
         })?;
-        crate::migrate::run(&pool)
-            .await
-            .map_err(|e| ProviderError::unavailable(format!("kv migrations failed: {e}")))?;
+        crate::migrate::run(&pool).await.map_err(|e| {
+            tracing::error!(error = %e, "kv migrations failed");
+            ProviderError::unavailable(
+                "kv storage could not be prepared; the host log has the cause",
+            )
+        })?;
         // Expired rows are invisible to reads; clearing them here bounds their number.
         sqlx::query("DELETE FROM kv_entries WHERE tenant = $1 AND expires_at <= $2")
             .bind(ctx.tenant())
@@ -368,11 +383,34 @@ impl Provider for Kv {
             )));
         }
         match action {
-            "get" => state.get(parse(payload)?).await,
-            "set" => state.set(parse(payload)?).await,
-            "delete" => state.delete(parse(payload)?).await,
-            "list" => state.list(parse(payload)?).await,
-            "bulk_get" => state.bulk_get(parse(payload)?).await,
+            "get" => {
+                let req: KeyReq = parse(payload)?;
+                check_key("key", &req.key)?;
+                state.get(req).await
+            }
+            "set" => {
+                let req: SetReq = parse(payload)?;
+                check_key("key", &req.key)?;
+                state.set(req).await
+            }
+            "delete" => {
+                let req: KeyReq = parse(payload)?;
+                check_key("key", &req.key)?;
+                state.delete(req).await
+            }
+            "list" => {
+                let req: ListReq = parse(payload)?;
+                check_key("prefix", &req.prefix)?;
+                check_key("after", &req.after)?;
+                state.list(req).await
+            }
+            "bulk_get" => {
+                let req: BulkReq = parse(payload)?;
+                for (i, key) in req.keys.iter().enumerate() {
+                    check_key(&format!("keys/{i}"), key)?;
+                }
+                state.bulk_get(req).await
+            }
             other => Err(ProviderError::not_found(format!(
                 "kv has no action '{other}'"
             ))),

@@ -9,12 +9,17 @@ use tokio::sync::Mutex;
 /// Instances connect concurrently; SQLite has no advisory lock, so serialise here.
 static MIGRATING: Mutex<()> = Mutex::const_new(());
 
-fn migrator() -> Migrator {
+fn migrator(postgres: bool) -> Migrator {
+    let sql = if postgres {
+        include_str!("../migrations/postgres/0001_kv_entries.sql")
+    } else {
+        include_str!("../migrations/sqlite/0001_kv_entries.sql")
+    };
     let mut m = Migrator::with_migrations(vec![Migration::new(
         1,
         Cow::Borrowed("kv entries"),
         MigrationType::Simple,
-        sqlx::AssertSqlSafe(include_str!("../migrations/0001_kv_entries.sql")).into_sql_str(),
+        sqlx::AssertSqlSafe(sql).into_sql_str(),
         false,
     )]);
     // Each crate owns its migrations; a table of our own keeps version numbers from clashing.
@@ -24,5 +29,10 @@ fn migrator() -> Migrator {
 
 pub(crate) async fn run(pool: &AnyPool) -> Result<(), sqlx::migrate::MigrateError> {
     let _guard = MIGRATING.lock().await;
-    migrator().run(pool).await
+    let postgres = pool
+        .connect_options()
+        .database_url
+        .scheme()
+        .starts_with("postgres");
+    migrator(postgres).run(pool).await
 }

@@ -82,9 +82,17 @@ struct Claims {
     #[serde(default)]
     roles: Vec<String>,
     iss: Option<String>,
-    aud: Option<String>,
+    aud: Option<Audience>,
     exp: Option<u64>,
     iat: Option<u64>,
+}
+
+/// `aud` may be one string or an array of them (RFC 7519 §4.1.3).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 struct VerifyKey {
@@ -302,7 +310,7 @@ impl TokenIssuer {
             tenant_id: tenant.to_owned(),
             roles: roles.to_vec(),
             iss: Some(self.settings.issuer.clone()),
-            aud: Some(self.settings.audience.clone()),
+            aud: Some(Audience::One(self.settings.audience.clone())),
             exp: Some(now + ttl_seconds),
             iat: Some(now),
         };

@@ -6,6 +6,7 @@ mod routes;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
 use axum::extract::Request;
@@ -78,8 +79,8 @@ pub fn router(host: Arc<Host>) -> Router {
         .with_state(host)
 }
 
-/// Serves `host` on `listener` until `shutdown` resolves, then lets in-flight requests finish
-/// (up to the shutdown grace) and disconnects every instance.
+/// Serves `host` on `listener` until `shutdown` resolves; then lets in-flight requests
+/// finish and disconnects every instance, all within one shutdown grace.
 pub async fn serve(
     host: Arc<Host>,
     listener: tokio::net::TcpListener,
@@ -107,23 +108,26 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     };
     let server = axum::serve(listener, router(host.clone())).with_graceful_shutdown(signal);
-    let server = async move {
+    let (result, deadline) = {
         let mut server = std::pin::pin!(server.into_future());
         tokio::select! {
-            result = &mut server => return result,
-            _ = stopped.changed() => {}
-        }
-        // The signal came: give in-flight requests the grace period, then stop regardless.
-        match tokio::time::timeout(grace, server).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!("requests still open after the shutdown grace; closing them");
-                Ok(())
+            result = &mut server => (result, Instant::now() + grace),
+            _ = stopped.changed() => {
+                // One grace for everything: open requests first, then the instances' drain.
+                let deadline = Instant::now() + grace;
+                match tokio::time::timeout_at(deadline.into(), &mut server).await {
+                    Ok(result) => (result, deadline),
+                    Err(_) => {
+                        tracing::warn!("requests still open after the shutdown grace; closing them");
+                        (Ok(()), deadline)
+                    }
+                }
             }
         }
+        // The server future, and with it the stop sender, is dropped here.
     };
-    let result = server.await;
-    sweeper.abort();
-    host.shutdown().await;
+    // The sweeper stops between sweeps, never halfway through a disconnect.
+    let _ = sweeper.await;
+    host.shutdown(deadline).await;
     result
 }

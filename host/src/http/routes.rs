@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::Json;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -13,6 +14,13 @@ use serde_json::{Value, json};
 
 use super::{ApiError, RequestId};
 use crate::host::Host;
+
+fn bad_path(rejection: PathRejection) -> ApiError {
+    ApiError::new(
+        ErrorCode::ValidationError,
+        format!("invalid path: {}", rejection.body_text()),
+    )
+}
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -27,9 +35,10 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
 pub async fn call(
     State(host): State<Arc<Host>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
-    Path((service, action)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
+    let Path((service, action)) = path.map_err(bad_path)?;
     let (parts, body) = request.into_parts();
     let identity = host.authenticate(authorization(&parts.headers))?;
     host.tenant(&identity.tenant)?;
@@ -109,9 +118,10 @@ async fn status(host: &Host, tenant: &str, service: &str) -> Value {
 /// `GET /providers/{service}`: one service in full, with its action schemas.
 pub async fn describe(
     State(host): State<Arc<Host>>,
-    Path(service): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let Path(service) = path.map_err(bad_path)?;
     let identity = host.authenticate(authorization(&headers))?;
     let tenant = host.tenant(&identity.tenant)?;
     let plan = tenant.services.get(&service).ok_or_else(|| {

@@ -317,3 +317,69 @@ async fn connect_refuses_bad_config_and_missing_storage() {
         "kv needs the host's system database, which was not provided"
     );
 }
+
+#[tokio::test]
+async fn nul_in_keys_is_refused_alike_on_both_backends() {
+    for db in TestDatabase::both().await {
+        let pool = db.pool().await;
+        let mut kv = connect(&pool, "acme", json!({})).await;
+        let (c, detail) = code(kv.call("set", json!({"key": "a\u{0}b", "value": 1})).await);
+        assert_eq!(
+            (c, detail.as_str()),
+            (
+                ErrorCode::ValidationError,
+                "payload/key: must not contain NUL characters"
+            ),
+            "{}",
+            db.backend
+        );
+        let (c, detail) = code(kv.call("bulk_get", json!({"keys": ["ok", "x\u{0}"]})).await);
+        assert_eq!(
+            (c, detail.as_str()),
+            (
+                ErrorCode::ValidationError,
+                "payload/keys/1: must not contain NUL characters"
+            )
+        );
+        assert_eq!(rows(&pool, "acme").await, 0);
+        // Values may hold NUL: they are stored as JSON text, where it is escaped.
+        kv.call("set", json!({"key": "v", "value": "a\u{0}b"}))
+            .await
+            .unwrap();
+        assert_eq!(
+            kv.call("get", json!({"key": "v"})).await.unwrap()["value"],
+            "a\u{0}b",
+            "{}",
+            db.backend
+        );
+        kv.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn postgres_orders_keys_byte_wise_whatever_the_locale() {
+    use sqlx::Row;
+    let db = TestDatabase::postgres().await;
+    let pool = db.pool().await;
+    let mut kv = connect(&pool, "acme", json!({})).await;
+    let collation: Option<String> = sqlx::query(
+        "SELECT collation_name::text FROM information_schema.columns WHERE table_name = 'kv_entries' AND column_name = 'key'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+    .get(0);
+    assert_eq!(collation.as_deref(), Some("C"));
+    for k in ["b", "B", "a", "_x"] {
+        kv.call("set", json!({"key": k, "value": 1})).await.unwrap();
+    }
+    let listed = kv.call("list", json!({})).await.unwrap();
+    let keys: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["B", "_x", "a", "b"], "byte order, as on SQLite");
+    kv.disconnect().await.unwrap();
+}

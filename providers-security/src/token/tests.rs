@@ -230,3 +230,16 @@ fn a_cached_token_still_expires() {
     let forged = format!("{}{swapped}{}", &fresh[..at], &fresh[at + 1..]);
     assert_eq!(refused(&v, &forged), "token signature is invalid");
 }
+
+#[test]
+fn an_audience_array_is_accepted_when_it_names_us() {
+    let v = TokenVerifier::new(&[hs(None, SECRET)], settings()).unwrap();
+    let mut c = claims();
+    c["aud"] = json!(["billing", "providers"]);
+    assert_eq!(v.verify(&sign_hs(&c, SECRET)).unwrap().tenant, "acme");
+    c["aud"] = json!(["billing"]);
+    assert_eq!(
+        refused(&v, &sign_hs(&c, SECRET)),
+        "token audience is not accepted"
+    );
+}

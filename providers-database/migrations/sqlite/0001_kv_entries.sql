@@ -1,4 +1,4 @@
--- Tenant-scoped key-value entries of the `kv` provider. One DDL for SQLite and PostgreSQL.
+-- Tenant-scoped key-value entries of the `kv` provider (SQLite: keys compare byte-wise already).
 CREATE TABLE IF NOT EXISTS kv_entries (
     tenant     TEXT   NOT NULL,
     key        TEXT   NOT NULL,
