@@ -60,7 +60,8 @@ pub struct TenantService {
     pub limits: Limits,
 }
 
-/// Reads and checks the file at `path`. Relative paths inside resolve against its folder.
+/// Reads and checks the file at `path`. Key files resolve against its folder; a relative
+/// SQLite path in `storage.url` resolves against the working directory, like any sqlx URL.
 pub fn load(path: &Path, registry: &Registry) -> Result<Config, Vec<ConfigError>> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -104,6 +105,7 @@ pub fn load_str(
         base_dir,
         env,
         errors,
+        invalid_base: Default::default(),
     };
     let config = ck.check(raw, registry);
     if ck.errors.is_empty() {
@@ -118,6 +120,8 @@ struct Checker<'a> {
     base_dir: &'a Path,
     env: &'a dyn Fn(&str) -> Option<String>,
     errors: Vec<ConfigError>,
+    /// Services whose base config failed its schema (reported once, at the provider).
+    invalid_base: std::collections::BTreeSet<String>,
 }
 
 impl Checker<'_> {
@@ -138,22 +142,24 @@ impl Checker<'_> {
     }
 
     fn check(&mut self, raw: RawConfig, registry: &Registry) -> Option<Config> {
-        let mut storage = raw.storage;
-        storage.url = self.resolve(0..0, &storage.url);
+        let storage = StorageConfig {
+            url: self.resolve(raw.storage.url.span(), raw.storage.url.get_ref()),
+            max_connections: *raw.storage.max_connections.get_ref(),
+        };
         if !(storage.url.starts_with("sqlite:")
             || storage.url.starts_with("postgres://")
             || storage.url.starts_with("postgresql://"))
         {
-            let e = self
-                .src
-                .error("storage.url: expected 'sqlite://path' or 'postgres://...'");
-            self.errors.push(e);
+            self.at(
+                raw.storage.url.span(),
+                "storage.url: expected 'sqlite://path' or 'postgres://...'",
+            );
         }
         if storage.max_connections == 0 {
-            let e = self
-                .src
-                .error("storage.max_connections: must be at least 1");
-            self.errors.push(e);
+            self.at(
+                raw.storage.max_connections.span(),
+                "storage.max_connections: must be at least 1",
+            );
         }
 
         let security_span = raw.security.span();
@@ -162,8 +168,17 @@ impl Checker<'_> {
         let declared_keys = security.keys.len();
         for key in security.keys {
             let span = key.span();
-            if let Some(k) = self.key(span, key.into_inner()) {
-                keys.push(k);
+            if let Some(k) = self.key(span.clone(), key.into_inner()) {
+                // Each key on its own, so an unusable one is reported where it is written.
+                let settings = TokenSettings {
+                    issuer: String::new(),
+                    audience: String::new(),
+                    leeway_seconds: 0,
+                };
+                match providers_security::TokenVerifier::new(std::slice::from_ref(&k), settings) {
+                    Ok(_) => keys.push(k),
+                    Err(e) => self.at(span, format!("security.keys: {e}")),
+                }
             }
         }
         if declared_keys == 0 {
@@ -171,18 +186,6 @@ impl Checker<'_> {
                 security_span.clone(),
                 "security: at least one [[security.keys]] entry is needed to verify tokens",
             );
-        }
-        if !keys.is_empty()
-            && let Err(e) = providers_security::TokenVerifier::new(
-                &keys,
-                TokenSettings {
-                    issuer: String::new(),
-                    audience: String::new(),
-                    leeway_seconds: 0,
-                },
-            )
-        {
-            self.at(security_span.clone(), format!("security.keys: {e}"));
         }
         for (role, grants) in &security.roles {
             if grants.iter().any(|g| g.is_empty()) {
@@ -225,6 +228,12 @@ impl Checker<'_> {
                 self.at(tenant_span.clone(), format!("tenant '{name}': invalid name (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"));
             }
             let tenant = tenant.into_inner();
+            if tenant.limits.max_concurrency == Some(0) {
+                self.at(
+                    tenant_span.clone(),
+                    format!("tenant '{name}': limits.max_concurrency must be at least 1"),
+                );
+            }
             let mut enabled = BTreeMap::new();
             for service in &tenant.services {
                 let s = service.get_ref();
@@ -243,16 +252,16 @@ impl Checker<'_> {
                     self.at(entry.config.span(), e);
                 }
                 let mut config = to_json(base);
+                // A zero was reported where it is written (the provider or the tenant limits).
                 let mut limits = entry.limits.tighter(tenant.limits);
                 if limits.max_concurrency == Some(0) {
-                    self.at(
-                        tenant_span.clone(),
-                        format!(
-                            "tenant '{name}', service '{s}': max_concurrency must be at least 1"
-                        ),
-                    );
                     limits.max_concurrency = Some(1);
                 }
+                let overrides = tenant
+                    .providers
+                    .iter()
+                    .find(|(k, _)| k.get_ref() == s)
+                    .map(|(_, v)| v);
                 if let Some(overrides) = tenant
                     .providers
                     .iter()
@@ -265,13 +274,13 @@ impl Checker<'_> {
                     }
                     merge(&mut config, to_json(o));
                 }
-                let schema = &plan.factory.descriptor().config_schema;
-                self.validate_config(
-                    schema,
-                    &config,
-                    tenant_span.clone(),
-                    &format!("tenant '{name}', service '{s}' config"),
-                );
+                // An invalid base config was reported at the provider; once is enough.
+                if !self.invalid_base.contains(s.as_str()) {
+                    let schema = &plan.factory.descriptor().config_schema;
+                    let place = overrides.map_or(tenant_span.clone(), |o| o.span());
+                    let what = format!("tenant '{name}', service '{s}' config");
+                    self.validate_config(schema, &config, place, &what);
+                }
                 enabled.insert(
                     s.clone(),
                     TenantService {
@@ -309,16 +318,18 @@ impl Checker<'_> {
         })
     }
 
+    /// Returns whether `config` satisfies `schema`, reporting at `span` when it does not.
     fn validate_config(
         &mut self,
         schema: &Value,
         config: &Value,
         span: std::ops::Range<usize>,
         what: &str,
-    ) {
+    ) -> bool {
         match jsonschema::validator_for(schema) {
-            Ok(v) => {
-                if let Err(e) = v.validate(config) {
+            Ok(v) => match v.validate(config) {
+                Ok(()) => true,
+                Err(e) => {
                     let path = e.instance_path().as_str().to_owned();
                     let at = if path.is_empty() {
                         "/".to_owned()
@@ -326,12 +337,16 @@ impl Checker<'_> {
                         path
                     };
                     self.at(span, format!("{what} at '{at}': {e}"));
+                    false
                 }
+            },
+            Err(e) => {
+                self.at(
+                    span,
+                    format!("{what}: the provider's config schema is invalid: {e}"),
+                );
+                false
             }
-            Err(e) => self.at(
-                span,
-                format!("{what}: the provider's config schema is invalid: {e}"),
-            ),
         }
     }
 
@@ -394,12 +409,14 @@ impl Checker<'_> {
         let mut base = toml::Value::Table(entry.config.get_ref().clone());
         if resolve_value(&mut base, self.env).is_ok() {
             let what = format!("service '{service}' config");
-            self.validate_config(
+            if !self.validate_config(
                 &d.config_schema.clone(),
                 &to_json(base),
                 entry.config.span(),
                 &what,
-            );
+            ) {
+                self.invalid_base.insert(service.clone());
+            }
         }
         Some(ServicePlan {
             service: service.clone(),
@@ -435,7 +452,11 @@ impl Checker<'_> {
             Algorithm::HS256 => {
                 let secret = match (&key.secret, &key.secret_file) {
                     (Some(s), None) => {
-                        if !s.get_ref().contains("${") {
+                        let whole_reference = providers_security::find_references(s.get_ref())
+                            .is_ok_and(|r| {
+                                r.len() == 1 && r[0].offset == 0 && r[0].len == s.get_ref().len()
+                            });
+                        if !whole_reference {
                             self.at(s.span(), "secrets are never written in clear: use secret = \"${env:NAME}\" or secret_file");
                             return None;
                         }

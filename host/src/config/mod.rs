@@ -24,7 +24,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub server: ServerConfig,
     #[serde(default)]
-    pub storage: StorageConfig,
+    pub storage: RawStorage,
     pub security: Spanned<RawSecurity>,
     #[serde(default)]
     pub providers: Vec<Spanned<RawProvider>>,
@@ -59,6 +59,24 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[storage]` as written, with places for messages.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawStorage {
+    pub url: Spanned<String>,
+    pub max_connections: Spanned<u32>,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        let d = StorageConfig::default();
+        Self {
+            url: Spanned::new(0..0, d.url),
+            max_connections: Spanned::new(0..0, d.max_connections),
         }
     }
 }
@@ -178,11 +196,18 @@ mod duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
+        let value = humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
                 "invalid duration '{text}': {e} (e.g. \"30s\", \"10m\")"
             ))
-        })
+        })?;
+        // Zero would fail every call; beyond a year, deadlines stop meaning anything.
+        if value.is_zero() || value > Duration::from_secs(365 * 24 * 3600) {
+            return Err(serde::de::Error::custom(format!(
+                "duration '{text}' is out of range (more than 0, at most 365 days)"
+            )));
+        }
+        Ok(value)
     }
 }
 

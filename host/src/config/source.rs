@@ -70,12 +70,7 @@ impl Source<'_> {
         let mut errors = Vec::new();
         let mut offset = 0;
         for line in self.text.split_inclusive('\n') {
-            let code = match line.find('#') {
-                // A '#' inside a string is rare in references; treat the rest as comment only
-                // when the line starts with it, so values keep their '#'.
-                Some(i) if line[..i].trim().is_empty() => "",
-                _ => line,
-            };
+            let code = without_comment(line);
             match find_references(code) {
                 Ok(refs) => {
                     for r in refs {
@@ -98,6 +93,26 @@ impl Source<'_> {
         }
         errors
     }
+}
+
+/// `line` up to a `#` that starts a comment (one outside any string on the line).
+fn without_comment(line: &str) -> &str {
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        match (quote, c) {
+            (Some('"'), '\\') if !escaped => {
+                escaped = true;
+                continue;
+            }
+            (Some(q), c) if c == q && !escaped => quote = None,
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '#') => return &line[..i],
+            _ => {}
+        }
+        escaped = false;
+    }
+    line
 }
 
 /// Resolves references in every string inside a TOML value, in place.
@@ -162,14 +177,14 @@ mod tests {
     fn references_are_checked_where_written_and_comments_skipped() {
         let s = Source {
             name: "h.toml",
-            text: "# ${env:IN_COMMENT}\nurl = \"${env:SET}\"\nkey = \"x${env:UNSET}\"\n",
+            text: "# ${env:IN_COMMENT}\nurl = \"${env:SET}\" # was ${env:OLD}\nkey = \"x#${env:UNSET}\"\n",
         };
         let env = |n: &str| (n == "SET").then(|| "v".to_owned());
         let errors = s.check_references(&env);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(
             errors[0].to_string(),
-            "h.toml:3:9: environment variable 'UNSET' is not set (referenced as '${env:UNSET}')"
+            "h.toml:3:10: environment variable 'UNSET' is not set (referenced as '${env:UNSET}')"
         );
     }
 

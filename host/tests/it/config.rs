@@ -118,11 +118,12 @@ fn references_clear_secrets_and_config_schemas_are_checked() {
 
     let text = base().replace("label = \"acme-label\"", "label = 42");
     let errors = errors_of(&text);
-    let line = line_of(&text, "[tenants.acme]");
+    // Reported at the tenant's override table, which made it invalid.
+    let line = line_of(&text, "[tenants.acme.providers.probe]");
     assert_eq!(
         errors,
         [format!(
-            "test.toml:{line}:10: tenant 'acme', service 'probe' config at '/label': 42 is not of type \"string\""
+            "test.toml:{line}:1: tenant 'acme', service 'probe' config at '/label': 42 is not of type \"string\""
         )]
     );
 }
@@ -157,6 +158,84 @@ fn syntax_errors_and_bad_values_point_at_their_place() {
         errors[1].ends_with(
             "tenant 'acme' enables service 'quick', which no [[providers]] entry configures"
         ),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn durations_limits_and_partial_references_are_refused_in_place() {
+    let text = base().replace("request_timeout = \"3s\"", "request_timeout = \"0s\"");
+    let line = line_of(&text, "\"0s\"");
+    assert_eq!(
+        errors_of(&text),
+        [format!(
+            "test.toml:{line}:19: duration '0s' is out of range (more than 0, at most 365 days)"
+        )]
+    );
+
+    let text = base().replace("${env:TEST_JWT_SECRET}", "hunter2${env:TEST_JWT_SECRET}");
+    let line = line_of(&text, "hunter2");
+    assert_eq!(
+        errors_of(&text),
+        [format!(
+            "test.toml:{line}:10: secrets are never written in clear: use secret = \"${{env:NAME}}\" or secret_file"
+        )],
+        "a literal around a reference is still a secret in clear"
+    );
+
+    let text = base().replace(
+        "limits = { max_concurrency = 2 }",
+        "limits = { max_concurrency = 0 }",
+    );
+    let errors = errors_of(&text);
+    assert_eq!(
+        errors.len(),
+        1,
+        "reported once, at the provider: {errors:?}"
+    );
+    assert!(
+        errors[0].ends_with("service 'limited': limits.max_concurrency must be at least 1"),
+        "{errors:?}"
+    );
+
+    let text = base().replace("url = \"sqlite://unused.db\"", "url = \"mysql://nope\"");
+    let line = line_of(&text, "mysql://");
+    assert_eq!(
+        errors_of(&text),
+        [format!(
+            "test.toml:{line}:7: storage.url: expected 'sqlite://path' or 'postgres://...'"
+        )]
+    );
+
+    // A reference named only in a trailing comment is not resolved.
+    let counters = Arc::new(Counters::default());
+    let text = base().replace("[server]", "[server] # was ${env:SOME_OLD_UNSET_VAR}");
+    assert!(load(&text, &registry(&counters)).is_ok());
+}
+
+#[test]
+fn an_rs256_key_from_pem_files_verifies_tokens() {
+    let keys = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../providers-security/tests/keys"
+    );
+    let text = base().replace(
+        "algorithm = \"HS256\"\nsecret = \"${env:TEST_JWT_SECRET}\"",
+        &format!("kid = \"rsa-1\"\nalgorithm = \"RS256\"\npublic_key_file = \"{keys}/rs256.pub.pem\"\nprivate_key_file = \"{keys}/rs256.key.pem\""),
+    );
+    let counters = Arc::new(Counters::default());
+    let config = load(&text, &registry(&counters)).unwrap_or_else(|e| panic!("{e:?}"));
+    let issuer = providers_security::TokenIssuer::new(&config.keys, config.token.clone()).unwrap();
+    let token = issuer.mint("ada", "acme", &[], 60).unwrap();
+    let verifier =
+        providers_security::TokenVerifier::new(&config.keys, config.token.clone()).unwrap();
+    assert_eq!(verifier.verify(&token).unwrap().tenant, "acme");
+
+    let text = text.replace("rs256.pub.pem", "missing.pem");
+    let errors = errors_of(&text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("public_key_file '") && errors[0].contains("missing.pem'"),
         "{errors:?}"
     );
 }

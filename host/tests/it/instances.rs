@@ -78,8 +78,10 @@ async fn the_deadline_turns_a_slow_call_into_a_timeout() {
         started.elapsed() < Duration::from_millis(1500),
         "answered at the deadline, not after the sleep"
     );
-    // The aborted call never completed its work.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The call was cancelled, not left running.
+    let counters = app.counters.clone();
+    let cancelled = || counters.lines().iter().any(|l| l == "cancelled sleep 2000");
+    assert!(eventually(Duration::from_secs(1), cancelled).await);
     assert!(!app.counters.lines().iter().any(|l| l == "done sleep 2000"));
 }
 
@@ -151,23 +153,15 @@ async fn idle_instances_are_evicted_with_disconnect_and_come_back() {
 }
 
 #[tokio::test]
-async fn a_failed_connect_is_unavailable_and_retried() {
-    let counters = std::sync::Arc::new(crate::support::Counters::default());
-    let registry = crate::support::registry(&counters);
+async fn a_failed_connect_is_unavailable_retried_and_makes_the_host_not_ready() {
     let db = providers_database::testing::TestDatabase::sqlite();
-    let text = crate::support::config_text(&db.url, "")
-        .replace("label = \"acme-label\"", "fail_connect = true");
-    let config = crate::support::load(&text, &registry).unwrap();
-    let issuer = providers_security::TokenIssuer::new(&config.keys, config.token.clone()).unwrap();
-    let host = provider_host::Host::start(config).await.unwrap();
-    let app = App {
-        router: provider_host::http::router(host.clone()),
-        host,
-        counters,
-        issuer,
-        _db: db,
-    };
+    let app = App::configured(db, |text| {
+        text.replace("label = \"acme-label\"", "fail_connect = true")
+            .replace("version = \"^1.4\"", "version = \"^1.4\"\nrequired = true")
+    })
+    .await;
     let token = app.token("acme", &["user"]);
+    assert_eq!(app.get(None, "/ready").await.status, 200, "not tried yet");
     for attempt in 1..=2 {
         let r = app.post(Some(&token), "probe/echo", json!({})).await;
         assert_eq!(
@@ -184,6 +178,92 @@ async fn a_failed_connect_is_unavailable_and_retried() {
             ("connect_failed".to_owned(), "1.4.2".to_owned())
         ]
     );
+    let r = app.get(None, "/ready").await;
+    assert_eq!(
+        assert_error(&r, 503, ErrorCode::ProviderUnavailable),
+        "not ready: provider 'probe' failed for tenant 'acme': connect failed: probe was told to fail"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_connect_outlives_the_call_that_started_it() {
+    let db = providers_database::testing::TestDatabase::sqlite();
+    // `quick` allows 300 ms per call; this tenant's instance takes 600 ms to connect.
+    let app = App::configured(db, |text| {
+        text + "\n[tenants.slowco]\nservices = [\"quick\"]\n[tenants.slowco.providers.quick]\nconnect_delay_ms = 600\n"
+    })
+    .await;
+    let token = app.token("slowco", &["user"]);
+    let r = app.post(Some(&token), "quick/echo", json!({})).await;
+    assert_error(&r, 504, ErrorCode::Timeout);
+    let counters = app.counters.clone();
+    let connected = || {
+        counters
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("connect slowco"))
+    };
+    assert!(eventually(Duration::from_secs(3), connected).await);
+    let r = app.post(Some(&token), "quick/echo", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        app.counters.connects.load(Ordering::SeqCst),
+        1,
+        "the first connect finished and was kept"
+    );
+}
+
+#[tokio::test]
+async fn eviction_skips_instances_with_calls_in_flight() {
+    let app = std::sync::Arc::new(App::sqlite().await);
+    let token = app.token("acme", &["user"]);
+    let slow = {
+        let (app, token) = (app.clone(), token.clone());
+        tokio::spawn(async move {
+            app.post(Some(&token), "probe/sleep", json!({"ms": 400}))
+                .await
+                .status
+        })
+    };
+    let counters = app.counters.clone();
+    assert!(eventually(Duration::from_secs(3), || !counters.lines().is_empty()).await);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        app.host.instances().evict_idle(Duration::ZERO).await,
+        0,
+        "in use"
+    );
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(app.host.instances().evict_idle(Duration::ZERO).await, 1);
+    assert_eq!(
+        app.counters.lines(),
+        [
+            "connect acme acme-label",
+            "done sleep 400",
+            "disconnect acme"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn after_shutdown_calls_are_refused_and_nothing_reconnects() {
+    let app = App::sqlite().await;
+    let token = app.token("acme", &["user"]);
+    assert_eq!(
+        app.post(Some(&token), "probe/echo", json!({})).await.status,
+        200
+    );
+    app.host
+        .instances()
+        .shutdown(std::time::Instant::now() + Duration::from_secs(1))
+        .await;
+    let r = app.post(Some(&token), "probe/echo", json!({})).await;
+    assert_eq!(
+        assert_error(&r, 503, ErrorCode::ProviderUnavailable),
+        "the host is shutting down"
+    );
+    assert_eq!(app.counters.connects.load(Ordering::SeqCst), 1);
+    assert_eq!(app.counters.disconnects.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

@@ -341,3 +341,22 @@ async fn listings_and_openapi_come_from_the_descriptors() {
         json!({"status": "ready", "checks": {"storage": "ok", "providers": {"kv": "ok"}}})
     );
 }
+
+#[tokio::test]
+async fn a_malformed_path_gets_the_error_shape() {
+    let app = App::sqlite().await;
+    let token = app.token("acme", &["user"]);
+    let req = Request::post("/providers/%FF/get")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    let r = app.send(req).await;
+    let detail = assert_error(&r, 400, ErrorCode::ValidationError);
+    assert!(detail.starts_with("invalid path: "), "{detail}");
+    // The bearer scheme is case-insensitive.
+    let req = Request::post("/providers/probe/echo")
+        .header("authorization", format!("BEARER {token}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(app.send(req).await.status, 200);
+}

@@ -49,7 +49,7 @@ impl Provider for Probe {
         let any = json!({"type": "object"});
         Descriptor::new("probe", providers_core::semver::Version::new(1, 4, 2))
             .description("Test provider")
-            .config_schema(json!({"type": "object", "properties": {"fail_connect": {"type": "boolean"}, "label": {"type": "string"}}, "additionalProperties": false}))
+            .config_schema(json!({"type": "object", "properties": {"fail_connect": {"type": "boolean"}, "label": {"type": "string"}, "connect_delay_ms": {"type": "integer"}}, "additionalProperties": false}))
             .action(Action::new("echo").permission("probe.use").idempotent().input(json!({
                 "type": "object",
                 "properties": {
@@ -68,7 +68,8 @@ impl Provider for Probe {
     async fn connect(&mut self, ctx: &ConnectContext) -> Result<(), ProviderError> {
         self.counters.connects.fetch_add(1, Ordering::SeqCst);
         // Long enough that concurrent first calls really overlap.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let delay = ctx.config()["connect_delay_ms"].as_u64().unwrap_or(50);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
         if ctx.config()["fail_connect"] == json!(true) {
             return Err(ProviderError::unavailable("probe was told to fail"));
         }
@@ -101,8 +102,19 @@ impl Provider for Probe {
                 json!({"payload": payload, "tenant": ctx.tenant(), "subject": ctx.subject(), "request_id": ctx.request_id()}),
             ),
             "sleep" => {
+                // Logs "cancelled sleep N" if the host drops the call before it finishes.
+                struct Watch<'a>(&'a Counters, u64, bool);
+                impl Drop for Watch<'_> {
+                    fn drop(&mut self) {
+                        if !self.2 {
+                            self.0.log(format!("cancelled sleep {}", self.1));
+                        }
+                    }
+                }
                 let ms = payload["ms"].as_u64().unwrap_or(0);
+                let mut watch = Watch(&self.counters, ms, false);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
+                watch.2 = true;
                 self.counters.log(format!("done sleep {ms}"));
                 Ok(json!({"slept_ms": ms}))
             }
@@ -224,9 +236,18 @@ impl App {
     }
 
     pub async fn on(db: providers_database::testing::TestDatabase) -> App {
+        Self::configured(db, |text| text).await
+    }
+
+    /// A host on the test config after `edit`.
+    pub async fn configured(
+        db: providers_database::testing::TestDatabase,
+        edit: impl FnOnce(String) -> String,
+    ) -> App {
         let counters = Arc::new(Counters::default());
         let registry = registry(&counters);
-        let config = load(&config_text(&db.url, ""), &registry).unwrap_or_else(|e| panic!("{e:?}"));
+        let config =
+            load(&edit(config_text(&db.url, "")), &registry).unwrap_or_else(|e| panic!("{e:?}"));
         let issuer = TokenIssuer::new(&config.keys, config.token.clone()).unwrap();
         let host = Host::start(config).await.unwrap();
         App {
