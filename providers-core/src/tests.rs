@@ -1,3 +1,5 @@
+//! Registry checks, error codes and call-context rules.
+
 use std::sync::Arc;
 
 use semver::{Version, VersionReq};

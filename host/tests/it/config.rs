@@ -1,3 +1,5 @@
+//! Configuration checks: every error with its file, line and column.
+
 use std::sync::Arc;
 
 use crate::support::{Counters, config_text, load, registry};

@@ -1,3 +1,5 @@
+//! Tenant instances: connect once, deadlines, panics, limits, eviction and shutdown.
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 

@@ -1,3 +1,5 @@
+//! The providers compiled into this binary.
+
 use provider_host::builtin_registry;
 
 #[test]

@@ -1,3 +1,5 @@
+//! The HTTP routes, called in-process: auth, validation, limits, permissions, listings.
+
 use axum::body::Body;
 use axum::http::Request;
 use base64::Engine;

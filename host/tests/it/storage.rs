@@ -1,3 +1,5 @@
+//! The host over SQLite and PostgreSQL alike, and readiness when storage goes away.
+
 use std::time::Duration;
 
 use providers_database::testing::TestDatabase;

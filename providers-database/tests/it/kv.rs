@@ -1,3 +1,5 @@
+//! `kv` actions, ETags, TTLs, limits and tenant isolation on both backends.
+
 use providers_core::testing::TestHost;
 use providers_core::{CallContext, ErrorCode, ProviderError};
 use providers_database::Kv;

@@ -1,3 +1,5 @@
+//! Token verification and minting, including the refusals.
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{EncodingKey, Header, encode};
