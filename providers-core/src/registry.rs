@@ -65,27 +65,6 @@ macro_rules! submit_builtin {
     };
 }
 
-struct BuiltinFactory {
-    descriptor: Descriptor,
-    create: fn() -> Box<dyn Provider>,
-    origin: String,
-}
-
-impl Factory for BuiltinFactory {
-    fn descriptor(&self) -> &Descriptor {
-        &self.descriptor
-    }
-    fn kind(&self) -> Kind {
-        Kind::Builtin
-    }
-    fn origin(&self) -> &str {
-        &self.origin
-    }
-    fn create(&self) -> Result<Box<dyn Provider>, ProviderError> {
-        Ok((self.create)())
-    }
-}
-
 /// Why a provider was refused or could not be found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -199,22 +178,18 @@ impl RegistryBuilder {
     pub fn with_builtins(mut self) -> Result<Self, RegistryError> {
         let mut builtins: Vec<_> = inventory::iter::<Builtin>
             .into_iter()
-            .map(|b| {
-                let probe = (b.create)();
-                BuiltinFactory {
-                    descriptor: probe.descriptor(),
-                    create: b.create,
-                    origin: format!("builtin {}", b.origin),
-                }
-            })
+            .map(|b| FnFactory::new(format!("builtin {}", b.origin), b.create))
             .collect();
         // inventory's order depends on link order; sort so errors and listings are stable.
         builtins.sort_by(|a, b| {
-            (&a.descriptor.service, &a.descriptor.version, &a.origin).cmp(&(
-                &b.descriptor.service,
-                &b.descriptor.version,
-                &b.origin,
-            ))
+            let key = |f: &FnFactory<_>| {
+                (
+                    f.descriptor.service.clone(),
+                    f.descriptor.version.clone(),
+                    f.origin.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
         });
         for factory in builtins {
             self.add(Arc::new(factory))?;
@@ -363,7 +338,8 @@ impl fmt::Debug for Registry {
     }
 }
 
-/// A factory around a closure, for tests and for embedding hosts that register providers by hand.
+/// A factory around a function or closure: how builtins are registered, and how tests or
+/// embedding hosts register providers by hand.
 pub struct FnFactory<F> {
     descriptor: Descriptor,
     origin: String,
