@@ -180,7 +180,9 @@ impl Instances {
         } else {
             Resources::default()
         };
-        let ctx = ConnectContext::new(tenant.clone(), config).with_resources(resources);
+        let ctx = ConnectContext::new(tenant.clone(), config)
+            .with_service(service.clone())
+            .with_resources(resources);
         let mut provider = factory.create()?;
         let what = || format!("provider '{service}' connect for tenant '{tenant}'");
         let outcome = guard::run(what, Instant::now() + self.connect_timeout, async move {

@@ -34,11 +34,12 @@ async fn sql(State(pool): State<Arc<AnyPool>>, body: axum::body::Bytes) -> impl 
         .unwrap_or(0);
     let row = sqlx::query(
         "SELECT value, etag FROM kv_entries \
-         WHERE tenant = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)",
+         WHERE tenant = $1 AND store = $4 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)",
     )
     .bind("bench")
     .bind(&key)
     .bind(now)
+    .bind("kv")
     .fetch_optional(&*pool)
     .await;
     let data = match row {

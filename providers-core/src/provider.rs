@@ -184,6 +184,7 @@ impl Status {
 /// What `connect` receives: the tenant, its configuration and the host's shared resources.
 pub struct ConnectContext {
     tenant: String,
+    service: String,
     config: Value,
     resources: Resources,
 }
@@ -193,9 +194,22 @@ impl ConnectContext {
     pub fn new(tenant: impl Into<String>, config: Value) -> Self {
         Self {
             tenant: tenant.into(),
+            service: String::new(),
             config,
             resources: Resources::default(),
         }
+    }
+
+    /// Sets the service name the instance is configured under.
+    pub fn with_service(mut self, service: impl Into<String>) -> Self {
+        self.service = service.into();
+        self
+    }
+
+    /// The service name the operator configured this instance under; usually the
+    /// descriptor's, but one provider may serve several services (`plugin = "..."`).
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Adds the host's resources.
@@ -224,6 +238,7 @@ impl fmt::Debug for ConnectContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectContext")
             .field("tenant", &self.tenant)
+            .field("service", &self.service)
             .field("config", &self.config)
             .field("resources", &self.resources.map.len())
             .finish()

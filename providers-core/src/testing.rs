@@ -126,13 +126,16 @@ impl TestHostBuilder {
         let mut peers = Vec::new();
         for (service, mut peer) in self.peers {
             let ctx = ConnectContext::new(self.tenant.clone(), Value::Object(Default::default()))
+                .with_service(service.clone())
                 .with_resources(self.resources.clone());
             peer.connect(&ctx).await?;
             peers.push((service, Arc::<dyn Provider>::from(peer)));
         }
         let mut provider = self.provider;
-        let ctx =
-            ConnectContext::new(self.tenant.clone(), self.config).with_resources(self.resources);
+        let service = provider.descriptor().service;
+        let ctx = ConnectContext::new(self.tenant.clone(), self.config)
+            .with_service(service)
+            .with_resources(self.resources);
         provider.connect(&ctx).await?;
         let ctx = CallContext::new(self.tenant, "test-request")
             .with_subject("test-subject")

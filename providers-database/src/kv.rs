@@ -13,8 +13,9 @@ use sqlx::{AnyPool, Row};
 
 mod schema;
 
-/// The `kv` provider. Every row is keyed by the tenant the instance was connected for, so
-/// no query can see another tenant's keys.
+/// The `kv` provider. Every row is keyed by the tenant the instance was connected for and
+/// the service name it is configured under, so no query can see another tenant's keys, nor
+/// another store's when an operator configures `kv` under several service names.
 #[derive(Default)]
 pub struct Kv {
     state: OnceLock<Connected>,
@@ -23,6 +24,8 @@ pub struct Kv {
 struct Connected {
     pool: AnyPool,
     tenant: String,
+    /// The configured service name: two services served by `kv` keep separate stores.
+    store: String,
     max_value_bytes: usize,
     default_ttl_seconds: Option<u64>,
 }
@@ -134,11 +137,12 @@ impl Connected {
     async fn get(&self, req: KeyReq) -> Result<Value, ProviderError> {
         let row = sqlx::query(
             "SELECT value, etag FROM kv_entries \
-             WHERE tenant = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)",
+             WHERE tenant = $1 AND store = $4 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)",
         )
         .bind(&self.tenant)
         .bind(&req.key)
         .bind(now_ms())
+        .bind(&self.store)
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?;
@@ -169,9 +173,9 @@ impl Connected {
         let etag = new_etag();
         let written = match &req.etag {
             None => sqlx::query(
-                "INSERT INTO kv_entries (tenant, key, value, etag, expires_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (tenant, key) DO UPDATE SET value = excluded.value, \
+                "INSERT INTO kv_entries (tenant, store, key, value, etag, expires_at, updated_at) \
+                 VALUES ($1, $7, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (tenant, store, key) DO UPDATE SET value = excluded.value, \
                  etag = excluded.etag, expires_at = excluded.expires_at, updated_at = excluded.updated_at",
             )
             .bind(&self.tenant)
@@ -180,13 +184,14 @@ impl Connected {
             .bind(etag)
             .bind(expires)
             .bind(now)
+            .bind(&self.store)
             .execute(&self.pool)
             .await
             .map_err(db)?
             .rows_affected(),
             Some(expected) => sqlx::query(
                 "UPDATE kv_entries SET value = $3, etag = $4, expires_at = $5, updated_at = $6 \
-                 WHERE tenant = $1 AND key = $2 AND etag = $7 \
+                 WHERE tenant = $1 AND store = $8 AND key = $2 AND etag = $7 \
                  AND (expires_at IS NULL OR expires_at > $6)",
             )
             .bind(&self.tenant)
@@ -196,6 +201,7 @@ impl Connected {
             .bind(expires)
             .bind(now)
             .bind(parse_etag(&req.key, expected)?)
+            .bind(&self.store)
             .execute(&self.pool)
             .await
             .map_err(db)?
@@ -215,25 +221,27 @@ impl Connected {
         let now = now_ms();
         let removed = match &req.etag {
             None => sqlx::query(
-                "DELETE FROM kv_entries WHERE tenant = $1 AND key = $2 \
+                "DELETE FROM kv_entries WHERE tenant = $1 AND store = $4 AND key = $2 \
                  AND (expires_at IS NULL OR expires_at > $3)",
             )
             .bind(&self.tenant)
             .bind(&req.key)
             .bind(now)
+            .bind(&self.store)
             .execute(&self.pool)
             .await
             .map_err(db)?
             .rows_affected(),
             Some(expected) => {
                 let n = sqlx::query(
-                    "DELETE FROM kv_entries WHERE tenant = $1 AND key = $2 AND etag = $3 \
+                    "DELETE FROM kv_entries WHERE tenant = $1 AND store = $5 AND key = $2 AND etag = $3 \
                      AND (expires_at IS NULL OR expires_at > $4)",
                 )
                 .bind(&self.tenant)
                 .bind(&req.key)
                 .bind(parse_etag(&req.key, expected)?)
                 .bind(now)
+                .bind(&self.store)
                 .execute(&self.pool)
                 .await
                 .map_err(db)?
@@ -254,7 +262,7 @@ impl Connected {
         // One row more than asked tells whether there is a next page.
         let rows = sqlx::query(
             "SELECT key, value, etag FROM kv_entries \
-             WHERE tenant = $1 AND substr(key, 1, length($2)) = $2 AND key > $3 \
+             WHERE tenant = $1 AND store = $6 AND substr(key, 1, length($2)) = $2 AND key > $3 \
              AND (expires_at IS NULL OR expires_at > $4) ORDER BY key LIMIT $5",
         )
         .bind(&self.tenant)
@@ -262,6 +270,7 @@ impl Connected {
         .bind(&req.after)
         .bind(now_ms())
         .bind(req.limit + 1)
+        .bind(&self.store)
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
@@ -287,15 +296,16 @@ impl Connected {
 
     async fn bulk_get(&self, req: BulkReq) -> Result<Value, ProviderError> {
         let placeholders: Vec<String> =
-            (0..req.keys.len()).map(|i| format!("${}", i + 3)).collect();
+            (0..req.keys.len()).map(|i| format!("${}", i + 4)).collect();
         let sql = format!(
-            "SELECT key, value, etag FROM kv_entries WHERE tenant = $1 \
+            "SELECT key, value, etag FROM kv_entries WHERE tenant = $1 AND store = $3 \
              AND (expires_at IS NULL OR expires_at > $2) AND key IN ({})",
             placeholders.join(", ")
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&self.tenant)
-            .bind(now_ms());
+            .bind(now_ms())
+            .bind(&self.store);
         for key in &req.keys {
             query = query.bind(key);
         }
@@ -347,15 +357,22 @@ impl Provider for Kv {
             )
         })?;
         // Expired rows are invisible to reads; clearing them here bounds their number.
-        sqlx::query("DELETE FROM kv_entries WHERE tenant = $1 AND expires_at <= $2")
+        let store = if ctx.service().is_empty() {
+            "kv"
+        } else {
+            ctx.service()
+        };
+        sqlx::query("DELETE FROM kv_entries WHERE tenant = $1 AND store = $3 AND expires_at <= $2")
             .bind(ctx.tenant())
             .bind(now_ms())
+            .bind(store)
             .execute(&pool)
             .await
             .map_err(db)?;
         let connected = Connected {
             pool,
             tenant: ctx.tenant().to_owned(),
+            store: store.to_owned(),
             max_value_bytes: config.max_value_bytes,
             default_ttl_seconds: config.default_ttl_seconds,
         };

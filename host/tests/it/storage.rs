@@ -86,3 +86,41 @@ async fn readiness_reports_unreachable_storage() {
         "alive nonetheless"
     );
 }
+
+#[tokio::test]
+async fn two_services_served_by_kv_keep_separate_stores() {
+    let app = App::configured(TestDatabase::sqlite(), |text| {
+        text.replace(
+            "[[providers]]\nservice = \"probe\"",
+            "[[providers]]\nservice = \"notes\"\nplugin = \"kv\"\n\n[[providers]]\nservice = \"probe\"",
+        )
+        .replace(
+            "services = [\"kv\", \"probe\", \"limited\", \"quick\"]",
+            "services = [\"kv\", \"notes\", \"probe\", \"limited\", \"quick\"]",
+        )
+    })
+    .await;
+    let acme = app.token("acme", &["admin"]);
+    app.post(Some(&acme), "kv/set", json!({"key": "k", "value": "in kv"}))
+        .await;
+    app.post(
+        Some(&acme),
+        "notes/set",
+        json!({"key": "k", "value": "in notes"}),
+    )
+    .await;
+    let r = app.post(Some(&acme), "kv/get", json!({"key": "k"})).await;
+    assert_eq!(r.body["data"]["value"], "in kv");
+    let r = app
+        .post(Some(&acme), "notes/get", json!({"key": "k"}))
+        .await;
+    assert_eq!(r.body["data"]["value"], "in notes");
+    app.post(Some(&acme), "notes/delete", json!({"key": "k"}))
+        .await;
+    let r = app.post(Some(&acme), "kv/list", json!({})).await;
+    assert_eq!(
+        r.body["data"]["items"].as_array().unwrap().len(),
+        1,
+        "deleting a note left kv alone"
+    );
+}
