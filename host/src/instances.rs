@@ -36,15 +36,22 @@ struct Slot {
     last_used_ms: AtomicU64,
     /// Why the last connect failed, until one succeeds; readiness reports it.
     last_error: Mutex<Option<String>>,
+    /// Failed connects so far. A caller that queued behind an attempt which then failed
+    /// takes that failure instead of trying again itself: one attempt per burst, not one per caller.
+    failures: AtomicU64,
 }
 
 /// A call's hold on an instance; dropping it ends the call.
 pub struct Lease {
     slot: Arc<Slot>,
+    epoch: Instant,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        // Used until the call ends, not only when it starts: a long call is not "idle".
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.slot.last_used_ms.fetch_max(now, Ordering::Relaxed);
         if self.slot.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.slot.drained.notify_waiters();
         }
@@ -95,7 +102,13 @@ impl Instances {
         let take = |slot: &Arc<Slot>| {
             slot.inflight.fetch_add(1, Ordering::AcqRel);
             slot.last_used_ms.store(now, Ordering::Relaxed);
-            (Lease { slot: slot.clone() }, slot.clone())
+            (
+                Lease {
+                    slot: slot.clone(),
+                    epoch: self.epoch,
+                },
+                slot.clone(),
+            )
         };
         let shutting_down = || ProviderError::unavailable("the host is shutting down");
         {
@@ -122,6 +135,7 @@ impl Instances {
                     drained: Notify::new(),
                     last_used_ms: AtomicU64::new(now),
                     last_error: Mutex::new(None),
+                    failures: AtomicU64::new(0),
                 })
             });
         Ok(take(slot))
@@ -151,12 +165,27 @@ impl Instances {
             config: plan.config.clone(),
             limits: plan.limits,
         };
+        let failures_seen = slot.failures.load(Ordering::Acquire);
         let task = tokio::spawn(async move {
             // The task holds its own lease, so eviction cannot drop the slot under it.
             let _connecting = connecting;
             let slot = slot;
             slot.cell
-                .get_or_try_init(|| me.connect(&slot, owned))
+                .get_or_try_init(|| async {
+                    if slot.failures.load(Ordering::Acquire) != failures_seen {
+                        let error = slot
+                            .last_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone();
+                        return Err(ProviderError::unavailable(format!(
+                            "service '{}' is unavailable: {}",
+                            owned.service,
+                            error.unwrap_or_default()
+                        )));
+                    }
+                    me.connect(&slot, owned).await
+                })
                 .await
                 .cloned()
         });
@@ -183,15 +212,37 @@ impl Instances {
         let ctx = ConnectContext::new(tenant.clone(), config)
             .with_service(service.clone())
             .with_resources(resources);
-        let mut provider = factory.create()?;
         let what = || format!("provider '{service}' connect for tenant '{tenant}'");
-        let outcome = guard::run(what, Instant::now() + self.connect_timeout, async move {
-            let result = provider.connect(&ctx).await;
-            result.map(|()| provider)
-        })
-        .await;
+        let created = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create()))
+            .unwrap_or_else(|_| {
+                Err(ProviderError::provider(format!(
+                    "{} failed: the factory panicked",
+                    what()
+                )))
+            });
+        let outcome = match created {
+            Ok(mut provider) => {
+                guard::run(what, Instant::now() + self.connect_timeout, async move {
+                    let result = provider.connect(&ctx).await;
+                    result.map(|()| provider)
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        // Shutdown began while this connect ran: release it at once rather than leak it.
+        let outcome = match outcome {
+            Ok(provider) if self.closing.load(Ordering::Acquire) => {
+                let _ = provider.disconnect().await;
+                Err(ProviderError::unavailable("the host is shutting down"))
+            }
+            other => other,
+        };
         *slot.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
             outcome.as_ref().err().map(|e| e.detail.clone());
+        if outcome.is_err() {
+            slot.failures.fetch_add(1, Ordering::AcqRel);
+        }
         match outcome {
             Ok(provider) => {
                 self.note(&tenant, &service, &version, InstanceEvent::Connected, "")
@@ -275,7 +326,14 @@ impl Instances {
             let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
             for (tenant, services) in map.iter_mut() {
                 services.retain(|service, slot| {
-                    let idle = slot.inflight.load(Ordering::Acquire) == 0
+                    // A slot whose connect failed stays: readiness keeps reporting it.
+                    let failed = slot
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_some();
+                    let idle = !failed
+                        && slot.inflight.load(Ordering::Acquire) == 0
                         && slot.last_used_ms.load(Ordering::Relaxed) <= cutoff;
                     if idle {
                         gone.push((tenant.clone(), service.clone(), slot.clone()));
@@ -297,37 +355,42 @@ impl Instances {
         count
     }
 
-    /// Refuses new calls, waits until `deadline` for in-flight ones, and disconnects every instance.
+    /// Refuses new calls, waits until `deadline` for in-flight ones, and disconnects every
+    /// instance, all instances at once (each disconnect is bounded on its own).
     pub async fn shutdown(&self, deadline: Instant) {
         let all: Map = {
             let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
             self.closing.store(true, Ordering::Release);
             std::mem::take(&mut *map)
         };
-        for (tenant, services) in all {
-            for (service, slot) in services {
-                loop {
-                    let notified = slot.drained.notified();
-                    if slot.inflight.load(Ordering::Acquire) == 0 {
-                        break;
+        let drains = all.into_iter().flat_map(|(tenant, services)| {
+            services.into_iter().map(move |(service, slot)| {
+                let tenant = tenant.clone();
+                async move {
+                    loop {
+                        let notified = slot.drained.notified();
+                        if slot.inflight.load(Ordering::Acquire) == 0 {
+                            break;
+                        }
+                        if tokio::time::timeout_at(deadline.into(), notified)
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!(
+                                tenant,
+                                service,
+                                "calls still in flight after the shutdown grace"
+                            );
+                            break;
+                        }
                     }
-                    if tokio::time::timeout_at(deadline.into(), notified)
-                        .await
-                        .is_err()
-                    {
-                        tracing::warn!(
-                            tenant,
-                            service,
-                            "calls still in flight after the shutdown grace"
-                        );
-                        break;
+                    if let Some(live) = slot.cell.get() {
+                        self.disconnect(&tenant, &service, live, "shutdown").await;
                     }
                 }
-                if let Some(live) = slot.cell.get() {
-                    self.disconnect(&tenant, &service, live, "shutdown").await;
-                }
-            }
-        }
+            })
+        });
+        futures_util::future::join_all(drains).await;
     }
 
     async fn disconnect(&self, tenant: &str, service: &str, live: &Arc<Live>, why: &str) {

@@ -448,6 +448,17 @@ impl Checker<'_> {
                 }
             }
         };
+        let misplaced = match algorithm {
+            Algorithm::HS256 => key.public_key_file.is_some() || key.private_key_file.is_some(),
+            _ => key.secret.is_some() || key.secret_file.is_some(),
+        };
+        if misplaced {
+            self.at(span, format!(
+                "{}: an HS256 key takes secret or secret_file; an RS256 key takes public_key_file and private_key_file",
+                key.algorithm.get_ref()
+            ));
+            return None;
+        }
         match algorithm {
             Algorithm::HS256 => {
                 let secret = match (&key.secret, &key.secret_file) {

@@ -118,7 +118,8 @@ pub async fn serve(
                 match tokio::time::timeout_at(deadline.into(), &mut server).await {
                     Ok(result) => (result, deadline),
                     Err(_) => {
-                        tracing::warn!("requests still open after the shutdown grace; closing them");
+                        // Their connection tasks are not cancelled; their instances are disconnected next.
+                    tracing::warn!("requests still open after the shutdown grace are abandoned");
                         (Ok(()), deadline)
                     }
                 }
@@ -126,8 +127,15 @@ pub async fn serve(
         }
         // The server future, and with it the stop sender, is dropped here.
     };
-    // The sweeper stops between sweeps, never halfway through a disconnect.
-    let _ = sweeper.await;
+    // The sweeper stops between sweeps, never halfway through a disconnect, unless a sweep
+    // outlasts the grace.
+    let mut sweeper = sweeper;
+    if tokio::time::timeout_at(deadline.into(), &mut sweeper)
+        .await
+        .is_err()
+    {
+        sweeper.abort();
+    }
     host.shutdown(deadline).await;
     result
 }

@@ -241,3 +241,14 @@ fn an_rs256_key_from_pem_files_verifies_tokens() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn key_fields_must_fit_their_algorithm() {
+    let text = base().replace("algorithm = \"HS256\"", "algorithm = \"RS256\"");
+    let errors = errors_of(&text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].ends_with("RS256: an HS256 key takes secret or secret_file; an RS256 key takes public_key_file and private_key_file"),
+        "a secret on an RS256 key is refused, not ignored: {errors:?}"
+    );
+}

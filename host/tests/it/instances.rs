@@ -337,3 +337,39 @@ async fn graceful_shutdown_finishes_in_flight_calls_then_disconnects() {
         "no longer listening"
     );
 }
+
+#[tokio::test]
+async fn a_burst_against_a_failing_connect_makes_one_attempt() {
+    let db = providers_database::testing::TestDatabase::sqlite();
+    let app = std::sync::Arc::new(
+        App::configured(db, |text| {
+            text.replace("label = \"acme-label\"", "fail_connect = true")
+                .replace("version = \"^1.4\"", "version = \"^1.4\"\nrequired = true")
+        })
+        .await,
+    );
+    let token = app.token("acme", &["user"]);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (app, token) = (app.clone(), token.clone());
+        calls.spawn(async move {
+            app.post(Some(&token), "probe/echo", json!({}))
+                .await
+                .status
+                .as_u16()
+        });
+    }
+    while let Some(status) = calls.join_next().await {
+        assert_eq!(status.unwrap(), 503);
+    }
+    assert_eq!(
+        app.counters.connects.load(Ordering::SeqCst),
+        1,
+        "waiters shared the failed attempt"
+    );
+    // A later call tries again, and the failed slot survives idle eviction for readiness.
+    app.post(Some(&token), "probe/echo", json!({})).await;
+    assert_eq!(app.counters.connects.load(Ordering::SeqCst), 2);
+    app.host.instances().evict_idle(Duration::ZERO).await;
+    assert_eq!(app.get(None, "/ready").await.status, 503);
+}
