@@ -64,55 +64,65 @@ impl Source<'_> {
         self.error_at(0..0, message)
     }
 
-    /// Checks every `${...}` outside comments resolves, so that resolution after parsing
-    /// cannot fail and each failure is reported where it is written.
+    /// Checks that every `${...}` in a string value resolves, so that resolution after
+    /// parsing cannot fail and each failure is reported where it is written. Values come from
+    /// toml's own spanned parse, so comments and multi-line strings need no guessing; a
+    /// syntax error is left to the typed parse, which reports it.
     pub fn check_references(&self, env: &dyn Fn(&str) -> Option<String>) -> Vec<ConfigError> {
         let mut errors = Vec::new();
-        let mut offset = 0;
-        for line in self.text.split_inclusive('\n') {
-            let code = without_comment(line);
-            match find_references(code) {
-                Ok(refs) => {
-                    for r in refs {
-                        let text = &code[r.offset..r.offset + r.len];
-                        if let Err((_, e)) = resolve_references(text, env) {
-                            errors.push(
-                                self.error_at(
-                                    offset + r.offset..offset + r.offset + 1,
-                                    e.to_string(),
-                                ),
-                            );
-                        }
-                    }
-                }
-                Err((at, e)) => {
-                    errors.push(self.error_at(offset + at..offset + at + 1, e.to_string()))
-                }
+        if let Ok(doc) = toml::de::DeTable::parse(self.text) {
+            for (_, value) in doc.get_ref() {
+                self.check_value(value, env, &mut errors);
             }
-            offset += line.len();
         }
         errors
     }
-}
 
-/// `line` up to a `#` that starts a comment (one outside any string on the line).
-fn without_comment(line: &str) -> &str {
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for (i, c) in line.char_indices() {
-        match (quote, c) {
-            (Some('"'), '\\') if !escaped => {
-                escaped = true;
-                continue;
+    fn check_value(
+        &self,
+        value: &toml::Spanned<toml::de::DeValue<'_>>,
+        env: &dyn Fn(&str) -> Option<String>,
+        errors: &mut Vec<ConfigError>,
+    ) {
+        match value.get_ref() {
+            toml::de::DeValue::String(text) => {
+                let span = value.span();
+                let raw = self.text.get(span.clone()).unwrap_or("");
+                let refs = match find_references(text) {
+                    Ok(refs) => refs,
+                    Err((at, e)) => {
+                        let place = locate(raw, &text[at..], span.start);
+                        errors.push(self.error_at(place..place + 1, e.to_string()));
+                        return;
+                    }
+                };
+                for r in refs {
+                    let written = &text[r.offset..r.offset + r.len];
+                    if let Err((_, e)) = resolve_references(written, env) {
+                        let place = locate(raw, written, span.start);
+                        errors.push(self.error_at(place..place + 1, e.to_string()));
+                    }
+                }
             }
-            (Some(q), c) if c == q && !escaped => quote = None,
-            (None, '"' | '\'') => quote = Some(c),
-            (None, '#') => return &line[..i],
+            toml::de::DeValue::Array(items) => {
+                for item in items {
+                    self.check_value(item, env, errors);
+                }
+            }
+            toml::de::DeValue::Table(table) => {
+                for (_, item) in table {
+                    self.check_value(item, env, errors);
+                }
+            }
             _ => {}
         }
-        escaped = false;
     }
-    line
+}
+
+/// Where `needle` is written inside the literal `raw` starting at byte `start`; the literal's
+/// start when escapes make it impossible to find verbatim.
+fn locate(raw: &str, needle: &str, start: usize) -> usize {
+    raw.find(needle).map_or(start, |i| start + i)
 }
 
 /// Resolves references in every string inside a TOML value, in place.
@@ -177,14 +187,21 @@ mod tests {
     fn references_are_checked_where_written_and_comments_skipped() {
         let s = Source {
             name: "h.toml",
-            text: "# ${env:IN_COMMENT}\nurl = \"${env:SET}\" # was ${env:OLD}\nkey = \"x#${env:UNSET}\"\n",
+            text: "# ${env:IN_COMMENT}\nurl = \"${env:SET}\" # was ${env:OLD}\nkey = \"x#${env:UNSET}\"\nnote = \"\"\"\nfirst # ${env:UNSET2}\n\"\"\" # ${env:OLD}\n",
         };
         let env = |n: &str| (n == "SET").then(|| "v".to_owned());
-        let errors = s.check_references(&env);
-        assert_eq!(errors.len(), 1, "{errors:?}");
+        let errors: Vec<String> = s
+            .check_references(&env)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
-            errors[0].to_string(),
-            "h.toml:3:10: environment variable 'UNSET' is not set (referenced as '${env:UNSET}')"
+            errors,
+            [
+                "h.toml:3:10: environment variable 'UNSET' is not set (referenced as '${env:UNSET}')",
+                "h.toml:5:9: environment variable 'UNSET2' is not set (referenced as '${env:UNSET2}')",
+            ],
+            "comments are skipped, multi-line strings are not"
         );
     }
 
