@@ -65,6 +65,12 @@ pub fn render(error: &ApiError, request_id: &str) -> Response {
     let status = error.status.unwrap_or_else(|| status_of(error.error.code));
     if status.is_server_error() {
         tracing::warn!(request_id, code = %error.error.code, detail = %error.error.detail, "request failed");
+    } else if matches!(
+        error.error.code,
+        ErrorCode::Unauthenticated | ErrorCode::Forbidden
+    ) {
+        // Refusals leave a trail for operators until the audit log exists.
+        tracing::warn!(target: "provider_host::refused", request_id, code = %error.error.code, detail = %error.error.detail, "request refused");
     }
     let body = json!({
         "error_code": error.error.code.as_str(),
