@@ -141,11 +141,9 @@ impl Host {
         if let Some(validator) = plan.plan.validators.get(action)
             && let Err(e) = validator.validate(&payload)
         {
-            {
-                let at = e.instance_path().as_str();
-                let at = if at.is_empty() { "/" } else { at };
-                return Err(ProviderError::validation(format!("payload at '{at}': {e}")));
-            }
+            let at = e.instance_path().as_str();
+            let at = if at.is_empty() { "/" } else { at };
+            return Err(ProviderError::validation(format!("payload at '{at}': {e}")));
         }
         let timeout = plan
             .limits
@@ -157,7 +155,8 @@ impl Host {
         if let Some(outer) = ctx.deadline() {
             deadline = deadline.min(outer);
         }
-        let work = async {
+        // The block owns the context, so the deadline is set on it without a copy.
+        let work = async move {
             let (_lease, live) = self.instances.acquire(ctx.tenant(), service, plan).await?;
             let _permit = match &live.limiter {
                 Some(limiter) => Some(limiter.clone().try_acquire_owned().map_err(|_| {
@@ -172,7 +171,7 @@ impl Host {
                 })?),
                 None => None,
             };
-            let ctx = ctx.clone().with_deadline(Some(deadline));
+            let ctx = ctx.with_deadline(Some(deadline));
             live.provider.execute(action, payload, &ctx).await
         };
         // One deadline covers connecting (on a first call) and executing.

@@ -181,11 +181,9 @@ pub async fn ready(State(host): State<Arc<Host>>) -> Result<Json<Value>, ApiErro
             if let Some(s) = host.instances().status(tenant, name).await
                 && s.state == providers_core::State::Failed
             {
-                {
-                    state = format!("failed for tenant '{tenant}': {}", s.detail);
-                    problems.push(format!("provider '{name}' {state}"));
-                    break;
-                }
+                state = format!("failed for tenant '{tenant}': {}", s.detail);
+                problems.push(format!("provider '{name}' {state}"));
+                break;
             }
         }
         providers.insert(name.clone(), Value::String(state));
