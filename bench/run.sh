@@ -60,6 +60,8 @@ RUST_LOG=warn "$bin/provider-host" serve --config "$work/host.toml" --listen "12
 pids+=($!)
 wait_port "$host_port"
 token=$("$bin/provider-host" token --config "$work/host.toml" --tenant bench --roles clerk --ttl 2h)
+# More distinct tokens than the verified-token cache holds (4096), so each request verifies one.
+"$bin/provider-host" token --config "$work/host.toml" --tenant bench --roles clerk --ttl 2h --count 20000 >"$work/tokens"
 curl -sf -X POST "http://127.0.0.1:$host_port/providers/kv/set" -H "Authorization: Bearer $token" \
   -d '{"key":"bench","value":{"sku":"A-100","qty":42,"warehouse":"north"}}' >/dev/null
 
@@ -76,9 +78,9 @@ curl -sf -X POST "http://127.0.0.1:$sql_port/providers/kv/get" -d '{"key":"bench
 # One wrk thread: the servers need the other core. Each target runs `rounds` times,
 # interleaved with the others so that drifts of a shared machine hit all alike; the
 # round with the median throughput is reported.
-run() { # name port token round -> appends "rps p50 p99" (latencies in microseconds)
-  TOKEN=$3 wrk -t1 -c"$connections" -d2s -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >/dev/null
-  TOKEN=$3 wrk -t1 -c"$connections" -d"${duration}s" --latency -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >"$work/$1.$4.txt"
+run() { # name port token round [tokens-file] -> appends "rps p50 p99" (latencies in microseconds)
+  TOKEN=$3 TOKENS_FILE=${5:-} wrk -t1 -c"$connections" -d2s -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >/dev/null
+  TOKEN=$3 TOKENS_FILE=${5:-} wrk -t1 -c"$connections" -d"${duration}s" --latency -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >"$work/$1.$4.txt"
   python3 - "$work/$1.$4.txt" >>"$work/$1.rounds" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
@@ -99,10 +101,12 @@ for round in $(seq 1 "$rounds"); do
   run bare "$bare_port" "" "$round"
   run sql "$sql_port" "" "$round"
   run host "$host_port" "$token" "$round"
+  run verify "$host_port" "" "$round" "$work/tokens"
 done
 read -r bare_rps bare_p50 bare_p99 <<<"$(median bare)"
 read -r sql_rps sql_p50 sql_p99 <<<"$(median sql)"
 read -r host_rps host_p50 host_p99 <<<"$(median host)"
+read -r verify_rps verify_p50 verify_p99 <<<"$(median verify)"
 spread() { echo "$(cut -d' ' -f1 "$work/$1.rounds" | sort -n | tr '\n' ' ' | sed 's/ $//')"; }
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
@@ -116,7 +120,8 @@ Machine: $(nproc) cores, ${cpu:-unknown CPU}; $(rustc --version). wrk: 1 thread,
 | --- | ---: | ---: | ---: | ---: | --- |
 | bare axum handler, JSON from memory | $bare_rps | $bare_p50 | $bare_p99 | $(ratio "$host_rps" "$bare_rps") | $(spread bare) |
 | bare axum handler + the same SQLite SELECT | $sql_rps | $sql_p50 | $sql_p99 | $(ratio "$host_rps" "$sql_rps") | $(spread sql) |
-| **provider-host** \`POST /providers/kv/get\` (JWT, schema, tenant instance, SQLite) | $host_rps | $host_p50 | $host_p99 | 1.00 | $(spread host) |
+| **provider-host** \`POST /providers/kv/get\` (JWT, schema, tenant instance, SQLite), one token (verified-token cache hits) | $host_rps | $host_p50 | $host_p99 | 1.00 | $(spread host) |
+| provider-host, the same call with a different token each request (HS256 verified every time) | $verify_rps | $verify_p50 | $verify_p99 | $(ratio "$host_rps" "$verify_rps") | $(spread verify) |
 
 MD
 )

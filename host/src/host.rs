@@ -1,5 +1,6 @@
 //! The host: checked config, storage, token verification and tenant instances, composed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -9,39 +10,60 @@ use serde_json::Value;
 
 use crate::config::{Config, TenantPlan};
 use crate::guard;
-use crate::instances::Instances;
+use crate::instances::{Instances, Serving, Settings};
 use crate::storage::Storage;
 
-/// One running host. Cheap to share: handlers and the nested-call handle hold an `Arc`.
+/// One running host. Cheap to share: handlers and nested calls hold an `Arc`.
 pub struct Host {
+    me: Weak<Host>,
     config: Config,
     storage: Storage,
     instances: Arc<Instances>,
     verifier: TokenVerifier,
-    caller: Arc<dyn Caller>,
     openapi: Value,
+    readiness: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
+}
+
+/// Whether this replica should receive traffic, with reasons a public probe may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// Ready to serve.
+    pub ready: bool,
+    /// Why not, in generic terms: no tenant names, no error text from providers or storage.
+    pub reasons: Vec<String>,
 }
 
 impl Host {
-    /// Opens storage and prepares everything; connects no provider yet.
+    /// Opens storage (the system pool and the builtin providers' own pool), prepares the
+    /// builtin providers' tables, and prepares everything else; connects no provider yet.
     pub async fn start(config: Config) -> anyhow::Result<Arc<Host>> {
-        let storage = Storage::open(&config.storage.url, config.storage.max_connections).await?;
+        let storage = Storage::open(&config.storage).await?;
         let verifier = TokenVerifier::new(&config.keys, config.token.clone())?;
         let mut resources = Resources::default();
-        resources.insert(storage.pool().clone());
+        resources.insert(storage.builtin_pool().clone());
+        // Once here rather than on every instance's first connect.
+        providers_database::prepare(storage.builtin_pool())
+            .await
+            .map_err(|e| anyhow::anyhow!("preparing the kv tables: {e}"))?;
+        let server = &config.server;
         let instances = Arc::new(Instances::new(
             storage.clone(),
             resources,
-            config.server.request_timeout,
+            Settings {
+                connect_timeout: server.request_timeout,
+                backoff: server.connect_backoff,
+                backoff_max: server.connect_backoff_max,
+            },
         ));
         let openapi = crate::http::openapi::document(&config);
         Ok(Arc::new_cyclic(|me: &Weak<Host>| Host {
+            me: me.clone(),
             config,
             storage,
             instances,
             verifier,
-            caller: Arc::new(NestedCaller(me.clone())),
             openapi,
+            readiness: tokio::sync::Mutex::new(None),
         }))
     }
 
@@ -92,16 +114,16 @@ impl Host {
     /// The tenant's plan, or `FORBIDDEN` if the verified tenant is not configured here.
     pub fn tenant(&self, tenant: &str) -> Result<&TenantPlan, ProviderError> {
         self.config.tenants.get(tenant).ok_or_else(|| {
-            ProviderError::forbidden(format!("tenant '{tenant}' is not configured on this host"))
+            ProviderError::forbidden(format!("tenant {tenant:?} is not configured on this host"))
         })
     }
 
-    /// A context for a client's call.
+    /// A context for a client's call. [`Host::call`] gives it the means to call other
+    /// providers, for the duration of that call only.
     pub fn context(&self, identity: Identity, request_id: &str) -> CallContext {
         CallContext::new(identity.tenant, request_id)
             .with_subject(identity.subject)
             .with_roles(identity.roles)
-            .with_caller(self.caller.clone())
     }
 
     /// Runs `service`/`action` for the context's tenant: checks the service is enabled for it,
@@ -115,13 +137,13 @@ impl Host {
         payload: Value,
     ) -> Result<Value, ProviderError> {
         let tenant = self.tenant(ctx.tenant())?;
-        let Some(plan) = tenant.services.get(service) else {
+        let Some(enabled) = tenant.services.get(service) else {
             return Err(ProviderError::not_found(format!(
                 "no service '{service}' is available to tenant '{}'",
                 ctx.tenant()
             )));
         };
-        let descriptor = plan.plan.factory.descriptor();
+        let descriptor = enabled.service.factory.descriptor();
         let Some(spec) = descriptor.find_action(action) else {
             return Err(ProviderError::not_found(format!(
                 "service '{service}' has no action '{action}'"
@@ -133,19 +155,19 @@ impl Host {
             .allows(ctx.roles(), &spec.permission)
         {
             return Err(ProviderError::forbidden(format!(
-                "action '{service}/{action}' needs permission '{}', which roles [{}] do not grant",
+                "action '{service}/{action}' needs permission '{}', which roles {:?} do not grant",
                 spec.permission,
-                ctx.roles().join(", ")
+                ctx.roles()
             )));
         }
-        if let Some(validator) = plan.plan.validators.get(action)
+        if let Some(validator) = enabled.service.validators.get(action)
             && let Err(e) = validator.validate(&payload)
         {
             let at = e.instance_path().as_str();
             let at = if at.is_empty() { "/" } else { at };
             return Err(ProviderError::validation(format!("payload at '{at}': {e}")));
         }
-        let timeout = plan
+        let timeout = enabled
             .limits
             .timeout
             .map_or(self.config.server.request_timeout, |t| {
@@ -155,9 +177,20 @@ impl Host {
         if let Some(outer) = ctx.deadline() {
             deadline = deadline.min(outer);
         }
-        // The block owns the context, so the deadline is set on it without a copy.
+        // Nested calls go through a handle that closes when this call ends, however it ends:
+        // a provider that keeps a copy of its context cannot call as this user afterwards.
+        let scope = Arc::new(CallScope {
+            host: self.me.clone(),
+            open: AtomicBool::new(true),
+        });
+        let _close = CloseScope(scope.clone());
+        let ctx = ctx.with_caller(scope).with_deadline(Some(deadline));
+        // The block owns the context, so it reaches the provider without a copy.
         let work = async move {
-            let (_lease, live) = self.instances.acquire(ctx.tenant(), service, plan).await?;
+            let (_lease, live) = self
+                .instances
+                .acquire(ctx.tenant(), service, enabled)
+                .await?;
             let _permit = match &live.limiter {
                 Some(limiter) => Some(limiter.clone().try_acquire_owned().map_err(|_| {
                     ProviderError::new(
@@ -165,44 +198,141 @@ impl Host {
                         format!(
                             "tenant '{}' has {} calls in flight on '{service}', its limit",
                             ctx.tenant(),
-                            plan.limits.max_concurrency.unwrap_or(0)
+                            enabled.limits.max_concurrency.unwrap_or(0)
                         ),
                     )
                 })?),
                 None => None,
             };
-            let ctx = ctx.with_deadline(Some(deadline));
             live.provider.execute(action, payload, &ctx).await
         };
         // One deadline covers connecting (on a first call) and executing.
-        guard::run(|| format!("'{service}/{action}'"), deadline, work).await
+        guard::run(
+            || format!("'{service}/{action}'"),
+            deadline,
+            self.instances.cancel(),
+            work,
+        )
+        .await
     }
 
-    /// Disconnects idle instances; returns how many went.
-    pub async fn evict_idle(&self) -> usize {
-        self.instances
+    /// Periodic upkeep: disconnects idle instances and prunes old instance events. Returns
+    /// how many instances were disconnected.
+    pub async fn maintain(&self) -> usize {
+        let evicted = self
+            .instances
             .evict_idle(self.config.server.idle_timeout)
+            .await;
+        let storage = &self.config.storage;
+        match self
+            .storage
+            .prune_events(storage.events_retention, storage.events_max_rows)
             .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "pruned instance events"),
+            Err(e) => tracing::warn!(error = %e, "could not prune instance events"),
+        }
+        evicted
     }
 
-    /// Refuses new calls, lets in-flight ones finish until `deadline`, disconnects every
-    /// instance, then closes storage.
+    /// Whether this replica should receive traffic: it is not shutting down, storage answers,
+    /// and every required service can serve someone (see [`Instances::serving`]). One
+    /// tenant's broken configuration or backend never makes the replica not-ready. Checks
+    /// run concurrently within `server.ready_timeout`; the answer is reused for
+    /// `server.ready_cache`, and concurrent probes share one computation.
+    pub async fn readiness(&self) -> Readiness {
+        let mut cached = self.readiness.lock().await;
+        if let Some((at, readiness)) = cached.as_ref()
+            && at.elapsed() < self.config.server.ready_cache
+        {
+            return readiness.clone();
+        }
+        let readiness = self.check_readiness().await;
+        *cached = Some((Instant::now(), readiness.clone()));
+        readiness
+    }
+
+    async fn check_readiness(&self) -> Readiness {
+        if self.instances.cancel().fired() || self.instances.closing() {
+            return Readiness {
+                ready: false,
+                reasons: vec!["shutting down".into()],
+            };
+        }
+        let deadline = Instant::now() + self.config.server.ready_timeout;
+        let storage = async {
+            match tokio::time::timeout_at(deadline.into(), self.storage.ping()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "readiness: storage unreachable");
+                    Some("storage unreachable".to_owned())
+                }
+                Err(_) => {
+                    tracing::warn!("readiness: storage did not answer in time");
+                    Some("storage unreachable".to_owned())
+                }
+            }
+        };
+        let required = self
+            .config
+            .services
+            .values()
+            .filter(|s| s.required)
+            .map(|s| async move {
+                let serving = tokio::time::timeout_at(
+                    deadline.into(),
+                    self.instances.serving(&s.service, deadline),
+                )
+                .await;
+                match serving {
+                    Ok(Serving::Yes | Serving::Untried) => None,
+                    Ok(Serving::No) | Err(_) => {
+                        Some(format!("required service '{}' is failing", s.service))
+                    }
+                }
+            });
+        let (storage, services) = tokio::join!(storage, futures_util::future::join_all(required));
+        let reasons: Vec<String> = storage
+            .into_iter()
+            .chain(services.into_iter().flatten())
+            .collect();
+        Readiness {
+            ready: reasons.is_empty(),
+            reasons,
+        }
+    }
+
+    /// Refuses new calls, lets in-flight ones finish until `deadline` (cancelling those that
+    /// do not), disconnects every instance, then closes storage.
     pub async fn shutdown(&self, deadline: Instant) {
         self.instances.shutdown(deadline).await;
         self.storage.close().await;
     }
 
-    /// Period of the idle-eviction sweep: a quarter of the idle timeout, between 1 s and 60 s.
+    /// Period of the upkeep sweep: a quarter of the idle timeout, between 1 s and 60 s.
     pub fn eviction_period(&self) -> Duration {
         (self.config.server.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 }
 
-/// Provider-to-provider calls go back through [`Host::call`], so they meet the same checks.
-struct NestedCaller(Weak<Host>);
+/// The nested-call handle of one call; closed when the call ends.
+struct CallScope {
+    host: Weak<Host>,
+    open: AtomicBool,
+}
 
+struct CloseScope(Arc<CallScope>);
+
+impl Drop for CloseScope {
+    fn drop(&mut self) {
+        self.0.open.store(false, Ordering::Release);
+    }
+}
+
+/// Provider-to-provider calls go back through [`Host::call`], so they meet the same checks.
 #[async_trait]
-impl Caller for NestedCaller {
+impl Caller for CallScope {
     async fn call(
         &self,
         ctx: &CallContext,
@@ -210,8 +340,13 @@ impl Caller for NestedCaller {
         action: &str,
         payload: Value,
     ) -> Result<Value, ProviderError> {
+        if !self.open.load(Ordering::Acquire) {
+            return Err(ProviderError::forbidden(format!(
+                "cannot call '{service}/{action}': the call this context was given to has ended"
+            )));
+        }
         let host = self
-            .0
+            .host
             .upgrade()
             .ok_or_else(|| ProviderError::unavailable("the host is shutting down"))?;
         host.call(ctx.nested()?, service, action, payload).await

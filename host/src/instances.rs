@@ -1,20 +1,28 @@
-//! Tenant-scoped provider instances: created lazily, connected once, evicted when idle, drained at shutdown.
+//! Tenant-scoped provider instances: created lazily, connected once, backed off after a
+//! failed connect, evicted when idle, drained at shutdown.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use providers_core::{ConnectContext, Factory, Kind, Provider, ProviderError, Resources, Status};
 use serde_json::Value;
 use tokio::sync::{Notify, OnceCell, Semaphore};
 
 use crate::config::{Limits, TenantService};
-use crate::guard;
+use crate::guard::{self, Cancel};
 use crate::storage::{InstanceEvent, Storage};
 
 /// How long one `disconnect` may take before the host gives up on it.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// After shutdown cancels the calls that outlived the grace, how long it waits for them to
+/// unwind before leaving their instances connected rather than disconnecting under them.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+/// Disconnects running at once during eviction and shutdown: enough to drain thousands of
+/// instances in seconds without starving live traffic of the storage pool.
+const DISCONNECTS_AT_ONCE: usize = 32;
 
 /// A connected instance.
 pub struct Live {
@@ -26,6 +34,26 @@ pub struct Live {
     pub limiter: Option<Arc<Semaphore>>,
 }
 
+/// How instances connect, retry and are given up on.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Deadline of one `connect`.
+    pub connect_timeout: Duration,
+    /// Wait before retrying after the first failed connect; doubles with each failure.
+    pub backoff: Duration,
+    /// The longest wait between attempts.
+    pub backoff_max: Duration,
+}
+
+/// Why the last connect failed and when the next may be tried.
+#[derive(Clone)]
+struct Failure {
+    detail: String,
+    /// Failed attempts in a row.
+    count: u32,
+    retry_at: Instant,
+}
+
 /// The place of one `(tenant, service)` instance. Entering and leaving it counts calls in
 /// flight; the count is raised under the map's read lock and eviction removes under its
 /// write lock, so an instance is never disconnected while a call that found it still runs.
@@ -34,24 +62,37 @@ struct Slot {
     inflight: AtomicUsize,
     drained: Notify,
     last_used_ms: AtomicU64,
-    /// Why the last connect failed, until one succeeds; readiness reports it.
-    last_error: Mutex<Option<String>>,
+    /// The last connect's failure, until one succeeds.
+    failure: Mutex<Option<Failure>>,
     /// Failed connects so far. A caller that queued behind an attempt which then failed
     /// takes that failure instead of trying again itself: one attempt per burst, not one per caller.
-    failures: AtomicU64,
+    attempts_failed: AtomicU64,
 }
 
-/// A call's hold on an instance; dropping it ends the call.
+impl Slot {
+    fn failure(&self) -> Option<Failure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A hold on an instance; dropping it ends the call (or the status probe).
 pub struct Lease {
     slot: Arc<Slot>,
     epoch: Instant,
+    /// Calls keep an instance from looking idle; status probes do not.
+    touch: bool,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        // Used until the call ends, not only when it starts: a long call is not "idle".
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.slot.last_used_ms.fetch_max(now, Ordering::Relaxed);
+        if self.touch {
+            // Used until the call ends, not only when it starts: a long call is not "idle".
+            let now = self.epoch.elapsed().as_millis() as u64;
+            self.slot.last_used_ms.fetch_max(now, Ordering::Relaxed);
+        }
         if self.slot.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.slot.drained.notify_waiters();
         }
@@ -65,10 +106,12 @@ pub struct Instances {
     slots: RwLock<Map>,
     /// Set under the write lock at shutdown; no slot is entered after it.
     closing: AtomicBool,
+    /// Fired when calls outlive the shutdown grace.
+    cancel: Cancel,
     resources: Resources,
     storage: Storage,
     epoch: Instant,
-    connect_timeout: Duration,
+    settings: Settings,
 }
 
 /// What connecting one instance needs, owned so that the connect can outlive its first caller.
@@ -80,50 +123,86 @@ struct ConnectPlan {
     limits: Limits,
 }
 
+/// How a service fares across the tenants that use it, for readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// No instance has been tried yet.
+    Untried,
+    /// At least one instance is ready or degraded.
+    Yes,
+    /// Every instance tried has failed.
+    No,
+}
+
+fn shutting_down() -> ProviderError {
+    ProviderError::unavailable("the host is shutting down")
+}
+
 impl Instances {
     /// No instances yet; `resources` go to builtin providers at connect.
-    pub fn new(storage: Storage, resources: Resources, connect_timeout: Duration) -> Self {
+    pub fn new(storage: Storage, resources: Resources, settings: Settings) -> Self {
         Self {
             slots: RwLock::new(HashMap::new()),
             closing: AtomicBool::new(false),
+            cancel: Cancel::default(),
             resources,
             storage,
             epoch: Instant::now(),
-            connect_timeout,
+            settings,
         }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// The signal that cancels guarded calls at shutdown; every call into a provider runs under it.
+    pub fn cancel(&self) -> &Cancel {
+        &self.cancel
     }
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    fn lease(&self, slot: &Arc<Slot>, touch: bool) -> Lease {
+        slot.inflight.fetch_add(1, Ordering::AcqRel);
+        if touch {
+            slot.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        Lease {
+            slot: slot.clone(),
+            epoch: self.epoch,
+            touch,
+        }
+    }
+
+    /// A lease on an existing slot, if there is one; creates nothing.
+    fn existing(&self, tenant: &str, service: &str) -> Option<(Lease, Arc<Slot>)> {
+        let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        if self.closing.load(Ordering::Acquire) {
+            return None;
+        }
+        let slot = map.get(tenant)?.get(service)?;
+        Some((self.lease(slot, false), slot.clone()))
+    }
+
     fn enter(&self, tenant: &str, service: &str) -> Result<(Lease, Arc<Slot>), ProviderError> {
-        let now = self.now_ms();
-        let take = |slot: &Arc<Slot>| {
-            slot.inflight.fetch_add(1, Ordering::AcqRel);
-            slot.last_used_ms.store(now, Ordering::Relaxed);
-            (
-                Lease {
-                    slot: slot.clone(),
-                    epoch: self.epoch,
-                },
-                slot.clone(),
-            )
-        };
-        let shutting_down = || ProviderError::unavailable("the host is shutting down");
         {
             let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
             if self.closing.load(Ordering::Acquire) {
                 return Err(shutting_down());
             }
             if let Some(slot) = map.get(tenant).and_then(|s| s.get(service)) {
-                return Ok(take(slot));
+                return Ok((self.lease(slot, true), slot.clone()));
             }
         }
         let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
         if self.closing.load(Ordering::Acquire) {
             return Err(shutting_down());
         }
+        let now = self.now_ms();
         let slot = map
             .entry(tenant.to_owned())
             .or_default()
@@ -134,18 +213,20 @@ impl Instances {
                     inflight: AtomicUsize::new(0),
                     drained: Notify::new(),
                     last_used_ms: AtomicU64::new(now),
-                    last_error: Mutex::new(None),
-                    failures: AtomicU64::new(0),
+                    failure: Mutex::new(None),
+                    attempts_failed: AtomicU64::new(0),
                 })
-            });
-        Ok(take(slot))
+            })
+            .clone();
+        Ok((self.lease(&slot, true), slot))
     }
 
     /// The connected instance for `tenant`'s `service`, connecting it on first use.
     ///
     /// Concurrent first calls share one `connect`, which runs on a task of its own under the
     /// connect timeout: a caller that gives up (deadline, client gone) does not cancel it
-    /// halfway. A failed connect is retried by the next call.
+    /// halfway. After a failed connect, calls are refused until the backoff has passed;
+    /// then the next call tries again.
     pub async fn acquire(
         self: &Arc<Self>,
         tenant: &str,
@@ -156,33 +237,32 @@ impl Instances {
         if let Some(live) = slot.cell.get() {
             return Ok((lease, live.clone()));
         }
+        if let Some(failure) = slot.failure() {
+            let now = Instant::now();
+            if failure.retry_at > now {
+                return Err(backing_off(service, &failure, now));
+            }
+        }
         let (connecting, _) = self.enter(tenant, service)?;
         let me = self.clone();
         let owned = ConnectPlan {
             tenant: tenant.to_owned(),
             service: service.to_owned(),
-            factory: plan.plan.factory.clone(),
+            factory: plan.service.factory.clone(),
             config: plan.config.clone(),
             limits: plan.limits,
         };
-        let failures_seen = slot.failures.load(Ordering::Acquire);
+        let failures_seen = slot.attempts_failed.load(Ordering::Acquire);
         let task = tokio::spawn(async move {
             // The task holds its own lease, so eviction cannot drop the slot under it.
             let _connecting = connecting;
             let slot = slot;
             slot.cell
                 .get_or_try_init(|| async {
-                    if slot.failures.load(Ordering::Acquire) != failures_seen {
-                        let error = slot
-                            .last_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .clone();
-                        return Err(ProviderError::unavailable(format!(
-                            "service '{}' is unavailable: {}",
-                            owned.service,
-                            error.unwrap_or_default()
-                        )));
+                    if slot.attempts_failed.load(Ordering::Acquire) != failures_seen
+                        && let Some(failure) = slot.failure()
+                    {
+                        return Err(backing_off(&owned.service, &failure, Instant::now()));
                     }
                     me.connect(&slot, owned).await
                 })
@@ -213,41 +293,30 @@ impl Instances {
             .with_service(service.clone())
             .with_resources(resources);
         let what = || format!("provider '{service}' connect for tenant '{tenant}'");
-        let created = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create()))
-            .unwrap_or_else(|_| {
-                Err(ProviderError::provider(format!(
-                    "{} failed: the factory panicked",
-                    what()
-                )))
-            });
-        let outcome = match created {
-            Ok(mut provider) => {
-                guard::run(what, Instant::now() + self.connect_timeout, async move {
-                    let result = provider.connect(&ctx).await;
-                    result.map(|()| provider)
-                })
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        // Shutdown began while this connect ran: release it at once rather than leak it.
+        let deadline = Instant::now() + self.settings.connect_timeout;
+        let outcome = guard::run(what, deadline, &self.cancel, async move {
+            let mut provider = factory.create()?;
+            provider.connect(&ctx).await?;
+            Ok(provider)
+        })
+        .await;
+        // Shutdown began while this connect ran. Its drain waits for this task's lease, so it
+        // would disconnect the instance; releasing it here instead keeps it out of service.
         let outcome = match outcome {
             Ok(provider) if self.closing.load(Ordering::Acquire) => {
-                let _ = provider.disconnect().await;
-                Err(ProviderError::unavailable("the host is shutting down"))
+                let provider: Arc<dyn Provider> = Arc::from(provider);
+                self.disconnect_provider(&tenant, &service, &version, provider, "shutdown")
+                    .await;
+                return Err(shutting_down());
             }
             other => other,
         };
-        *slot.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
-            outcome.as_ref().err().map(|e| e.detail.clone());
-        if outcome.is_err() {
-            slot.failures.fetch_add(1, Ordering::AcqRel);
-        }
         match outcome {
             Ok(provider) => {
-                self.note(&tenant, &service, &version, InstanceEvent::Connected, "")
+                *slot.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.record(&tenant, &service, &version, InstanceEvent::Connected, "")
                     .await;
-                tracing::info!(tenant, service, version, "instance connected");
+                tracing::debug!(tenant, service, version, "instance connected");
                 Ok(Arc::new(Live {
                     provider: Arc::from(provider),
                     version,
@@ -257,7 +326,19 @@ impl Instances {
                 }))
             }
             Err(e) => {
-                self.note(
+                let failure = {
+                    let mut last = slot.failure.lock().unwrap_or_else(|p| p.into_inner());
+                    let count = last.as_ref().map_or(0, |f| f.count).saturating_add(1);
+                    let failure = Failure {
+                        detail: e.detail.clone(),
+                        count,
+                        retry_at: Instant::now() + self.backoff(count),
+                    };
+                    *last = Some(failure.clone());
+                    failure
+                };
+                slot.attempts_failed.fetch_add(1, Ordering::AcqRel);
+                self.record(
                     &tenant,
                     &service,
                     &version,
@@ -265,7 +346,7 @@ impl Instances {
                     &e.detail,
                 )
                 .await;
-                tracing::warn!(tenant, service, error = %e, "instance failed to connect");
+                tracing::warn!(tenant, service, error = ?e.detail, attempt = failure.count, "instance failed to connect");
                 Err(ProviderError::unavailable(format!(
                     "service '{service}' is unavailable: {}",
                     e.detail
@@ -274,7 +355,22 @@ impl Instances {
         }
     }
 
-    async fn note(
+    /// The wait after `count` failures in a row: doubling from the configured backoff up to
+    /// its maximum, with up to half of it taken off at random so that many instances that
+    /// failed together (a database restart) do not all retry at the same moment.
+    fn backoff(&self, count: u32) -> Duration {
+        let Settings {
+            backoff,
+            backoff_max,
+            ..
+        } = self.settings;
+        let full = backoff
+            .saturating_mul(1u32 << count.saturating_sub(1).min(20))
+            .min(backoff_max);
+        full.mul_f64(1.0 - rand::random::<f64>() * 0.5)
+    }
+
+    async fn record(
         &self,
         tenant: &str,
         service: &str,
@@ -292,30 +388,70 @@ impl Instances {
     }
 
     /// The status of `tenant`'s `service`: the provider's own when connected, `failed` when
-    /// its last connect failed, `None` when it has not been tried.
-    pub async fn status(&self, tenant: &str, service: &str) -> Option<Status> {
-        let slot = {
-            let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
-            map.get(tenant)?.get(service)?.clone()
-        };
+    /// its last connect failed, `None` when it has not been tried. The probe holds a lease,
+    /// so eviction cannot disconnect the instance under it, and is bounded by `deadline`.
+    pub async fn status(&self, tenant: &str, service: &str, deadline: Instant) -> Option<Status> {
+        let (lease, slot) = self.existing(tenant, service)?;
         let Some(live) = slot.cell.get() else {
-            let error = slot
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            return error.map(|e| Status::failed(format!("connect failed: {e}")));
+            return slot
+                .failure()
+                .map(|f| Status::failed(format!("connect failed: {}", f.detail)));
         };
         let provider = live.provider.clone();
         let probe = guard::run(
             || format!("provider '{service}' get_status for tenant '{tenant}'"),
-            Instant::now() + Duration::from_secs(2),
+            deadline,
+            &self.cancel,
             async move { Ok(provider.get_status().await) },
         );
-        Some(probe.await.unwrap_or_else(|e| Status::failed(e.detail)))
+        let status = probe.await.unwrap_or_else(|e| Status::failed(e.detail));
+        drop(lease);
+        Some(status)
     }
 
-    /// Disconnects and drops every instance unused for `idle`. Returns how many went.
+    /// Whether `service` can serve anyone here: readiness asks this of required services.
+    /// One tenant's failure (a broken override, that tenant's backend) does not make it
+    /// `No`; only every tried instance failing does. Probes run a few at a time and stop at
+    /// the first instance that is ready or degraded, all within `deadline`.
+    pub async fn serving(&self, service: &str, deadline: Instant) -> Serving {
+        let mut tried = false;
+        let mut live = Vec::new();
+        {
+            let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+            for (tenant, services) in map.iter() {
+                let Some(slot) = services.get(service) else {
+                    continue;
+                };
+                if slot.cell.get().is_some() {
+                    live.push(tenant.clone());
+                } else if slot.failure().is_some() {
+                    tried = true;
+                }
+            }
+        }
+        if live.is_empty() {
+            return if tried { Serving::No } else { Serving::Untried };
+        }
+        let mut probes = futures_util::stream::iter(live)
+            .map(|tenant| async move { self.status(&tenant, service, deadline).await })
+            .buffer_unordered(8);
+        let mut any = false;
+        while let Some(status) = probes.next().await {
+            let Some(status) = status else { continue };
+            any = true;
+            if status.state != providers_core::State::Failed {
+                return Serving::Yes;
+            }
+        }
+        if any || tried {
+            Serving::No
+        } else {
+            Serving::Untried
+        }
+    }
+
+    /// Disconnects and drops every instance unused for `idle`, a bounded number at once, and
+    /// forgets failed connects unused that long. Returns how many instances were disconnected.
     pub async fn evict_idle(&self, idle: Duration) -> usize {
         // A host younger than `idle` has nothing idle that long.
         let Some(cutoff) = self.now_ms().checked_sub(idle.as_millis() as u64) else {
@@ -326,89 +462,111 @@ impl Instances {
             let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
             for (tenant, services) in map.iter_mut() {
                 services.retain(|service, slot| {
-                    // A slot whose connect failed stays: readiness keeps reporting it.
-                    let failed = slot
-                        .last_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .is_some();
-                    let idle = !failed
-                        && slot.inflight.load(Ordering::Acquire) == 0
+                    let idle = slot.inflight.load(Ordering::Acquire) == 0
                         && slot.last_used_ms.load(Ordering::Relaxed) <= cutoff;
-                    if idle {
-                        gone.push((tenant.clone(), service.clone(), slot.clone()));
+                    if idle && let Some(live) = slot.cell.get() {
+                        gone.push((tenant.clone(), service.clone(), live.clone()));
                     }
                     !idle
                 });
             }
             map.retain(|_, services| !services.is_empty());
         }
-        let count = gone
-            .iter()
-            .filter(|(_, _, s)| s.cell.get().is_some())
-            .count();
-        for (tenant, service, slot) in gone {
-            if let Some(live) = slot.cell.get() {
-                self.disconnect(&tenant, &service, live, "idle").await;
-            }
-        }
+        let count = gone.len();
+        futures_util::stream::iter(gone)
+            .for_each_concurrent(DISCONNECTS_AT_ONCE, |(tenant, service, live)| async move {
+                self.disconnect(&tenant, &service, &live, "idle").await;
+            })
+            .await;
         count
     }
 
-    /// Refuses new calls, waits until `deadline` for in-flight ones, and disconnects every
-    /// instance, all instances at once (each disconnect is bounded on its own).
+    /// Refuses new calls and waits until `deadline` for in-flight ones. Calls still running
+    /// then are cancelled, and each instance is disconnected only once its last call has
+    /// stopped; instances whose calls will not stop (code that blocks its thread) are left
+    /// connected rather than disconnected under a running call.
     pub async fn shutdown(&self, deadline: Instant) {
         let all: Map = {
             let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
             self.closing.store(true, Ordering::Release);
             std::mem::take(&mut *map)
         };
-        let drains = all.into_iter().flat_map(|(tenant, services)| {
-            services.into_iter().map(move |(service, slot)| {
-                let tenant = tenant.clone();
-                async move {
-                    loop {
-                        let notified = slot.drained.notified();
-                        if slot.inflight.load(Ordering::Acquire) == 0 {
-                            break;
-                        }
-                        if tokio::time::timeout_at(deadline.into(), notified)
-                            .await
-                            .is_err()
-                        {
-                            tracing::warn!(
-                                tenant,
-                                service,
-                                "calls still in flight after the shutdown grace"
-                            );
-                            break;
-                        }
-                    }
-                    if let Some(live) = slot.cell.get() {
-                        self.disconnect(&tenant, &service, live, "shutdown").await;
-                    }
-                }
+        let slots: Vec<(String, String, Arc<Slot>)> = all
+            .into_iter()
+            .flat_map(|(tenant, services)| {
+                services
+                    .into_iter()
+                    .map(move |(service, slot)| (tenant.clone(), service, slot))
             })
-        });
-        futures_util::future::join_all(drains).await;
+            .collect();
+        let drained = |until: Instant| {
+            let slots = &slots;
+            async move {
+                let waits = slots.iter().map(|(_, _, slot)| drain(slot, until));
+                futures_util::future::join_all(waits).await
+            }
+        };
+        if drained(deadline).await.contains(&false) {
+            let busy: usize = slots
+                .iter()
+                .map(|(_, _, s)| s.inflight.load(Ordering::Acquire))
+                .sum();
+            tracing::warn!(
+                calls = busy,
+                "calls still running after the shutdown grace are cancelled"
+            );
+            self.cancel.fire();
+            drained(Instant::now() + CANCEL_WAIT).await;
+        }
+        futures_util::stream::iter(slots)
+            .for_each_concurrent(DISCONNECTS_AT_ONCE, |(tenant, service, slot)| async move {
+                let Some(live) = slot.cell.get() else { return };
+                if slot.inflight.load(Ordering::Acquire) > 0 {
+                    tracing::error!(
+                        tenant,
+                        service,
+                        "calls did not stop when cancelled; the instance is left connected"
+                    );
+                    return;
+                }
+                self.disconnect(&tenant, &service, live, "shutdown").await;
+            })
+            .await;
     }
 
     async fn disconnect(&self, tenant: &str, service: &str, live: &Arc<Live>, why: &str) {
-        let provider = live.provider.clone();
+        self.disconnect_provider(tenant, service, &live.version, live.provider.clone(), why)
+            .await;
+    }
+
+    async fn disconnect_provider(
+        &self,
+        tenant: &str,
+        service: &str,
+        version: &str,
+        provider: Arc<dyn Provider>,
+        why: &str,
+    ) {
         let what = || format!("provider '{service}' disconnect for tenant '{tenant}'");
-        let detail = match guard::run(what, Instant::now() + DISCONNECT_TIMEOUT, async move {
-            provider.disconnect().await
-        })
+        // Not under `cancel`: by the time anything disconnects, the calls it cancels are over,
+        // and a disconnect cut short would leak what it was releasing.
+        let never = Cancel::default();
+        let detail = match guard::run(
+            what,
+            Instant::now() + DISCONNECT_TIMEOUT,
+            &never,
+            async move { provider.disconnect().await },
+        )
         .await
         {
             Ok(()) => why.to_owned(),
             Err(e) => format!("{why}: {}", e.detail),
         };
-        tracing::info!(tenant, service, reason = why, "instance disconnected");
-        self.note(
+        tracing::debug!(tenant, service, reason = why, "instance disconnected");
+        self.record(
             tenant,
             service,
-            &live.version,
+            version,
             InstanceEvent::Disconnected,
             &detail,
         )
@@ -423,4 +581,30 @@ impl Instances {
             .filter(|s| s.cell.get().is_some())
             .count()
     }
+}
+
+/// Waits until `slot` has no call in flight or `until` passes; whether it drained.
+async fn drain(slot: &Slot, until: Instant) -> bool {
+    loop {
+        let notified = slot.drained.notified();
+        if slot.inflight.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        if tokio::time::timeout_at(until.into(), notified)
+            .await
+            .is_err()
+        {
+            return slot.inflight.load(Ordering::Acquire) == 0;
+        }
+    }
+}
+
+fn backing_off(service: &str, failure: &Failure, now: Instant) -> ProviderError {
+    let wait = failure.retry_at.saturating_duration_since(now);
+    // Whole seconds, rounded up, as Retry-After would say it.
+    let seconds = wait.as_millis().div_ceil(1000).max(1);
+    ProviderError::unavailable(format!(
+        "service '{service}' is unavailable: {}; next attempt in {seconds}s",
+        failure.detail
+    ))
 }

@@ -56,6 +56,10 @@ enum Command {
         /// The host configuration; the demo's when absent.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Mints this many tokens, one per line, with subjects SUBJECT-1, SUBJECT-2, … (for
+        /// load tests that must not hit the verified-token cache).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        count: u32,
     },
 }
 
@@ -77,15 +81,32 @@ fn main() -> ExitCode {
             subject,
             ttl,
             config,
-        } => token(config, &tenant, &roles, &subject, ttl),
+            count,
+        } => token(config, &tenant, &roles, &subject, ttl, count),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: a cause whose text its parent already
+/// contains (sqlx repeats its source in its own message) is skipped.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn print_errors(errors: &[ConfigError]) {
@@ -137,6 +158,7 @@ fn token(
     roles: &[String],
     subject: &str,
     ttl: Duration,
+    count: u32,
 ) -> anyhow::Result<ExitCode> {
     let config = match load(path.as_deref())? {
         Ok(c) => c,
@@ -150,11 +172,17 @@ fn token(
     }
     let roles: Vec<String> = roles.iter().filter(|r| !r.is_empty()).cloned().collect();
     let issuer = TokenIssuer::new(&config.keys, config.token.clone())?;
-    let token = issuer.mint(subject, tenant, &roles, ttl.as_secs())?;
-    #[allow(clippy::print_stdout, reason = "the CLI's answer")]
-    {
-        println!("{token}");
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for i in 1..=count {
+        let subject = if count == 1 {
+            subject.to_owned()
+        } else {
+            format!("{subject}-{i}")
+        };
+        let token = issuer.mint(&subject, tenant, &roles, ttl.as_secs())?;
+        std::io::Write::write_all(&mut out, format!("{token}\n").as_bytes())?;
     }
+    std::io::Write::flush(&mut out)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -176,22 +204,29 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<Ex
         .context("starting the runtime")?;
     runtime.block_on(async move {
         let addr = config.server.listen;
+        let issuer = if is_demo {
+            Some(TokenIssuer::new(&config.keys, config.token.clone())?)
+        } else {
+            None
+        };
+        // Storage first: a host that cannot reach its database never opens its port, so a
+        // load balancer never sees it half-started.
+        let host = Host::start(config).await?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr()?;
-        let tour = if is_demo {
-            let issuer = TokenIssuer::new(&config.keys, config.token.clone())?;
-            let day = 24 * 3600;
-            Some(demo::banner(
-                &local.to_string(),
-                &issuer.mint("demo-user", "acme", &["clerk".into()], day)?,
-                &issuer.mint("demo-user", "globex", &["clerk".into()], day)?,
-            ))
-        } else {
-            None
+        let tour = match issuer {
+            Some(issuer) => {
+                let day = 24 * 3600;
+                Some(demo::banner(
+                    &local.to_string(),
+                    &issuer.mint("demo-user", "acme", &["clerk".into()], day)?,
+                    &issuer.mint("demo-user", "globex", &["clerk".into()], day)?,
+                ))
+            }
+            None => None,
         };
-        let host = Host::start(config).await?;
         tracing::info!(%local, "listening");
         if let Some(tour) = tour {
             #[allow(clippy::print_stdout, reason = "the demo's tour is the CLI's output")]
@@ -226,5 +261,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutdown requested; finishing in-flight calls");
 }

@@ -4,15 +4,19 @@ use std::borrow::Cow;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{AnyPool, SqlSafeStr};
+use sqlx::{AnyPool, Connection, SqlSafeStr};
 
-/// The system database.
+use crate::config::StorageConfig;
+
+/// The system database: the host's own pool, and a separate pool on the same database for
+/// builtin providers, so that their traffic cannot take the connections the host needs.
 #[derive(Clone)]
 pub struct Storage {
     pool: AnyPool,
+    builtin: AnyPool,
 }
 
 /// A lifecycle event of a tenant's provider instance.
@@ -74,49 +78,76 @@ fn sqlite_url(url: &str) -> anyhow::Result<String> {
 }
 
 impl Storage {
-    /// Opens the database at `url` and applies the host's migrations.
-    pub async fn open(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+    /// Opens the database of `config` and applies the host's migrations. An unreachable
+    /// database fails at once with its real cause rather than after the pool's timeout.
+    pub async fn open(config: &StorageConfig) -> anyhow::Result<Self> {
         sqlx::any::install_default_drivers();
-        let sqlite = url.starts_with("sqlite:");
+        let sqlite = config.url.starts_with("sqlite:");
         let url = if sqlite {
-            sqlite_url(url)?
+            sqlite_url(&config.url)?
         } else {
-            url.to_owned()
+            config.url.clone()
         };
-        let mut options = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10));
-        if sqlite {
-            // WAL lets readers and the writer proceed together; with it, NORMAL sync is durable
-            // across process crashes and much cheaper per commit than FULL.
-            options = options.after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::query("PRAGMA synchronous = NORMAL")
-                        .execute(conn)
-                        .await
-                        .map(|_| ())
-                })
-            });
+        let shown = redact(&url);
+        // One direct connection first: a pool retries until its acquire timeout and then
+        // reports only "pool timed out", hiding "connection refused" or a wrong database name.
+        match tokio::time::timeout(CONNECT_TIMEOUT, sqlx::AnyConnection::connect(&url)).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+            }
+            Ok(Err(e)) => bail!("cannot connect to storage {shown}: {}", cause(&e)),
+            Err(_) => bail!(
+                "cannot connect to storage {shown}: no answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
         }
-        let pool = options
-            .connect(&url)
-            .await
-            .with_context(|| format!("connecting to storage {}", redact(&url)))?;
+        let pool = |size: u32| {
+            let mut options = AnyPoolOptions::new()
+                .max_connections(size)
+                .acquire_timeout(CONNECT_TIMEOUT);
+            if sqlite {
+                // WAL lets readers and the writer proceed together; with it, NORMAL sync is
+                // durable across process crashes and much cheaper per commit than FULL.
+                options = options.after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(conn)
+                            .await
+                            .map(|_| ())
+                    })
+                });
+            }
+            options.connect(&url)
+        };
+        let pool_of =
+            |e: sqlx::Error| anyhow::anyhow!("cannot connect to storage {shown}: {}", cause(&e));
+        let system = pool(config.max_connections).await.map_err(pool_of)?;
         if sqlite {
             // Persistent in the file; set once here, before the pool is busy.
             sqlx::query("PRAGMA journal_mode = WAL")
-                .execute(&pool)
+                .execute(&system)
                 .await
                 .context("switching SQLite to WAL")?;
         }
         migrator()
-            .run(&pool)
+            .run(&system)
             .await
             .context("applying the host's storage migrations")?;
-        Ok(Self { pool })
+        let builtin = pool(config.builtin_max_connections)
+            .await
+            .map_err(pool_of)?;
+        Ok(Self {
+            pool: system,
+            builtin,
+        })
     }
 
-    /// The pool, shared with builtin providers as a resource.
+    /// The pool builtin providers share, handed to them as a resource at connect.
+    pub fn builtin_pool(&self) -> &AnyPool {
+        &self.builtin
+    }
+
+    /// The host's own pool.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
@@ -138,10 +169,7 @@ impl Storage {
         event: InstanceEvent,
         detail: &str,
     ) -> Result<(), sqlx::Error> {
-        let at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let at = now_ms();
         sqlx::query(
             "INSERT INTO instance_events (id, tenant, service, version, event, detail, at_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -177,9 +205,61 @@ impl Storage {
             .collect()
     }
 
-    /// Closes the pool.
+    /// Deletes instance events older than `max_age`, then all but the newest `max_rows`.
+    /// Returns how many rows went.
+    pub async fn prune_events(&self, max_age: Duration, max_rows: u64) -> Result<u64, sqlx::Error> {
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
+        let old = sqlx::query("DELETE FROM instance_events WHERE at_ms < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        // The subquery is NULL when there are fewer rows than the bound, and then nothing goes.
+        let excess = sqlx::query(
+            "DELETE FROM instance_events WHERE at_ms < \
+             (SELECT at_ms FROM instance_events ORDER BY at_ms DESC LIMIT 1 OFFSET $1)",
+        )
+        .bind(i64::try_from(max_rows.saturating_sub(1)).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(old + excess)
+    }
+
+    /// How many instance events are stored.
+    pub async fn event_count(&self) -> Result<i64, sqlx::Error> {
+        use sqlx::Row;
+        sqlx::query("SELECT COUNT(*) FROM instance_events")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)
+    }
+
+    /// Closes both pools.
     pub async fn close(&self) {
+        self.builtin.close().await;
         self.pool.close().await;
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// How long opening storage may take before start-up fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The innermost useful message of a sqlx error: its own text names the cause once, where
+/// a full chain would repeat it ("error returned from database: …: …").
+fn cause(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        sqlx::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -215,9 +295,11 @@ mod tests {
     async fn sqlite_runs_in_wal_mode() {
         use sqlx::Row;
         let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(&format!("sqlite://{}/h.db", dir.path().display()), 2)
-            .await
-            .unwrap();
+        let config = StorageConfig {
+            url: format!("sqlite://{}/h.db", dir.path().display()),
+            ..StorageConfig::default()
+        };
+        let storage = Storage::open(&config).await.unwrap();
         let row = sqlx::query("PRAGMA journal_mode")
             .fetch_one(storage.pool())
             .await

@@ -41,8 +41,12 @@ impl Descriptor {
         self
     }
 
-    /// Adds an action.
-    pub fn action(mut self, action: Action) -> Self {
+    /// Adds an action. An action that names no permission needs `<service>.<action>`, so a
+    /// grant for one provider's action never covers another provider's action of the same name.
+    pub fn action(mut self, mut action: Action) -> Self {
+        if action.permission.is_empty() {
+            action.permission = format!("{}.{}", self.service, action.name);
+        }
         self.actions.push(action);
         self
     }
@@ -77,7 +81,9 @@ pub struct Action {
     pub input_schema: Value,
     /// JSON Schema of the result.
     pub output_schema: Value,
-    /// The permission a caller's roles must grant, e.g. `kv.write`.
+    /// The permission a caller's roles must grant, e.g. `kv.write`: dot-separated segments
+    /// of `a-z 0-9 _ -` (see [`is_valid_permission`]). [`Descriptor::action`] sets
+    /// `<service>.<action>` when the action names none.
     pub permission: String,
     /// Whether repeating the call with the same payload has no further effect.
     pub idempotent: bool,
@@ -86,12 +92,12 @@ pub struct Action {
 }
 
 impl Action {
-    /// An action that takes and returns any JSON object and needs the `<name>` permission.
+    /// An action that takes and returns any JSON object and needs the `<service>.<name>`
+    /// permission unless [`permission`](Self::permission) names another.
     pub fn new(name: impl Into<String>) -> Self {
-        let name = name.into();
         Self {
-            permission: name.clone(),
-            name,
+            permission: String::new(),
+            name: name.into(),
             description: String::new(),
             input_schema: json!({"type": "object"}),
             output_schema: json!({}),
@@ -143,4 +149,18 @@ pub fn is_valid_name(name: &str) -> bool {
     matches!(chars.next(), Some('a'..='z'))
         && name.len() <= 64
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'))
+}
+
+/// Whether `permission` is a valid permission name: 1 to 128 characters of dot-separated,
+/// non-empty segments of `a-z 0-9 _ -`, the first starting with a letter (`kv.read`,
+/// `purchase-orders.amend`). Wildcards belong to grants, not to the permissions actions need.
+pub fn is_valid_permission(permission: &str) -> bool {
+    permission.len() <= 128
+        && permission.starts_with(|c: char| c.is_ascii_lowercase())
+        && permission.split('.').all(|segment| {
+            !segment.is_empty()
+                && segment
+                    .chars()
+                    .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'))
+        })
 }

@@ -18,7 +18,7 @@ pub mod testing;
 
 pub use async_trait::async_trait;
 pub use context::{CallContext, Caller, MAX_CALL_DEPTH};
-pub use descriptor::{Action, Descriptor, is_valid_name};
+pub use descriptor::{Action, Descriptor, is_valid_name, is_valid_permission};
 pub use error::{ErrorCode, ProviderError};
 pub use provider::{ConnectContext, Provider, Resources, State, Status};
 pub use registry::{

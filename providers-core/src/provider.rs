@@ -17,11 +17,16 @@ use crate::{CallContext, Descriptor, ProviderError};
 /// For each `(tenant, service)` pair the host creates one instance and drives it in this order:
 ///
 /// 1. [`connect`](Provider::connect) exactly once, with the tenant's configuration, before
-///    anything else. If it fails the instance is dropped and the next call tries a fresh one.
+///    anything else. If it fails the instance is dropped; after a backoff that grows with
+///    each failure, a later call tries a fresh one.
 /// 2. [`execute`](Provider::execute) any number of times, concurrently, each under its own
 ///    [`CallContext`] and deadline; [`get_status`](Provider::get_status) at any time.
 /// 3. [`disconnect`](Provider::disconnect) exactly once, after the last in-flight `execute`
-///    has returned: on idle eviction, reload or shutdown.
+///    has returned: on idle eviction or at shutdown. Calls still running when the shutdown
+///    grace ends are cancelled (dropped at their next await) before `disconnect` is called.
+///
+/// A [`CallContext`] is valid only during the call it was given to: a copy kept after
+/// `execute` returned can no longer call other providers.
 ///
 /// Payloads reaching `execute` have already been validated against the action's input
 /// schema, and the caller holds the action's permission. A panic in any call is contained

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use semver::{Version, VersionReq};
 
-use crate::descriptor::is_valid_name;
+use crate::descriptor::{is_valid_name, is_valid_permission};
 use crate::{Descriptor, Provider, ProviderError};
 
 /// How a provider reached the host.
@@ -217,6 +217,11 @@ impl RegistryBuilder {
                 format!("invalid action name '{}'", action.name)
             } else if !seen.insert(action.name.as_str()) {
                 format!("action '{}' is declared twice", action.name)
+            } else if !is_valid_permission(&action.permission) {
+                format!(
+                    "action '{}' needs invalid permission '{}' (expected dot-separated segments of a-z, 0-9, '_', '-', such as '{}.{}')",
+                    action.name, action.permission, d.service, action.name
+                )
             } else {
                 continue;
             };

@@ -51,6 +51,12 @@ impl TestHost {
         self.provider.execute(action, payload, &self.ctx).await
     }
 
+    /// Like [`call`](Self::call), through a shared reference: put the host in an `Arc` to
+    /// call from several tasks at once, as the real host does.
+    pub async fn call_shared(&self, action: &str, payload: Value) -> Result<Value, ProviderError> {
+        self.provider.execute(action, payload, &self.ctx).await
+    }
+
     /// Calls `action` under a context of the caller's choosing.
     pub async fn call_as(
         &mut self,

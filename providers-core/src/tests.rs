@@ -124,6 +124,35 @@ fn registry_checks_names() {
 }
 
 #[test]
+fn permissions_default_to_service_dot_action_and_are_checked() {
+    let d = desc("inventory", "1.0.0")
+        .action(Action::new("get"))
+        .action(Action::new("adjust").permission("inventory.write"));
+    assert_eq!(
+        d.actions[0].permission, "inventory.get",
+        "not the bare 'get'"
+    );
+    assert_eq!(d.actions[1].permission, "inventory.write");
+
+    for bad in [
+        "", "Kv.read", "kv.*", "kv..read", ".kv", "kv read", "9kv.read",
+    ] {
+        let mut d = desc("kv", "1.0.0").action(Action::new("get"));
+        d.actions[0].permission = bad.to_owned();
+        let err = Registry::builder().add(factory(d, "x")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "provider 'kv' from x: action 'get' needs invalid permission '{bad}' (expected dot-separated segments of a-z, 0-9, '_', '-', such as 'kv.get')"
+            ),
+        );
+    }
+    assert!(is_valid_permission("purchase-orders.amend"));
+    assert!(is_valid_permission("kv"));
+    assert!(!is_valid_permission(&"a".repeat(129)));
+}
+
+#[test]
 fn error_codes_have_stable_wire_names() {
     let names: Vec<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
     assert_eq!(

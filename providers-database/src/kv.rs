@@ -28,6 +28,9 @@ struct Connected {
     store: String,
     max_value_bytes: usize,
     default_ttl_seconds: Option<u64>,
+    max_page_bytes: usize,
+    max_keys: Option<i64>,
+    max_total_bytes: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -37,10 +40,20 @@ struct Config {
     max_value_bytes: usize,
     #[serde(default)]
     default_ttl_seconds: Option<u64>,
+    #[serde(default = "default_max_page_bytes")]
+    max_page_bytes: usize,
+    #[serde(default)]
+    max_keys: Option<i64>,
+    #[serde(default)]
+    max_total_bytes: Option<i64>,
 }
 
 fn default_max_value_bytes() -> usize {
     64 * 1024
+}
+
+fn default_max_page_bytes() -> usize {
+    1024 * 1024
 }
 
 #[derive(Deserialize)]
@@ -50,10 +63,11 @@ struct KeyReq {
     etag: Option<String>,
 }
 
+/// A `set` without its value, which is taken out of the payload as it is: deserialising it
+/// again would turn `-0` into `0`.
 #[derive(Deserialize)]
 struct SetReq {
     key: String,
-    value: Value,
     #[serde(default)]
     etag: Option<String>,
     #[serde(default)]
@@ -113,19 +127,47 @@ fn new_etag() -> i64 {
     rand::random::<i64>() & i64::MAX
 }
 
+/// ETags are opaque strings compared exactly: only the canonical text of a stored ETag
+/// matches it, so `"0" + E` or `"+" + E` do not.
 fn parse_etag(key: &str, etag: &str) -> Result<i64, ProviderError> {
-    etag.parse::<i64>().map_err(|_| {
-        ProviderError::conflict(format!(
-            "etag '{etag}' does not match the current version of key '{key}'"
-        ))
-    })
+    etag.parse::<i64>()
+        .ok()
+        .filter(|n| n.to_string() == etag)
+        .ok_or_else(|| {
+            ProviderError::conflict(format!(
+                "etag '{etag}' does not match the current version of key '{key}'"
+            ))
+        })
+}
+
+/// The smallest string greater than every string that starts with `prefix`, in code-point
+/// order (which is UTF-8 byte order, how both databases compare keys); `None` when there is
+/// none (an empty prefix, or only U+10FFFF).
+fn successor(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last {
+            '\u{D7FF}' => Some('\u{E000}'),
+            c => char::from_u32(c as u32 + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 fn entry(key: String, value: &str, etag: i64) -> Result<Value, ProviderError> {
     let value: Value = serde_json::from_str(value).map_err(|e| {
         ProviderError::internal(format!("stored value of '{key}' is not JSON: {e}"))
     })?;
-    Ok(json!({"key": key, "value": value, "etag": etag.to_string()}))
+    // Built by hand: `json!` would re-serialise the value and rewrite numbers (1e400 → 1e+400).
+    let mut item = serde_json::Map::new();
+    item.insert("key".into(), Value::String(key));
+    item.insert("value".into(), value);
+    item.insert("etag".into(), Value::String(etag.to_string()));
+    Ok(Value::Object(item))
 }
 
 impl Connected {
@@ -159,8 +201,139 @@ impl Connected {
         }
     }
 
-    async fn set(&self, req: SetReq) -> Result<Value, ProviderError> {
-        let value = req.value.to_string();
+    /// Starts a write: a transaction holding this store's usage row, created if absent. The
+    /// row lock serialises writers of one store, so each sees the others' sizes (PostgreSQL),
+    /// and as the first statement is a write, SQLite takes its write lock at once rather than
+    /// failing to upgrade a read later.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, ProviderError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query(
+            "INSERT INTO kv_usage (tenant, store, keys, bytes) VALUES ($1, $2, 0, 0) \
+             ON CONFLICT (tenant, store) DO UPDATE SET keys = kv_usage.keys",
+        )
+        .bind(&self.tenant)
+        .bind(&self.store)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        Ok(tx)
+    }
+
+    /// The stored size of `key`, expired or not: what the usage row counts.
+    async fn stored_bytes(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        key: &str,
+    ) -> Result<Option<i64>, ProviderError> {
+        let row = sqlx::query(
+            "SELECT bytes FROM kv_entries WHERE tenant = $1 AND store = $2 AND key = $3",
+        )
+        .bind(&self.tenant)
+        .bind(&self.store)
+        .bind(key)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?;
+        row.map(|r| r.try_get::<i64, _>(0)).transpose().map_err(db)
+    }
+
+    /// Moves the usage by `keys` and `bytes` if the quotas allow; whether they did.
+    async fn reserve(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        keys: i64,
+        bytes: i64,
+    ) -> Result<bool, ProviderError> {
+        let moved = sqlx::query(
+            "UPDATE kv_usage SET keys = keys + $3, bytes = bytes + $4 \
+             WHERE tenant = $1 AND store = $2 AND keys + $3 <= $5 AND bytes + $4 <= $6",
+        )
+        .bind(&self.tenant)
+        .bind(&self.store)
+        .bind(keys)
+        .bind(bytes)
+        .bind(self.max_keys.unwrap_or(i64::MAX))
+        .bind(self.max_total_bytes.unwrap_or(i64::MAX))
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        Ok(moved == 1)
+    }
+
+    /// Deletes this store's expired rows inside `tx` and takes them off the usage.
+    async fn purge_expired(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        now: i64,
+    ) -> Result<(), ProviderError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM kv_entries \
+             WHERE tenant = $1 AND store = $2 AND expires_at <= $3",
+        )
+        .bind(&self.tenant)
+        .bind(&self.store)
+        .bind(now)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db)?;
+        let (keys, bytes): (i64, i64) = (row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?);
+        if keys == 0 {
+            return Ok(());
+        }
+        sqlx::query("DELETE FROM kv_entries WHERE tenant = $1 AND store = $2 AND expires_at <= $3")
+            .bind(&self.tenant)
+            .bind(&self.store)
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("UPDATE kv_usage SET keys = keys - $3, bytes = bytes - $4 WHERE tenant = $1 AND store = $2")
+            .bind(&self.tenant)
+            .bind(&self.store)
+            .bind(keys)
+            .bind(bytes)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn quota_error(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        key: &str,
+        keys: i64,
+        bytes: i64,
+    ) -> ProviderError {
+        let usage =
+            sqlx::query("SELECT keys, bytes FROM kv_usage WHERE tenant = $1 AND store = $2")
+                .bind(&self.tenant)
+                .bind(&self.store)
+                .fetch_one(&mut **tx)
+                .await
+                .and_then(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)));
+        let (held_keys, held_bytes) = match usage {
+            Ok(u) => u,
+            Err(e) => return db(e),
+        };
+        if let Some(max) = self.max_keys
+            && held_keys + keys > max
+        {
+            return ProviderError::conflict(format!(
+                "quota exceeded: writing key '{key}' would make {} keys, more than max_keys {max} (kv config max_keys)",
+                held_keys + keys
+            ));
+        }
+        ProviderError::conflict(format!(
+            "quota exceeded: writing key '{key}' would make {} bytes, more than max_total_bytes {} (kv config max_total_bytes)",
+            held_bytes + bytes,
+            self.max_total_bytes.unwrap_or(i64::MAX)
+        ))
+    }
+
+    async fn set(&self, req: SetReq, value: Value) -> Result<Value, ProviderError> {
+        let value = value.to_string();
         if value.len() > self.max_value_bytes {
             return Err(ProviderError::validation(format!(
                 "payload/value: {} bytes exceeds the limit of {} bytes (config max_value_bytes)",
@@ -168,15 +341,36 @@ impl Connected {
                 self.max_value_bytes
             )));
         }
+        let size = i64::try_from(value.len()).unwrap_or(i64::MAX);
+        let expected = req
+            .etag
+            .as_deref()
+            .map(|e| parse_etag(&req.key, e))
+            .transpose()?;
         let now = now_ms();
         let expires = self.expiry(req.ttl_seconds, now);
         let etag = new_etag();
-        let written = match &req.etag {
+        let mut tx = self.begin_write().await?;
+        let old = self.stored_bytes(&mut tx, &req.key).await?;
+        let (keys, bytes) = (i64::from(old.is_none()), size - old.unwrap_or(0));
+        if !self.reserve(&mut tx, keys, bytes).await? {
+            // Expired rows still count until purged; purge, then try once more.
+            self.purge_expired(&mut tx, now).await?;
+            let old = self.stored_bytes(&mut tx, &req.key).await?;
+            let (keys, bytes) = (i64::from(old.is_none()), size - old.unwrap_or(0));
+            if !self.reserve(&mut tx, keys, bytes).await? {
+                let e = self.quota_error(&mut tx, &req.key, keys, bytes).await;
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        }
+        let written = match expected {
             None => sqlx::query(
-                "INSERT INTO kv_entries (tenant, store, key, value, etag, expires_at, updated_at) \
-                 VALUES ($1, $7, $2, $3, $4, $5, $6) \
+                "INSERT INTO kv_entries (tenant, store, key, value, etag, expires_at, updated_at, bytes) \
+                 VALUES ($1, $7, $2, $3, $4, $5, $6, $8) \
                  ON CONFLICT (tenant, store, key) DO UPDATE SET value = excluded.value, \
-                 etag = excluded.etag, expires_at = excluded.expires_at, updated_at = excluded.updated_at",
+                 etag = excluded.etag, expires_at = excluded.expires_at, updated_at = excluded.updated_at, \
+                 bytes = excluded.bytes",
             )
             .bind(&self.tenant)
             .bind(&req.key)
@@ -185,12 +379,13 @@ impl Connected {
             .bind(expires)
             .bind(now)
             .bind(&self.store)
-            .execute(&self.pool)
+            .bind(size)
+            .execute(&mut *tx)
             .await
             .map_err(db)?
             .rows_affected(),
             Some(expected) => sqlx::query(
-                "UPDATE kv_entries SET value = $3, etag = $4, expires_at = $5, updated_at = $6 \
+                "UPDATE kv_entries SET value = $3, etag = $4, expires_at = $5, updated_at = $6, bytes = $9 \
                  WHERE tenant = $1 AND store = $8 AND key = $2 AND etag = $7 \
                  AND (expires_at IS NULL OR expires_at > $6)",
             )
@@ -200,69 +395,76 @@ impl Connected {
             .bind(etag)
             .bind(expires)
             .bind(now)
-            .bind(parse_etag(&req.key, expected)?)
+            .bind(expected)
             .bind(&self.store)
-            .execute(&self.pool)
+            .bind(size)
+            .execute(&mut *tx)
             .await
             .map_err(db)?
             .rows_affected(),
         };
         if written == 0 {
+            let _ = tx.rollback().await;
             return Err(ProviderError::conflict(format!(
                 "etag '{}' does not match the current version of key '{}'",
                 req.etag.unwrap_or_default(),
                 req.key
             )));
         }
+        tx.commit().await.map_err(db)?;
         Ok(json!({"key": req.key, "etag": etag.to_string()}))
     }
 
     async fn delete(&self, req: KeyReq) -> Result<Value, ProviderError> {
+        let expected = req
+            .etag
+            .as_deref()
+            .map(|e| parse_etag(&req.key, e))
+            .transpose()?;
         let now = now_ms();
-        let removed = match &req.etag {
-            None => sqlx::query(
-                "DELETE FROM kv_entries WHERE tenant = $1 AND store = $4 AND key = $2 \
-                 AND (expires_at IS NULL OR expires_at > $3)",
-            )
-            .bind(&self.tenant)
-            .bind(&req.key)
-            .bind(now)
-            .bind(&self.store)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?
-            .rows_affected(),
-            Some(expected) => {
-                let n = sqlx::query(
-                    "DELETE FROM kv_entries WHERE tenant = $1 AND store = $5 AND key = $2 AND etag = $3 \
-                     AND (expires_at IS NULL OR expires_at > $4)",
-                )
+        let mut tx = self.begin_write().await?;
+        let old = self.stored_bytes(&mut tx, &req.key).await?;
+        let removed = sqlx::query(
+            "DELETE FROM kv_entries WHERE tenant = $1 AND store = $4 AND key = $2 \
+             AND (expires_at IS NULL OR expires_at > $3) AND ($5 IS NULL OR etag = $5)",
+        )
+        .bind(&self.tenant)
+        .bind(&req.key)
+        .bind(now)
+        .bind(&self.store)
+        .bind(expected)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if removed == 0 && expected.is_some() {
+            let _ = tx.rollback().await;
+            return Err(ProviderError::conflict(format!(
+                "etag '{}' does not match the current version of key '{}'",
+                req.etag.unwrap_or_default(),
+                req.key
+            )));
+        }
+        if removed > 0 {
+            sqlx::query("UPDATE kv_usage SET keys = keys - 1, bytes = bytes - $3 WHERE tenant = $1 AND store = $2")
                 .bind(&self.tenant)
-                .bind(&req.key)
-                .bind(parse_etag(&req.key, expected)?)
-                .bind(now)
                 .bind(&self.store)
-                .execute(&self.pool)
+                .bind(old.unwrap_or(0))
+                .execute(&mut *tx)
                 .await
-                .map_err(db)?
-                .rows_affected();
-                if n == 0 {
-                    return Err(ProviderError::conflict(format!(
-                        "etag '{expected}' does not match the current version of key '{}'",
-                        req.key
-                    )));
-                }
-                n
-            }
-        };
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
         Ok(json!({"key": req.key, "deleted": removed > 0}))
     }
 
     async fn list(&self, req: ListReq) -> Result<Value, ProviderError> {
-        // One row more than asked tells whether there is a next page.
+        // A range over the primary key, not a filter over the whole store. One row more than
+        // asked tells whether there is a next page.
+        let upper = successor(&req.prefix);
         let rows = sqlx::query(
             "SELECT key, value, etag FROM kv_entries \
-             WHERE tenant = $1 AND store = $6 AND substr(key, 1, length($2)) = $2 AND key > $3 \
+             WHERE tenant = $1 AND store = $6 AND key >= $2 AND key > $3 AND ($7 IS NULL OR key < $7) \
              AND (expires_at IS NULL OR expires_at > $4) ORDER BY key LIMIT $5",
         )
         .bind(&self.tenant)
@@ -271,17 +473,24 @@ impl Connected {
         .bind(now_ms())
         .bind(req.limit + 1)
         .bind(&self.store)
+        .bind(upper.as_deref())
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        let more = rows.len() as i64 > req.limit;
         let mut items = Vec::with_capacity(rows.len());
+        let mut spent = 0usize;
+        let mut more = rows.len() as i64 > req.limit;
         for row in rows.iter().take(req.limit as usize) {
-            items.push(entry(
-                row.try_get(0).map_err(db)?,
-                row.try_get(1).map_err(db)?,
-                row.try_get(2).map_err(db)?,
-            )?);
+            let key: String = row.try_get(0).map_err(db)?;
+            let value: String = row.try_get(1).map_err(db)?;
+            let cost = key.len() + value.len();
+            // Always one item, so a page makes progress whatever the budget.
+            if !items.is_empty() && spent + cost > self.max_page_bytes {
+                more = true;
+                break;
+            }
+            spent += cost;
+            items.push(entry(key, &value, row.try_get(2).map_err(db)?)?);
         }
         let next = if more {
             items
@@ -322,12 +531,19 @@ impl Connected {
             );
         }
         let mut items = Vec::with_capacity(req.keys.len());
+        let mut spent = 0usize;
         for key in req.keys {
             items.push(match found.get(&key) {
                 Some((value, etag)) => {
-                    let mut e = entry(key, value, *etag)?;
-                    e["found"] = Value::Bool(true);
-                    e
+                    let cost = key.len() + value.len();
+                    if spent > 0 && spent + cost > self.max_page_bytes {
+                        json!({"key": key, "found": true, "omitted": true})
+                    } else {
+                        spent += cost;
+                        let mut e = entry(key, value, *etag)?;
+                        e["found"] = Value::Bool(true);
+                        e
+                    }
                 }
                 None => json!({"key": key, "found": false}),
             });
@@ -350,32 +566,31 @@ impl Provider for Kv {
                 "kv needs the host's system database, which was not provided",
             )
         })?;
-        crate::migrate::run(&pool).await.map_err(|e| {
+        crate::migrate::prepare(&pool).await.map_err(|e| {
             tracing::error!(error = %e, "kv migrations failed");
             ProviderError::unavailable(
                 "kv storage could not be prepared; the host log has the cause",
             )
         })?;
-        // Expired rows are invisible to reads; clearing them here bounds their number.
         let store = if ctx.service().is_empty() {
             "kv"
         } else {
             ctx.service()
         };
-        sqlx::query("DELETE FROM kv_entries WHERE tenant = $1 AND store = $3 AND expires_at <= $2")
-            .bind(ctx.tenant())
-            .bind(now_ms())
-            .bind(store)
-            .execute(&pool)
-            .await
-            .map_err(db)?;
         let connected = Connected {
             pool,
             tenant: ctx.tenant().to_owned(),
             store: store.to_owned(),
             max_value_bytes: config.max_value_bytes,
             default_ttl_seconds: config.default_ttl_seconds,
+            max_page_bytes: config.max_page_bytes,
+            max_keys: config.max_keys,
+            max_total_bytes: config.max_total_bytes,
         };
+        // Expired rows are invisible to reads; clearing them here bounds their number.
+        let mut tx = connected.begin_write().await?;
+        connected.purge_expired(&mut tx, now_ms()).await?;
+        tx.commit().await.map_err(db)?;
         self.state
             .set(connected)
             .map_err(|_| ProviderError::internal("kv connected twice"))
@@ -406,9 +621,14 @@ impl Provider for Kv {
                 state.get(req).await
             }
             "set" => {
+                let mut payload = payload;
+                let value = payload
+                    .get_mut("value")
+                    .map(Value::take)
+                    .ok_or_else(|| ProviderError::validation("payload: missing field `value`"))?;
                 let req: SetReq = parse(payload)?;
                 check_key("key", &req.key)?;
-                state.set(req).await
+                state.set(req, value).await
             }
             "delete" => {
                 let req: KeyReq = parse(payload)?;
@@ -440,7 +660,45 @@ impl Provider for Kv {
         };
         match sqlx::query("SELECT 1").execute(&state.pool).await {
             Ok(_) => Status::ready(),
-            Err(e) => Status::failed(format!("storage unreachable: {e}")),
+            Err(e) => {
+                // Like every storage error: the cause in the log, not in the status.
+                tracing::warn!(error = %e, "kv status: storage unreachable");
+                Status::failed("kv storage is unreachable; the host log has the cause")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_successor_bounds_every_string_with_the_prefix() {
+        assert_eq!(successor(""), None);
+        assert_eq!(successor("a").as_deref(), Some("b"));
+        assert_eq!(successor("a/").as_deref(), Some("a0"));
+        assert_eq!(successor("é").as_deref(), Some("ê"));
+        assert_eq!(successor("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(successor("\u{10FFFF}\u{10FFFF}"), None);
+        assert_eq!(successor("x\u{D7FF}").as_deref(), Some("x\u{E000}"));
+        for prefix in ["a", "a/", "é", "x\u{D7FF}", "k\u{10FFFF}"] {
+            let upper = successor(prefix).unwrap();
+            for tail in ["", "\0", "z", "\u{10FFFF}\u{10FFFF}"] {
+                let key = format!("{prefix}{tail}");
+                assert!(key.as_bytes() < upper.as_bytes(), "{key:?} < {upper:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn etags_match_only_their_canonical_text() {
+        assert_eq!(parse_etag("k", "42").unwrap(), 42);
+        for other in ["042", "+42", " 42", "42 ", "4_2"] {
+            assert_eq!(
+                parse_etag("k", other).unwrap_err().code,
+                providers_core::ErrorCode::Conflict
+            );
         }
     }
 }

@@ -10,7 +10,10 @@ mod token;
 
 pub use permissions::Permissions;
 pub use secrets::{Reference, find_references, resolve_references};
-pub use token::{Algorithm, Identity, KeyMaterial, TokenIssuer, TokenSettings, TokenVerifier};
+pub use token::{
+    Algorithm, DEFAULT_MAX_TOKEN_BYTES, Identity, KeyMaterial, MAX_LEEWAY_SECONDS, TokenIssuer,
+    TokenSettings, TokenVerifier,
+};
 
 /// Everything this crate can refuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +28,14 @@ pub enum SecurityError {
         /// The key's id or position.
         key: String,
         /// Why it was refused.
+        reason: String,
+    },
+    /// A setting is out of its range, with which setting and why.
+    #[error("{setting}: {reason}")]
+    BadSetting {
+        /// The setting, as written in the configuration.
+        setting: &'static str,
+        /// What is wrong with its value.
         reason: String,
     },
     /// A `${scheme:NAME}` reference could not be resolved.

@@ -4,8 +4,10 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation, decode, decode_header, encode};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::SecurityError;
 
@@ -58,9 +60,18 @@ pub struct TokenSettings {
     pub issuer: String,
     /// Required `aud`.
     pub audience: String,
-    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds; at most [`MAX_LEEWAY_SECONDS`].
     pub leeway_seconds: u64,
+    /// Longest token accepted, in bytes; a longer one is refused before it is decoded.
+    pub max_token_bytes: usize,
 }
+
+/// The largest clock skew a verifier tolerates: beyond ten minutes, `exp` stops meaning much.
+pub const MAX_LEEWAY_SECONDS: u64 = 600;
+
+/// The default of [`TokenSettings::max_token_bytes`]: room for many roles, far from the
+/// sizes that would let a client fill memory with tokens.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8192;
 
 /// The verified identity behind a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +95,8 @@ struct Claims {
     iss: Option<String>,
     aud: Option<Audience>,
     exp: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
     iat: Option<u64>,
 }
 
@@ -107,12 +120,16 @@ struct VerifyKey {
 pub struct TokenVerifier {
     keys: Vec<VerifyKey>,
     leeway_seconds: u64,
-    /// Tokens already verified, with their expiry. The same bytes verify the same way until
-    /// they expire, so a client reusing its token skips the signature check and JSON decoding.
-    verified: RwLock<HashMap<Box<str>, (Identity, u64)>>,
+    max_token_bytes: usize,
+    cache_capacity: usize,
+    /// Tokens already verified, by SHA-256 of the token, with their identity and expiry. The
+    /// same bytes verify the same way until they expire, so a client reusing its token skips
+    /// the signature check and JSON decoding. Keyed by digest, the cache holds 32 bytes per
+    /// token however long the token is.
+    verified: RwLock<HashMap<[u8; 32], (Identity, u64)>>,
 }
 
-/// Entries kept in the verified-token cache before it is emptied.
+/// Entries kept in the verified-token cache, unless set otherwise.
 const CACHE_CAPACITY: usize = 4096;
 
 fn now_seconds() -> u64 {
@@ -132,8 +149,18 @@ fn key_name(k: &KeyMaterial, index: usize) -> String {
 }
 
 impl TokenVerifier {
-    /// A verifier for `keys`; refuses short HMAC secrets and unparsable PEM.
+    /// A verifier for `keys`; refuses short HMAC secrets, unparsable PEM and a leeway over
+    /// [`MAX_LEEWAY_SECONDS`].
     pub fn new(keys: &[KeyMaterial], settings: TokenSettings) -> Result<Self, SecurityError> {
+        if settings.leeway_seconds > MAX_LEEWAY_SECONDS {
+            return Err(SecurityError::BadSetting {
+                setting: "security.leeway_seconds",
+                reason: format!(
+                    "{} is out of range (at most {MAX_LEEWAY_SECONDS})",
+                    settings.leeway_seconds
+                ),
+            });
+        }
         if keys.is_empty() {
             return Err(SecurityError::BadKey {
                 key: "(none)".into(),
@@ -165,8 +192,9 @@ impl TokenVerifier {
                 validation.set_issuer(&[&settings.issuer]);
                 validation.set_audience(&[&settings.audience]);
                 validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-                validation.leeway = settings.leeway_seconds;
-                validation.validate_nbf = true;
+                // Times are checked by `check_times`, against one clock that tests can set.
+                validation.validate_exp = false;
+                validation.validate_nbf = false;
                 Ok(VerifyKey {
                     kid: k.kid.clone(),
                     algorithm: k.algorithm,
@@ -178,38 +206,112 @@ impl TokenVerifier {
         Ok(Self {
             keys,
             leeway_seconds: settings.leeway_seconds,
+            max_token_bytes: settings.max_token_bytes,
+            cache_capacity: CACHE_CAPACITY,
             verified: RwLock::new(HashMap::new()),
         })
     }
 
+    /// The same verifier with a verified-token cache of `entries` (at least one).
+    pub fn with_cache_capacity(mut self, entries: usize) -> Self {
+        self.cache_capacity = entries.max(1);
+        self
+    }
+
+    /// How many verified tokens are cached now.
+    #[doc(hidden)]
+    pub fn cached_tokens(&self) -> usize {
+        self.verified
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// Verifies `token` (without the `Bearer ` prefix) and returns who it speaks for.
     pub fn verify(&self, token: &str) -> Result<Identity, SecurityError> {
-        let now = now_seconds();
+        self.verify_at(token, now_seconds())
+    }
+
+    /// [`verify`](Self::verify) at `now`, in seconds since the Unix epoch.
+    pub(crate) fn verify_at(&self, token: &str, now: u64) -> Result<Identity, SecurityError> {
+        if token.len() > self.max_token_bytes {
+            return Err(SecurityError::Unauthenticated(format!(
+                "token is {} bytes, more than the limit of {} (security.max_token_bytes)",
+                token.len(),
+                self.max_token_bytes
+            )));
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some((identity, exp)) = self
             .verified
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(token)
+            .get(&digest)
             && now < exp.saturating_add(self.leeway_seconds)
         {
             return Ok(identity.clone());
         }
-        let (identity, exp) = self.verify_signed(token)?;
+        let (identity, exp) = self.verify_signed(token, now)?;
         let mut cache = self.verified.write().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_CAPACITY {
+        if cache.len() >= self.cache_capacity {
             cache.retain(|_, (_, exp)| now < exp.saturating_add(self.leeway_seconds));
-            if cache.len() >= CACHE_CAPACITY {
+            if cache.len() >= self.cache_capacity {
                 cache.clear();
             }
         }
-        cache.insert(token.into(), (identity.clone(), exp));
+        cache.insert(digest, (identity.clone(), exp));
         Ok(identity)
     }
 
-    fn verify_signed(&self, token: &str) -> Result<(Identity, u64), SecurityError> {
+    /// `exp`, `nbf` and `iat` against `now`, each with the leeway.
+    fn check_times(&self, claims: &Claims, now: u64) -> Result<(), SecurityError> {
+        let unauth = |s: &str| Err(SecurityError::Unauthenticated(s.to_owned()));
+        let leeway = self.leeway_seconds;
+        if claims
+            .exp
+            .is_some_and(|exp| now >= exp.saturating_add(leeway))
+        {
+            return unauth("token has expired");
+        }
+        if claims
+            .nbf
+            .is_some_and(|nbf| nbf > now.saturating_add(leeway))
+        {
+            return unauth("token is not valid yet (nbf)");
+        }
+        if claims
+            .iat
+            .is_some_and(|iat| iat > now.saturating_add(leeway))
+        {
+            return unauth("token was issued in the future (iat)");
+        }
+        Ok(())
+    }
+
+    fn verify_signed(&self, token: &str, now: u64) -> Result<(Identity, u64), SecurityError> {
         let unauth = |s: &str| SecurityError::Unauthenticated(s.to_owned());
         // An unknown or "none" algorithm fails here: the header's alg must be one we implement.
         let header = decode_header(token).map_err(|_| unauth("malformed bearer token"))?;
+        // jsonwebtoken's header type drops members it does not know, so `crit` (RFC 7515
+        // §4.1.11: extensions the recipient must understand) is looked for in the raw header.
+        // This verifier understands none, so any is a refusal.
+        let raw_header = token
+            .split('.')
+            .next()
+            .and_then(|h| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(h)
+                    .ok()
+            })
+            .and_then(|h| {
+                serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&h).ok()
+            })
+            .ok_or_else(|| unauth("malformed bearer token"))?;
+        if raw_header.contains_key("crit") {
+            return Err(unauth(
+                "token header lists critical extensions ('crit'), which this verifier does not support",
+            ));
+        }
         let candidates = self.keys.iter().filter(|k| {
             k.algorithm.jwt() == header.alg
                 && match (&header.kid, &k.kid) {
@@ -223,6 +325,7 @@ impl TokenVerifier {
             match decode::<Claims>(token, &k.key, &k.validation) {
                 Ok(data) => {
                     let c = data.claims;
+                    self.check_times(&c, now)?;
                     if c.tenant_id.is_empty() {
                         return Err(unauth("token has an empty tenant_id claim"));
                     }
@@ -312,6 +415,7 @@ impl TokenIssuer {
             iss: Some(self.settings.issuer.clone()),
             aud: Some(Audience::One(self.settings.audience.clone())),
             exp: Some(now + ttl_seconds),
+            nbf: None,
             iat: Some(now),
         };
         let mut header = Header::new(self.algorithm.jwt());

@@ -1,6 +1,7 @@
 //! From TOML text to a checked [`Config`]: parse, resolve references, check against the registry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -8,9 +9,13 @@ use providers_core::semver::VersionReq;
 use providers_core::{Factory, Registry, is_valid_name};
 use providers_security::{Algorithm, KeyMaterial, Permissions, TokenSettings};
 use serde_json::Value;
+use toml::Spanned;
 
 use super::source::{Source, merge, resolve_value};
-use super::{ConfigError, Limits, RawConfig, RawKey, RawProvider, ServerConfig, StorageConfig};
+use super::{
+    ConfigError, Limits, RawConfig, RawKey, RawProvider, RawSecurity, RawStorage, RawTenant,
+    ServerConfig, StorageConfig,
+};
 
 /// A configuration that parsed and checked against the registry; the host runs from it.
 pub struct Config {
@@ -38,7 +43,7 @@ pub struct ServicePlan {
     pub service: String,
     /// The provider serving it.
     pub factory: Arc<dyn Factory>,
-    /// Calls in the readiness check.
+    /// Whether readiness depends on it.
     pub required: bool,
     /// Compiled input schemas, by action.
     pub validators: HashMap<String, jsonschema::Validator>,
@@ -53,7 +58,7 @@ pub struct TenantPlan {
 /// A service as one tenant sees it.
 pub struct TenantService {
     /// The service.
-    pub plan: Arc<ServicePlan>,
+    pub service: Arc<ServicePlan>,
     /// The provider's base config overlaid by the tenant's overrides.
     pub config: Value,
     /// The tighter of the provider's and the tenant's limits.
@@ -85,11 +90,12 @@ pub fn load_str(
     registry: &Registry,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, Vec<ConfigError>> {
-    let src = Source { name, text };
-    let mut errors = src.check_references(env);
+    let src = Source::new(name, text);
+    let errors = src.check_references(env);
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
+            let mut errors = errors;
             errors.push(match e.span() {
                 Some(span) => src.error_at(span, e.message().trim_end()),
                 None => src.error(e.message().trim_end()),
@@ -100,37 +106,86 @@ pub fn load_str(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let mut ck = Checker {
+    let mut checker = Checker {
         src,
         base_dir,
         env,
         errors,
-        invalid_base: Default::default(),
+        per_tenant: BTreeMap::new(),
     };
-    let config = ck.check(raw, registry);
-    if ck.errors.is_empty() {
-        config.ok_or_else(|| vec![ck.src.error("configuration is invalid")])
+    let config = checker.check(raw, registry);
+    let errors = checker.finish();
+    if errors.is_empty() {
+        Ok(config)
     } else {
-        Err(ck.errors)
+        Err(errors)
     }
 }
+
+/// Placeholder for the tenant's name in per-tenant messages, so the same mistake made in
+/// many tenants is reported once.
+const TENANT: &str = "{tenant}";
 
 struct Checker<'a> {
     src: Source<'a>,
     base_dir: &'a Path,
     env: &'a dyn Fn(&str) -> Option<String>,
     errors: Vec<ConfigError>,
-    /// Services whose base config failed its schema (reported once, at the provider).
-    invalid_base: std::collections::BTreeSet<String>,
+    /// Per-tenant messages (with [`TENANT`] in place of the name) and where each occurred.
+    per_tenant: BTreeMap<String, Vec<(Range<usize>, String)>>,
+}
+
+/// A `[[providers]]` entry that checked: its plan, its base config resolved, and its limits.
+struct Provided {
+    plan: Arc<ServicePlan>,
+    base: Value,
+    limits: Limits,
+    /// The config schema, compiled once for every tenant; `None` when the base config or
+    /// the schema itself was invalid (reported once, at the provider, not per tenant).
+    config_schema: Option<jsonschema::Validator>,
 }
 
 impl Checker<'_> {
-    fn at(&mut self, span: std::ops::Range<usize>, message: impl Into<String>) {
+    fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let e = self.src.error_at(span, message);
         self.errors.push(e);
     }
 
-    fn resolve(&mut self, span: std::ops::Range<usize>, text: &str) -> String {
+    /// An error about `tenant`, written with [`TENANT`] where the tenant's name goes.
+    fn tenant_at(&mut self, span: Range<usize>, tenant: &str, template: String) {
+        self.per_tenant
+            .entry(template)
+            .or_default()
+            .push((span, tenant.to_owned()));
+    }
+
+    /// Every error, in file order; each per-tenant mistake once, naming how many more
+    /// tenants repeat it.
+    fn finish(mut self) -> Vec<ConfigError> {
+        for (template, mut places) in std::mem::take(&mut self.per_tenant) {
+            places.sort_by_key(|(span, _)| span.start);
+            let (span, first) = places[0].clone();
+            let mut message = template.replace(TENANT, &format!("'{first}'"));
+            if places.len() > 1 {
+                let others: Vec<&str> = places[1..].iter().map(|(_, t)| t.as_str()).collect();
+                let shown = others.len().min(3);
+                let mut list = others[..shown].join(", ");
+                if others.len() > shown {
+                    list.push_str(&format!(", …{} more", others.len() - shown));
+                }
+                message.push_str(&format!(
+                    " (the same in {} more tenant{}: {list})",
+                    others.len(),
+                    if others.len() == 1 { "" } else { "s" }
+                ));
+            }
+            self.at(span, message);
+        }
+        self.errors.sort_by_key(|e| (e.line, e.column));
+        self.errors
+    }
+
+    fn resolve(&mut self, span: Range<usize>, text: &str) -> String {
         let mut v = toml::Value::String(text.to_owned());
         match resolve_value(&mut v, self.env) {
             Ok(()) => v.as_str().unwrap_or_default().to_owned(),
@@ -141,31 +196,135 @@ impl Checker<'_> {
         }
     }
 
-    fn check(&mut self, raw: RawConfig, registry: &Registry) -> Option<Config> {
+    fn check(&mut self, raw: RawConfig, registry: &Registry) -> Config {
+        self.server(&raw.server);
+        let storage = self.storage(raw.storage);
+        let (token, keys, permissions) = self.security(raw.security);
+        let declared: BTreeSet<String> = raw
+            .providers
+            .iter()
+            .map(|p| p.get_ref().service.get_ref().clone())
+            .collect();
+        let mut provided = BTreeMap::new();
+        for entry in raw.providers {
+            let span = entry.span();
+            let entry = entry.into_inner();
+            let Some(p) = self.provider(span, &entry, registry) else {
+                continue;
+            };
+            let name = p.plan.service.clone();
+            if provided.contains_key(&name) {
+                self.at(
+                    entry.service.span(),
+                    format!("service '{name}' is configured twice"),
+                );
+                continue;
+            }
+            provided.insert(name, p);
+        }
+        let mut tenants = BTreeMap::new();
+        for (name, tenant) in raw.tenants {
+            let span = name.span();
+            let name = name.into_inner();
+            let plan = self.tenant(span, &name, tenant.into_inner(), &provided, &declared);
+            tenants.insert(name, plan);
+        }
+        Config {
+            source: self.src.name.to_owned(),
+            server: raw.server,
+            storage,
+            token,
+            keys,
+            permissions,
+            services: provided
+                .into_iter()
+                .map(|(name, p)| (name, p.plan))
+                .collect(),
+            tenants,
+        }
+    }
+
+    fn server(&mut self, server: &ServerConfig) {
+        if server.max_connections == 0 {
+            self.at(0..0, "server.max_connections: must be at least 1");
+        }
+        if server.connect_backoff > server.connect_backoff_max {
+            self.at(
+                0..0,
+                "server.connect_backoff: must not exceed server.connect_backoff_max",
+            );
+        }
+    }
+
+    fn storage(&mut self, raw: RawStorage) -> StorageConfig {
         let storage = StorageConfig {
-            url: self.resolve(raw.storage.url.span(), raw.storage.url.get_ref()),
-            max_connections: *raw.storage.max_connections.get_ref(),
+            url: self.resolve(raw.url.span(), raw.url.get_ref()),
+            max_connections: *raw.max_connections.get_ref(),
+            builtin_max_connections: *raw.builtin_max_connections.get_ref(),
+            events_retention: raw.events_retention,
+            events_max_rows: raw.events_max_rows,
         };
         if !(storage.url.starts_with("sqlite:")
             || storage.url.starts_with("postgres://")
             || storage.url.starts_with("postgresql://"))
         {
             self.at(
-                raw.storage.url.span(),
+                raw.url.span(),
                 "storage.url: expected 'sqlite://path' or 'postgres://...'",
             );
         }
-        if storage.max_connections == 0 {
+        for (value, name) in [
+            (&raw.max_connections, "max_connections"),
+            (&raw.builtin_max_connections, "builtin_max_connections"),
+        ] {
+            if *value.get_ref() == 0 {
+                self.at(value.span(), format!("storage.{name}: must be at least 1"));
+            }
+        }
+        if storage.events_max_rows == 0 {
+            self.at(0..0, "storage.events_max_rows: must be at least 1");
+        }
+        storage
+    }
+
+    fn security(
+        &mut self,
+        raw: Spanned<RawSecurity>,
+    ) -> (TokenSettings, Vec<KeyMaterial>, Permissions) {
+        let span = raw.span();
+        let security = raw.into_inner();
+        let leeway = *security.leeway_seconds.get_ref();
+        if leeway > providers_security::MAX_LEEWAY_SECONDS {
             self.at(
-                raw.storage.max_connections.span(),
-                "storage.max_connections: must be at least 1",
+                security.leeway_seconds.span(),
+                format!(
+                    "security.leeway_seconds: {leeway} is out of range (at most {})",
+                    providers_security::MAX_LEEWAY_SECONDS
+                ),
             );
         }
-
-        let security_span = raw.security.span();
-        let security = raw.security.into_inner();
+        let max_token_bytes = *security.max_token_bytes.get_ref();
+        if !(256..=1024 * 1024).contains(&max_token_bytes) {
+            self.at(
+                security.max_token_bytes.span(),
+                format!(
+                    "security.max_token_bytes: {max_token_bytes} is out of range (256 to 1048576)"
+                ),
+            );
+        }
+        let token = TokenSettings {
+            issuer: security.issuer,
+            audience: security.audience,
+            leeway_seconds: leeway.min(providers_security::MAX_LEEWAY_SECONDS),
+            max_token_bytes,
+        };
         let mut keys = Vec::new();
-        let declared_keys = security.keys.len();
+        if security.keys.is_empty() {
+            self.at(
+                span.clone(),
+                "security: at least one [[security.keys]] entry is needed to verify tokens",
+            );
+        }
         for key in security.keys {
             let span = key.span();
             if let Some(k) = self.key(span.clone(), key.into_inner()) {
@@ -174,6 +333,7 @@ impl Checker<'_> {
                     issuer: String::new(),
                     audience: String::new(),
                     leeway_seconds: 0,
+                    max_token_bytes: providers_security::DEFAULT_MAX_TOKEN_BYTES,
                 };
                 match providers_security::TokenVerifier::new(std::slice::from_ref(&k), settings) {
                     Ok(_) => keys.push(k),
@@ -181,181 +341,97 @@ impl Checker<'_> {
                 }
             }
         }
-        if declared_keys == 0 {
-            self.at(
-                security_span.clone(),
-                "security: at least one [[security.keys]] entry is needed to verify tokens",
-            );
-        }
         for (role, grants) in &security.roles {
             if grants.iter().any(|g| g.is_empty()) {
                 self.at(
-                    security_span.clone(),
+                    span.clone(),
                     format!("security.roles.{role}: empty permission"),
                 );
             }
         }
-
-        let mut services = BTreeMap::new();
-        let mut provider_entries = BTreeMap::new();
-        let declared: std::collections::BTreeSet<String> = raw
-            .providers
-            .iter()
-            .map(|p| p.get_ref().service.get_ref().clone())
-            .collect();
-        for entry in raw.providers {
-            let span = entry.span();
-            let entry = entry.into_inner();
-            if let Some(plan) = self.provider(span.clone(), &entry, registry) {
-                let name = plan.service.clone();
-                if services.contains_key(&name) {
-                    self.at(
-                        entry.service.span(),
-                        format!("service '{name}' is configured twice"),
-                    );
-                    continue;
-                }
-                services.insert(name.clone(), Arc::new(plan));
-                provider_entries.insert(name, entry);
-            }
-        }
-
-        let mut tenants = BTreeMap::new();
-        for (name, tenant) in raw.tenants {
-            let tenant_span = name.span();
-            let name = name.into_inner();
-            if !is_valid_name(&name) {
-                self.at(tenant_span.clone(), format!("tenant '{name}': invalid name (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"));
-            }
-            let tenant = tenant.into_inner();
-            if tenant.limits.max_concurrency == Some(0) {
-                self.at(
-                    tenant_span.clone(),
-                    format!("tenant '{name}': limits.max_concurrency must be at least 1"),
-                );
-            }
-            let mut enabled = BTreeMap::new();
-            for service in &tenant.services {
-                let s = service.get_ref();
-                let Some(plan) = services.get(s) else {
-                    // A configured service that failed its own checks was reported already.
-                    if !declared.contains(s.as_str()) {
-                        self.at(service.span(), format!("tenant '{name}' enables service '{s}', which no [[providers]] entry configures"));
-                    }
-                    continue;
-                };
-                let Some(entry) = provider_entries.get(s) else {
-                    continue;
-                };
-                let mut base = toml::Value::Table(entry.config.get_ref().clone());
-                if let Err(e) = resolve_value(&mut base, self.env) {
-                    self.at(entry.config.span(), e);
-                }
-                let mut config = to_json(base);
-                // A zero was reported where it is written (the provider or the tenant limits).
-                let mut limits = entry.limits.tighter(tenant.limits);
-                if limits.max_concurrency == Some(0) {
-                    limits.max_concurrency = Some(1);
-                }
-                let overrides = tenant
-                    .providers
-                    .iter()
-                    .find(|(k, _)| k.get_ref() == s)
-                    .map(|(_, v)| v);
-                if let Some(overrides) = tenant
-                    .providers
-                    .iter()
-                    .find(|(k, _)| k.get_ref() == s)
-                    .map(|(_, v)| v)
-                {
-                    let mut o = toml::Value::Table(overrides.get_ref().clone());
-                    if let Err(e) = resolve_value(&mut o, self.env) {
-                        self.at(overrides.span(), e);
-                    }
-                    merge(&mut config, to_json(o));
-                }
-                // An invalid base config was reported at the provider; once is enough.
-                if !self.invalid_base.contains(s.as_str()) {
-                    let schema = &plan.factory.descriptor().config_schema;
-                    let place = overrides.map_or(tenant_span.clone(), |o| o.span());
-                    let what = format!("tenant '{name}', service '{s}' config");
-                    self.validate_config(schema, &config, place, &what);
-                }
-                enabled.insert(
-                    s.clone(),
-                    TenantService {
-                        plan: plan.clone(),
-                        config,
-                        limits,
-                    },
-                );
-            }
-            for (service, overrides) in &tenant.providers {
-                if !tenant
-                    .services
-                    .iter()
-                    .any(|s| s.get_ref() == service.get_ref())
-                {
-                    self.at(overrides.span(), format!("tenant '{name}' overrides the config of '{}', which it does not enable (add it to services)", service.get_ref()));
-                }
-            }
-            tenants.insert(name, TenantPlan { services: enabled });
-        }
-
-        Some(Config {
-            source: self.src.name.to_owned(),
-            server: raw.server,
-            storage,
-            token: TokenSettings {
-                issuer: security.issuer,
-                audience: security.audience,
-                leeway_seconds: security.leeway_seconds,
-            },
-            keys,
-            permissions: Permissions::new(security.roles),
-            services,
-            tenants,
-        })
+        (token, keys, Permissions::new(security.roles))
     }
 
-    /// Returns whether `config` satisfies `schema`, reporting at `span` when it does not.
-    fn validate_config(
+    fn tenant(
         &mut self,
-        schema: &Value,
-        config: &Value,
-        span: std::ops::Range<usize>,
-        what: &str,
-    ) -> bool {
-        match jsonschema::validator_for(schema) {
-            Ok(v) => match v.validate(config) {
-                Ok(()) => true,
-                Err(e) => {
-                    let path = e.instance_path().as_str().to_owned();
-                    let at = if path.is_empty() {
-                        "/".to_owned()
-                    } else {
-                        path
-                    };
-                    self.at(span, format!("{what} at '{at}': {e}"));
-                    false
+        span: Range<usize>,
+        name: &str,
+        tenant: RawTenant,
+        provided: &BTreeMap<String, Provided>,
+        declared: &BTreeSet<String>,
+    ) -> TenantPlan {
+        if !is_valid_name(name) {
+            self.at(span.clone(), format!("tenant '{name}': invalid name (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"));
+        }
+        if tenant.limits.max_concurrency == Some(0) {
+            self.tenant_at(
+                span.clone(),
+                name,
+                format!("tenant {TENANT}: limits.max_concurrency must be at least 1"),
+            );
+        }
+        let mut enabled = BTreeMap::new();
+        for service in &tenant.services {
+            let s = service.get_ref();
+            let Some(p) = provided.get(s) else {
+                // A configured service that failed its own checks was reported already.
+                if !declared.contains(s.as_str()) {
+                    self.tenant_at(service.span(), name, format!("tenant {TENANT} enables service '{s}', which no [[providers]] entry configures"));
                 }
-            },
-            Err(e) => {
-                self.at(
-                    span,
-                    format!("{what}: the provider's config schema is invalid: {e}"),
-                );
-                false
+                continue;
+            };
+            let mut config = p.base.clone();
+            let overrides = tenant.providers.iter().find(|(k, _)| k.get_ref() == s);
+            if let Some((_, overrides)) = overrides {
+                let mut o = toml::Value::Table(overrides.get_ref().clone());
+                if let Err(e) = resolve_value(&mut o, self.env) {
+                    self.at(overrides.span(), e);
+                }
+                merge(&mut config, to_json(o));
+            }
+            // An invalid base config was reported at the provider; once is enough.
+            if let Some(schema) = &p.config_schema {
+                let place = overrides.map_or(span.clone(), |(_, o)| o.span());
+                if let Some(problem) = config_problem(schema, &config) {
+                    self.tenant_at(
+                        place,
+                        name,
+                        format!("tenant {TENANT}, service '{s}' config{problem}"),
+                    );
+                }
+            }
+            // A zero was reported where it is written (the provider or the tenant limits).
+            let mut limits = p.limits.tighter(tenant.limits);
+            if limits.max_concurrency == Some(0) {
+                limits.max_concurrency = Some(1);
+            }
+            enabled.insert(
+                s.clone(),
+                TenantService {
+                    service: p.plan.clone(),
+                    config,
+                    limits,
+                },
+            );
+        }
+        for (service, overrides) in &tenant.providers {
+            if !tenant
+                .services
+                .iter()
+                .any(|s| s.get_ref() == service.get_ref())
+            {
+                self.tenant_at(overrides.span(), name, format!("tenant {TENANT} overrides the config of '{}', which it does not enable (add it to services)", service.get_ref()));
             }
         }
+        TenantPlan { services: enabled }
     }
 
     fn provider(
         &mut self,
-        span: std::ops::Range<usize>,
+        span: Range<usize>,
         entry: &RawProvider,
         registry: &Registry,
-    ) -> Option<ServicePlan> {
+    ) -> Option<Provided> {
         let service = entry.service.get_ref();
         if !is_valid_name(service) {
             self.at(entry.service.span(), format!("invalid service name '{service}' (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"));
@@ -395,7 +471,7 @@ impl Checker<'_> {
                     validators.insert(action.name.clone(), v);
                 }
                 Err(e) => {
-                    self.at(span.clone(), format!("provider '{}' {} ({}) declares an invalid input schema for action '{}': {e}", d.service, d.version, factory.origin(), action.name));
+                    self.at(span, format!("provider '{}' {} ({}) declares an invalid input schema for action '{}': {e}", d.service, d.version, factory.origin(), action.name));
                     return None;
                 }
             }
@@ -407,26 +483,43 @@ impl Checker<'_> {
             );
         }
         let mut base = toml::Value::Table(entry.config.get_ref().clone());
-        if resolve_value(&mut base, self.env).is_ok() {
-            let what = format!("service '{service}' config");
-            if !self.validate_config(
-                &d.config_schema.clone(),
-                &to_json(base),
-                entry.config.span(),
-                &what,
-            ) {
-                self.invalid_base.insert(service.clone());
+        let resolved = resolve_value(&mut base, self.env).is_ok();
+        let base = to_json(base);
+        let config_schema = match jsonschema::validator_for(&d.config_schema) {
+            Ok(schema) => match config_problem(&schema, &base) {
+                Some(problem) => {
+                    self.at(
+                        entry.config.span(),
+                        format!("service '{service}' config{problem}"),
+                    );
+                    None
+                }
+                None => resolved.then_some(schema),
+            },
+            Err(e) => {
+                self.at(
+                    entry.config.span(),
+                    format!(
+                        "service '{service}' config: the provider's config schema is invalid: {e}"
+                    ),
+                );
+                None
             }
-        }
-        Some(ServicePlan {
-            service: service.clone(),
-            factory,
-            required: entry.required,
-            validators,
+        };
+        Some(Provided {
+            plan: Arc::new(ServicePlan {
+                service: service.clone(),
+                factory,
+                required: entry.required,
+                validators,
+            }),
+            base,
+            limits: entry.limits,
+            config_schema,
         })
     }
 
-    fn key(&mut self, span: std::ops::Range<usize>, key: RawKey) -> Option<KeyMaterial> {
+    fn key(&mut self, span: Range<usize>, key: RawKey) -> Option<KeyMaterial> {
         let algorithm = match key.algorithm.get_ref().as_str() {
             "HS256" => Algorithm::HS256,
             "RS256" => Algorithm::RS256,
@@ -517,6 +610,16 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// What is wrong with `config` under `schema`, as the tail of a message (" at '/x': …"),
+/// or `None` when it fits.
+fn config_problem(schema: &jsonschema::Validator, config: &Value) -> Option<String> {
+    schema.validate(config).err().map(|e| {
+        let path = e.instance_path().as_str();
+        let at = if path.is_empty() { "/" } else { path };
+        format!(" at '{at}': {e}")
+    })
 }
 
 fn to_json(value: toml::Value) -> Value {

@@ -46,9 +46,35 @@ pub struct ServerConfig {
     /// An instance unused this long is disconnected and dropped.
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
-    /// How long shutdown waits for in-flight calls before disconnecting anyway.
+    /// How long shutdown waits for in-flight calls before cancelling them.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// From a request's first byte to the end of its header; a slower client is cut off.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Reading a request body; the call's own deadline applies too, whichever is sooner.
+    #[serde(with = "duration")]
+    pub body_read_timeout: Duration,
+    /// A kept-alive connection with no request in flight is closed after this.
+    #[serde(with = "duration")]
+    pub keepalive_timeout: Duration,
+    /// A response the client does not read for this long closes its connection.
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
+    /// Connections open at once; more clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Wait after a failed connect before the next attempt; doubles per failure.
+    #[serde(with = "duration")]
+    pub connect_backoff: Duration,
+    /// The longest wait between connect attempts.
+    #[serde(with = "duration")]
+    pub connect_backoff_max: Duration,
+    /// How long a readiness answer is reused, so a storm of probes costs one check.
+    #[serde(with = "duration")]
+    pub ready_cache: Duration,
+    /// Bound on one readiness check, all its probes together.
+    #[serde(with = "duration")]
+    pub ready_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +85,15 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            connect_backoff: Duration::from_secs(1),
+            connect_backoff_max: Duration::from_secs(300),
+            ready_cache: Duration::from_secs(1),
+            ready_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -69,6 +104,10 @@ impl Default for ServerConfig {
 pub(crate) struct RawStorage {
     pub url: Spanned<String>,
     pub max_connections: Spanned<u32>,
+    pub builtin_max_connections: Spanned<u32>,
+    #[serde(with = "duration")]
+    pub events_retention: Duration,
+    pub events_max_rows: u64,
 }
 
 impl Default for RawStorage {
@@ -77,18 +116,27 @@ impl Default for RawStorage {
         Self {
             url: Spanned::new(0..0, d.url),
             max_connections: Spanned::new(0..0, d.max_connections),
+            builtin_max_connections: Spanned::new(0..0, d.builtin_max_connections),
+            events_retention: d.events_retention,
+            events_max_rows: d.events_max_rows,
         }
     }
 }
 
 /// `[storage]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct StorageConfig {
     /// `sqlite://path` or `postgres://...`; may hold `${env:NAME}` references.
     pub url: String,
-    /// Pool size.
+    /// Size of the host's own pool (instance events, readiness).
     pub max_connections: u32,
+    /// Size of the pool builtin providers (`kv`) share, on the same database: their
+    /// traffic cannot take the connections the host needs for its own tables.
+    pub builtin_max_connections: u32,
+    /// Instance events older than this are deleted.
+    pub events_retention: Duration,
+    /// At most this many instance events are kept, newest first.
+    pub events_max_rows: u64,
 }
 
 impl Default for StorageConfig {
@@ -96,6 +144,9 @@ impl Default for StorageConfig {
         Self {
             url: "sqlite://data/host.db".into(),
             max_connections: 8,
+            builtin_max_connections: 8,
+            events_retention: Duration::from_secs(30 * 24 * 3600),
+            events_max_rows: 100_000,
         }
     }
 }
@@ -106,15 +157,21 @@ pub(crate) struct RawSecurity {
     pub issuer: String,
     pub audience: String,
     #[serde(default = "default_leeway")]
-    pub leeway_seconds: u64,
+    pub leeway_seconds: Spanned<u64>,
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: Spanned<usize>,
     #[serde(default)]
     pub keys: Vec<Spanned<RawKey>>,
     #[serde(default)]
     pub roles: BTreeMap<String, Vec<String>>,
 }
 
-fn default_leeway() -> u64 {
-    30
+fn default_leeway() -> Spanned<u64> {
+    Spanned::new(0..0, 30)
+}
+
+fn default_max_token_bytes() -> Spanned<usize> {
+    Spanned::new(0..0, providers_security::DEFAULT_MAX_TOKEN_BYTES)
 }
 
 #[derive(Debug, Deserialize)]

@@ -38,18 +38,38 @@ impl std::error::Error for ConfigError {}
 pub(crate) struct Source<'a> {
     pub name: &'a str,
     pub text: &'a str,
+    /// Byte offset of each line's start, computed once: a mistake repeated in thousands of
+    /// tenants must not rescan the file for each message.
+    line_starts: std::sync::OnceLock<Vec<usize>>,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    pub fn new(name: &'a str, text: &'a str) -> Self {
+        Self {
+            name,
+            text,
+            line_starts: std::sync::OnceLock::new(),
+        }
+    }
+
     /// An error at byte `offset` (an empty span from a default value has offset 0 and no place).
     pub fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
         let (line, column) = if span == (0..0) {
             (0, 0)
         } else {
-            let before = &self.text[..span.start.min(self.text.len())];
-            let line = before.matches('\n').count() + 1;
-            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-            (line, before[line_start..].chars().count() + 1)
+            let starts = self.line_starts.get_or_init(|| {
+                std::iter::once(0)
+                    .chain(self.text.match_indices('\n').map(|(i, _)| i + 1))
+                    .collect()
+            });
+            let offset = span.start.min(self.text.len());
+            let line = starts.partition_point(|&s| s <= offset);
+            let start = starts[line - 1];
+            let column = self
+                .text
+                .get(start..offset)
+                .map_or(1, |before| before.chars().count() + 1);
+            (line, column)
         };
         ConfigError {
             file: self.name.to_owned(),
@@ -174,10 +194,7 @@ mod tests {
 
     #[test]
     fn positions_are_one_based_lines_and_character_columns() {
-        let s = Source {
-            name: "h.toml",
-            text: "a = 1\nbé = \"x\"\n",
-        };
+        let s = Source::new("h.toml", "a = 1\nbé = \"x\"\n");
         let e = s.error_at(11..12, "bad");
         assert_eq!(e.to_string(), "h.toml:2:5: bad");
         assert_eq!(s.error("whole").to_string(), "h.toml: whole");
@@ -185,10 +202,10 @@ mod tests {
 
     #[test]
     fn references_are_checked_where_written_and_comments_skipped() {
-        let s = Source {
-            name: "h.toml",
-            text: "# ${env:IN_COMMENT}\nurl = \"${env:SET}\" # was ${env:OLD}\nkey = \"x#${env:UNSET}\"\nnote = \"\"\"\nfirst # ${env:UNSET2}\n\"\"\" # ${env:OLD}\n",
-        };
+        let s = Source::new(
+            "h.toml",
+            "# ${env:IN_COMMENT}\nurl = \"${env:SET}\" # was ${env:OLD}\nkey = \"x#${env:UNSET}\"\nnote = \"\"\"\nfirst # ${env:UNSET2}\n\"\"\" # ${env:OLD}\n",
+        );
         let env = |n: &str| (n == "SET").then(|| "v".to_owned());
         let errors: Vec<String> = s
             .check_references(&env)

@@ -1,6 +1,7 @@
 //! The one place where errors become HTTP responses.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use axum::Json;
@@ -60,17 +61,66 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Refusals (401/403) logged per second at most; the rest are counted and summed up in the
+/// next second's first line, so a flood of bad tokens cannot flood the log.
+const REFUSALS_LOGGED_PER_SECOND: u64 = 10;
+
+/// Counts lines per one-second window; what is over the budget is counted, not logged.
+struct Sampler {
+    window: AtomicU64,
+    in_window: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+static REFUSALS: Sampler = Sampler::new();
+
+impl Sampler {
+    const fn new() -> Self {
+        Self {
+            window: AtomicU64::new(0),
+            in_window: AtomicU64::new(0),
+            unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a line at `second` may be logged, and how many went unlogged before it.
+    fn sample(&self, second: u64, budget: u64) -> (bool, u64) {
+        if self.window.swap(second, Ordering::AcqRel) != second {
+            self.in_window.store(0, Ordering::Release);
+        }
+        if self.in_window.fetch_add(1, Ordering::AcqRel) < budget {
+            (true, self.unlogged.swap(0, Ordering::AcqRel))
+        } else {
+            self.unlogged.fetch_add(1, Ordering::AcqRel);
+            (false, 0)
+        }
+    }
+}
+
+fn sample_refusal() -> (bool, u64) {
+    let second = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    REFUSALS.sample(second, REFUSALS_LOGGED_PER_SECOND)
+}
+
 /// Writes `error` in the one error shape.
+///
+/// Details can carry client-supplied text (a tenant or role from a token), so they are
+/// logged with `?`: quoted and escaped, a newline in them cannot forge a log line.
 pub fn render(error: &ApiError, request_id: &str) -> Response {
     let status = error.status.unwrap_or_else(|| status_of(error.error.code));
     if status.is_server_error() {
-        tracing::warn!(request_id, code = %error.error.code, detail = %error.error.detail, "request failed");
+        tracing::warn!(request_id, code = %error.error.code, detail = ?error.error.detail, "request failed");
     } else if matches!(
         error.error.code,
         ErrorCode::Unauthenticated | ErrorCode::Forbidden
     ) {
         // Refusals leave a trail for operators until the audit log exists.
-        tracing::warn!(target: "provider_host::refused", request_id, code = %error.error.code, detail = %error.error.detail, "request refused");
+        let (log, unlogged) = sample_refusal();
+        if log {
+            tracing::warn!(target: "provider_host::refused", request_id, code = %error.error.code, detail = ?error.error.detail, unlogged_before = unlogged, "request refused");
+        }
     }
     let body = json!({
         "error_code": error.error.code.as_str(),
@@ -79,4 +129,67 @@ pub fn render(error: &ApiError, request_id: &str) -> Response {
         "timestamp": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
     });
     (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_lines_are_sampled_per_second_and_the_rest_counted() {
+        let sampler = Sampler::new();
+        let logged = (0..25).filter(|_| sampler.sample(7, 10).0).count();
+        assert_eq!(logged, 10);
+        assert_eq!(
+            sampler.sample(8, 10),
+            (true, 15),
+            "the next second says how many went unlogged"
+        );
+        assert_eq!(sampler.sample(8, 10), (true, 0));
+    }
+
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn client_text_cannot_forge_log_lines() {
+        let buffer = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let buffer = buffer.clone();
+            move || Captured(buffer.clone())
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(writer)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for code in [ErrorCode::Forbidden, ErrorCode::ProviderUnavailable] {
+                let error = ApiError::new(code, "tenant \"evil\nWARN forged: admin logged in\"");
+                render(&error, "req-1");
+            }
+        });
+        let text =
+            String::from_utf8_lossy(&buffer.lock().unwrap_or_else(|p| p.into_inner())).to_string();
+        assert_eq!(text.lines().count(), 2, "one line per error: {text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("WARN forged")),
+            "no line begins with client text: {text}"
+        );
+        assert!(
+            text.contains(r#"\nWARN forged"#),
+            "escaped in place: {text}"
+        );
+    }
 }

@@ -3,6 +3,7 @@
 mod error;
 pub mod openapi;
 mod routes;
+mod serve;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, status_of};
+pub use serve::ConnectionLimits;
 
 use crate::host::Host;
 
@@ -79,57 +81,48 @@ pub fn router(host: Arc<Host>) -> Router {
         .with_state(host)
 }
 
-/// Serves `host` on `listener` until `shutdown` resolves; then lets in-flight requests
-/// finish and disconnects every instance, all within one shutdown grace.
+/// Serves `host` on `listener` until `shutdown` resolves. Then it stops accepting, closes
+/// idle connections, lets requests in flight finish within the shutdown grace, cancels the
+/// ones that do not, and only then disconnects every instance and closes storage.
 pub async fn serve(
     host: Arc<Host>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sweeper = {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut sweeper = {
         let host = host.clone();
-        let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(host.eviction_period());
             tick.tick().await;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => { host.evict_idle().await; }
-                    _ = stop.changed() => break,
+                    _ = tick.tick() => { host.maintain().await; }
+                    _ = stop_rx.changed() => break,
                 }
             }
         })
     };
-    let grace = host.config().server.shutdown_grace;
-    let mut stopped = stop_rx.clone();
-    let signal = async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    };
-    let server = axum::serve(listener, router(host.clone())).with_graceful_shutdown(signal);
-    let (result, deadline) = {
-        let mut server = std::pin::pin!(server.into_future());
-        tokio::select! {
-            result = &mut server => (result, Instant::now() + grace),
-            _ = stopped.changed() => {
-                // One grace for everything: open requests first, then the instances' drain.
-                let deadline = Instant::now() + grace;
-                match tokio::time::timeout_at(deadline.into(), &mut server).await {
-                    Ok(result) => (result, deadline),
-                    Err(_) => {
-                        // Their connection tasks are not cancelled; their instances are disconnected next.
-                    tracing::warn!("requests still open after the shutdown grace are abandoned");
-                        (Ok(()), deadline)
-                    }
-                }
-            }
-        }
-        // The server future, and with it the stop sender, is dropped here.
-    };
+    let mut connections = serve::Connections::new(ConnectionLimits::of(&host.config().server));
+    connections
+        .accept(&listener, &router(host.clone()), shutdown)
+        .await;
+    drop(listener);
+    tracing::info!("shutdown requested; finishing in-flight requests");
+    let deadline = Instant::now() + host.config().server.shutdown_grace;
+    let open = connections.finish(deadline).await;
+    if open > 0 {
+        tracing::warn!(
+            connections = open,
+            "requests still running after the shutdown grace are cancelled"
+        );
+        // Dropping a connection drops the call it serves; calls running elsewhere (a connect)
+        // are cancelled by the instances' own drain.
+        connections.abort().await;
+    }
     // The sweeper stops between sweeps, never halfway through a disconnect, unless a sweep
     // outlasts the grace.
-    let mut sweeper = sweeper;
+    let _ = stop_tx.send(true);
     if tokio::time::timeout_at(deadline.into(), &mut sweeper)
         .await
         .is_err()
@@ -137,5 +130,5 @@ pub async fn serve(
         sweeper.abort();
     }
     host.shutdown(deadline).await;
-    result
+    Ok(())
 }

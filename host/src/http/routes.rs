@@ -1,7 +1,7 @@
 //! Route handlers. They authenticate, delegate to [`Host`] and shape the success body.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use axum::Extension;
 use axum::Json;
@@ -42,8 +42,23 @@ pub async fn call(
     let (parts, body) = request.into_parts();
     let identity = host.authenticate(authorization(&parts.headers))?;
     host.tenant(&identity.tenant)?;
-    let limit = host.config().server.body_limit_bytes;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let server = &host.config().server;
+    let limit = server.body_limit_bytes;
+    // A body that trickles in is cut off: within the body timeout and the call's own deadline.
+    let read_for = server.body_read_timeout.min(server.request_timeout);
+    let read = tokio::time::timeout(read_for, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError {
+            error: ProviderError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "request body was not received within {} (server.body_read_timeout)",
+                    humantime::format_duration(read_for)
+                ),
+            ),
+            status: Some(StatusCode::REQUEST_TIMEOUT),
+        })?;
+    let body = read.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {
             ApiError {
@@ -72,7 +87,11 @@ pub async fn call(
     };
     let ctx = host.context(identity, &request_id);
     let data = host.call(ctx, &service, &action, payload).await?;
-    Ok(Json(json!({"data": data, "request_id": &*request_id})))
+    // Built by hand: `json!` would re-serialise `data` and rewrite numbers (1e400 → 1e+400).
+    let mut body = serde_json::Map::new();
+    body.insert("data".into(), data);
+    body.insert("request_id".into(), Value::String(request_id.to_string()));
+    Ok(Json(Value::Object(body)))
 }
 
 /// `GET /providers`: what the caller's tenant can call.
@@ -82,32 +101,44 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let identity = host.authenticate(authorization(&headers))?;
     let tenant = host.tenant(&identity.tenant)?;
-    let mut services = Vec::new();
-    for (name, plan) in &tenant.services {
-        let d = plan.plan.factory.descriptor();
-        let actions: Vec<Value> = d
-            .actions
-            .iter()
-            .map(
-                |a| json!({"name": a.name, "permission": a.permission, "idempotent": a.idempotent}),
-            )
-            .collect();
-        services.push(json!({
-            "service": name,
-            "version": d.version.to_string(),
-            "description": d.description,
-            "kind": plan.plan.factory.kind(),
-            "status": status(&host, &identity.tenant, name).await,
-            "actions": actions,
-        }));
-    }
+    let deadline = Instant::now() + host.config().server.ready_timeout;
+    // Every service's status at once, under one bound.
+    let statuses = futures_util::future::join_all(
+        tenant
+            .services
+            .keys()
+            .map(|name| status(&host, &identity.tenant, name, deadline)),
+    )
+    .await;
+    let services: Vec<Value> = tenant
+        .services
+        .iter()
+        .zip(statuses)
+        .map(|((name, enabled), status)| {
+            let factory = &enabled.service.factory;
+            let d = factory.descriptor();
+            let actions: Vec<Value> = d
+                .actions
+                .iter()
+                .map(|a| json!({"name": a.name, "permission": a.permission, "idempotent": a.idempotent}))
+                .collect();
+            json!({
+                "service": name,
+                "version": d.version.to_string(),
+                "description": d.description,
+                "kind": factory.kind(),
+                "status": status,
+                "actions": actions,
+            })
+        })
+        .collect();
     Ok(Json(
         json!({"tenant": identity.tenant, "providers": services}),
     ))
 }
 
-async fn status(host: &Host, tenant: &str, service: &str) -> Value {
-    match host.instances().status(tenant, service).await {
+async fn status(host: &Host, tenant: &str, service: &str, deadline: Instant) -> Value {
+    match host.instances().status(tenant, service, deadline).await {
         Some(s) => json!({"state": s.state, "detail": s.detail}),
         None => {
             json!({"state": "idle", "detail": "no instance yet; one connects on the first call"})
@@ -124,25 +155,26 @@ pub async fn describe(
     let Path(service) = path.map_err(bad_path)?;
     let identity = host.authenticate(authorization(&headers))?;
     let tenant = host.tenant(&identity.tenant)?;
-    let plan = tenant.services.get(&service).ok_or_else(|| {
+    let enabled = tenant.services.get(&service).ok_or_else(|| {
         ProviderError::not_found(format!(
             "no service '{service}' is available to tenant '{}'",
             identity.tenant
         ))
     })?;
-    let factory = &plan.plan.factory;
+    let factory = &enabled.service.factory;
     let d = factory.descriptor();
+    let deadline = Instant::now() + host.config().server.ready_timeout;
     Ok(Json(json!({
         "service": service,
         "version": d.version.to_string(),
         "contract_version": d.contract_version.to_string(),
         "description": d.description,
         "kind": factory.kind(),
-        "status": status(&host, &identity.tenant, &service).await,
+        "status": status(&host, &identity.tenant, &service, deadline).await,
         "actions": d.actions,
         "limits": {
-            "timeout_ms": plan.limits.timeout.map(|t| t.as_millis() as u64),
-            "max_concurrency": plan.limits.max_concurrency,
+            "timeout_ms": enabled.limits.timeout.map(|t| t.as_millis() as u64),
+            "max_concurrency": enabled.limits.max_concurrency,
         },
     })))
 }
@@ -157,45 +189,17 @@ pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: storage answers and no required provider has a failed instance.
+/// `GET /ready`: whether this replica should receive traffic (see [`Host::readiness`]).
+/// Public, so it says only ready or not, with generic reasons; each tenant's own detail is
+/// in `GET /providers`, behind its token.
 pub async fn ready(State(host): State<Arc<Host>>) -> Result<Json<Value>, ApiError> {
-    let mut problems = Vec::new();
-    let storage = match tokio::time::timeout(Duration::from_secs(2), host.storage().ping()).await {
-        Ok(Ok(())) => "ok".to_owned(),
-        Ok(Err(e)) => format!("unreachable: {e}"),
-        Err(_) => "unreachable: no answer within 2s".to_owned(),
-    };
-    if storage != "ok" {
-        problems.push(format!("storage {storage}"));
-    }
-    let mut providers = serde_json::Map::new();
-    for (name, plan) in &host.config().services {
-        if !plan.required {
-            continue;
-        }
-        let mut state = "ok".to_owned();
-        for (tenant, tp) in &host.config().tenants {
-            if !tp.services.contains_key(name) {
-                continue;
-            }
-            if let Some(s) = host.instances().status(tenant, name).await
-                && s.state == providers_core::State::Failed
-            {
-                state = format!("failed for tenant '{tenant}': {}", s.detail);
-                problems.push(format!("provider '{name}' {state}"));
-                break;
-            }
-        }
-        providers.insert(name.clone(), Value::String(state));
-    }
-    if problems.is_empty() {
-        Ok(Json(
-            json!({"status": "ready", "checks": {"storage": storage, "providers": providers}}),
-        ))
+    let readiness = host.readiness().await;
+    if readiness.ready {
+        Ok(Json(json!({"status": "ready"})))
     } else {
         Err(ApiError::new(
             ErrorCode::ProviderUnavailable,
-            format!("not ready: {}", problems.join("; ")),
+            format!("not ready: {}", readiness.reasons.join("; ")),
         ))
     }
 }

@@ -135,14 +135,18 @@ async fn the_demo_serves_its_printed_tour_and_stops_on_sigterm() {
     let status = terminate(&mut child);
     assert!(status.success(), "exit status {status:?}");
     let logs = logs.join().unwrap();
-    assert!(logs.contains("instance disconnected"), "{logs}");
+    assert!(logs.contains("stopped"), "{logs}");
+    assert!(
+        !logs.contains("instance disconnected"),
+        "lifecycle lines are DEBUG, not INFO: {logs}"
+    );
     assert!(dir.path().join("data/host.db").exists());
 
     // The instance's whole life is in the system database.
-    let storage = provider_host::storage::Storage::open(
-        &format!("sqlite://{}/data/host.db", dir.path().display()),
-        1,
-    )
+    let storage = provider_host::storage::Storage::open(&provider_host::config::StorageConfig {
+        url: format!("sqlite://{}/data/host.db", dir.path().display()),
+        ..Default::default()
+    })
     .await
     .unwrap();
     let events = storage.events("acme", "kv").await.unwrap();

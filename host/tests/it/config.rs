@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::support::{Counters, config_text, load, registry};
+use crate::support::{Counters, Edit, config_text, load, registry};
 
 fn errors_of(text: &str) -> Vec<String> {
     let counters = Arc::new(Counters::default());
@@ -56,7 +56,7 @@ fn the_test_and_demo_configs_load() {
 
 #[test]
 fn unknown_keys_are_errors_with_line_and_column() {
-    let text = base().replace(
+    let text = base().edit(
         "idle_timeout = \"1h\"",
         "idle_timeout = \"1h\"\nidle_timout = \"2h\"",
     );
@@ -72,8 +72,8 @@ fn unknown_keys_are_errors_with_line_and_column() {
 #[test]
 fn services_versions_and_tenants_are_checked_against_the_registry() {
     let text = base()
-        .replace("version = \"^1.4\"", "version = \"^2\"")
-        .replace("services = [\"kv\"]\n", "services = [\"kv\", \"ledger\"]\n");
+        .edit("version = \"^1.4\"", "version = \"^2\"")
+        .edit("services = [\"kv\"]\n", "services = [\"kv\", \"ledger\"]\n");
     let errors = errors_of(&text);
     let version_line = line_of(&text, "version = \"^2\"");
     let ledger_line = line_of(&text, "\"ledger\"");
@@ -93,8 +93,8 @@ fn services_versions_and_tenants_are_checked_against_the_registry() {
 #[test]
 fn references_clear_secrets_and_config_schemas_are_checked() {
     let text = base()
-        .replace("${env:TEST_JWT_SECRET}", "${env:NOT_SET_ANYWHERE}")
-        .replace("label = \"acme-label\"", "label = 42");
+        .edit("${env:TEST_JWT_SECRET}", "${env:NOT_SET_ANYWHERE}")
+        .edit("label = \"acme-label\"", "label = 42");
     let errors = errors_of(&text);
     let line = line_of(&text, "NOT_SET_ANYWHERE");
     assert_eq!(
@@ -105,7 +105,7 @@ fn references_clear_secrets_and_config_schemas_are_checked() {
         "reference errors stop before semantic checks"
     );
 
-    let text = base().replace(
+    let text = base().edit(
         "${env:TEST_JWT_SECRET}",
         "plain-text-secret-plain-text-secret",
     );
@@ -118,7 +118,7 @@ fn references_clear_secrets_and_config_schemas_are_checked() {
         )]
     );
 
-    let text = base().replace("label = \"acme-label\"", "label = 42");
+    let text = base().edit("label = \"acme-label\"", "label = 42");
     let errors = errors_of(&text);
     // Reported at the tenant's override table, which made it invalid.
     let line = line_of(&text, "[tenants.acme.providers.probe]");
@@ -132,7 +132,7 @@ fn references_clear_secrets_and_config_schemas_are_checked() {
 
 #[test]
 fn syntax_errors_and_bad_values_point_at_their_place() {
-    let text = base().replace(
+    let text = base().edit(
         "request_timeout = \"3s\"",
         "request_timeout = \"3 parsecs\"",
     );
@@ -149,7 +149,7 @@ fn syntax_errors_and_bad_values_point_at_their_place() {
     let errors = errors_of("[server\nlisten = 1");
     assert!(errors[0].starts_with("test.toml:1:8: "), "{errors:?}");
 
-    let text = base().replace("service = \"quick\"", "service = \"kv\"");
+    let text = base().edit("service = \"quick\"", "service = \"kv\"");
     let errors = errors_of(&text);
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(
@@ -166,7 +166,7 @@ fn syntax_errors_and_bad_values_point_at_their_place() {
 
 #[test]
 fn durations_limits_and_partial_references_are_refused_in_place() {
-    let text = base().replace("request_timeout = \"3s\"", "request_timeout = \"0s\"");
+    let text = base().edit("request_timeout = \"3s\"", "request_timeout = \"0s\"");
     let line = line_of(&text, "\"0s\"");
     assert_eq!(
         errors_of(&text),
@@ -175,7 +175,7 @@ fn durations_limits_and_partial_references_are_refused_in_place() {
         )]
     );
 
-    let text = base().replace("${env:TEST_JWT_SECRET}", "hunter2${env:TEST_JWT_SECRET}");
+    let text = base().edit("${env:TEST_JWT_SECRET}", "hunter2${env:TEST_JWT_SECRET}");
     let line = line_of(&text, "hunter2");
     assert_eq!(
         errors_of(&text),
@@ -185,7 +185,7 @@ fn durations_limits_and_partial_references_are_refused_in_place() {
         "a literal around a reference is still a secret in clear"
     );
 
-    let text = base().replace(
+    let text = base().edit(
         "limits = { max_concurrency = 2 }",
         "limits = { max_concurrency = 0 }",
     );
@@ -200,7 +200,7 @@ fn durations_limits_and_partial_references_are_refused_in_place() {
         "{errors:?}"
     );
 
-    let text = base().replace("url = \"sqlite://unused.db\"", "url = \"mysql://nope\"");
+    let text = base().edit("url = \"sqlite://unused.db\"", "url = \"mysql://nope\"");
     let line = line_of(&text, "mysql://");
     assert_eq!(
         errors_of(&text),
@@ -211,7 +211,7 @@ fn durations_limits_and_partial_references_are_refused_in_place() {
 
     // A reference named only in a trailing comment is not resolved.
     let counters = Arc::new(Counters::default());
-    let text = base().replace("[server]", "[server] # was ${env:SOME_OLD_UNSET_VAR}");
+    let text = base().edit("[server]", "[server] # was ${env:SOME_OLD_UNSET_VAR}");
     assert!(load(&text, &registry(&counters)).is_ok());
 }
 
@@ -221,7 +221,7 @@ fn an_rs256_key_from_pem_files_verifies_tokens() {
         env!("CARGO_MANIFEST_DIR"),
         "/../providers-security/tests/keys"
     );
-    let text = base().replace(
+    let text = base().edit(
         "algorithm = \"HS256\"\nsecret = \"${env:TEST_JWT_SECRET}\"",
         &format!("kid = \"rsa-1\"\nalgorithm = \"RS256\"\npublic_key_file = \"{keys}/rs256.pub.pem\"\nprivate_key_file = \"{keys}/rs256.key.pem\""),
     );
@@ -233,7 +233,7 @@ fn an_rs256_key_from_pem_files_verifies_tokens() {
         providers_security::TokenVerifier::new(&config.keys, config.token.clone()).unwrap();
     assert_eq!(verifier.verify(&token).unwrap().tenant, "acme");
 
-    let text = text.replace("rs256.pub.pem", "missing.pem");
+    let text = text.edit("rs256.pub.pem", "missing.pem");
     let errors = errors_of(&text);
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
@@ -244,11 +244,75 @@ fn an_rs256_key_from_pem_files_verifies_tokens() {
 
 #[test]
 fn key_fields_must_fit_their_algorithm() {
-    let text = base().replace("algorithm = \"HS256\"", "algorithm = \"RS256\"");
+    let text = base().edit("algorithm = \"HS256\"", "algorithm = \"RS256\"");
     let errors = errors_of(&text);
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
         errors[0].ends_with("RS256: an HS256 key takes secret or secret_file; an RS256 key takes public_key_file and private_key_file"),
         "a secret on an RS256 key is refused, not ignored: {errors:?}"
+    );
+}
+
+#[test]
+fn security_and_server_settings_are_range_checked() {
+    let text = base().edit(
+        "leeway_seconds = 0",
+        "leeway_seconds = 18446744073709551615",
+    );
+    let line = line_of(&text, "leeway_seconds");
+    assert_eq!(
+        errors_of(&text),
+        [format!(
+            "test.toml:{line}:18: security.leeway_seconds: 18446744073709551615 is out of range (at most 600)"
+        )],
+        "a huge leeway is an error, not a panic"
+    );
+    let text = base().edit("leeway_seconds = 0", "leeway_seconds = 600");
+    let counters = Arc::new(Counters::default());
+    assert!(
+        load(&text, &registry(&counters)).is_ok(),
+        "the edge is allowed"
+    );
+
+    let text = base().edit(
+        "leeway_seconds = 0",
+        "leeway_seconds = 0\nmax_token_bytes = 100",
+    );
+    let line = line_of(&text, "max_token_bytes");
+    assert_eq!(
+        errors_of(&text),
+        [format!(
+            "test.toml:{line}:19: security.max_token_bytes: 100 is out of range (256 to 1048576)"
+        )]
+    );
+
+    let text = base().edit(
+        "connect_backoff_max = \"400ms\"",
+        "connect_backoff_max = \"100ms\"\nmax_connections = 0",
+    );
+    assert_eq!(
+        errors_of(&text),
+        [
+            "test.toml: server.max_connections: must be at least 1",
+            "test.toml: server.connect_backoff: must not exceed server.connect_backoff_max",
+        ]
+    );
+}
+
+#[test]
+fn a_mistake_repeated_in_many_tenants_is_reported_once() {
+    let mut text = base();
+    for i in 0..2000 {
+        text.push_str(&format!(
+            "\n[tenants.t{i}]\nservices = [\"probe\"]\n[tenants.t{i}.providers.probe]\nlabel = 5\n"
+        ));
+    }
+    let errors = errors_of(&text);
+    let line = line_of(&text, "[tenants.t0.providers.probe]");
+    assert_eq!(
+        errors,
+        [format!(
+            "test.toml:{line}:1: tenant 't0', service 'probe' config at '/label': 5 is not of type \"string\" (the same in 1999 more tenants: t1, t2, t3, …1996 more)"
+        )]
     );
 }

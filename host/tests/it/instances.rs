@@ -6,11 +6,31 @@ use std::time::Duration;
 use providers_core::ErrorCode;
 use serde_json::json;
 
-use crate::support::{App, assert_error, eventually};
+use providers_database::testing::TestDatabase;
 
-#[tokio::test]
-async fn a_hundred_concurrent_first_calls_connect_once() {
-    let app = std::sync::Arc::new(App::sqlite().await);
+use crate::support::{App, assert_error, eventually, matrix, replace_once, serve};
+
+matrix!(
+    a_hundred_concurrent_first_calls_connect_once,
+    a_panic_is_a_provider_error_and_the_instance_keeps_serving,
+    the_deadline_turns_a_slow_call_into_a_timeout,
+    max_concurrency_refuses_the_call_past_the_limit,
+    idle_instances_are_evicted_with_disconnect_and_come_back,
+    a_failed_connect_backs_off_then_retries,
+    a_slow_connect_outlives_the_call_that_started_it,
+    eviction_skips_instances_with_calls_in_flight,
+    after_shutdown_calls_are_refused_and_nothing_reconnects,
+    graceful_shutdown_finishes_in_flight_calls_then_disconnects,
+    a_burst_against_a_failing_connect_makes_one_attempt,
+    one_tenants_broken_override_keeps_the_replica_ready,
+    a_call_past_the_shutdown_grace_is_cancelled_before_disconnect,
+    a_connect_finishing_during_shutdown_is_released,
+    a_disconnect_that_panics_or_hangs_is_contained,
+    a_status_probe_holds_its_instance,
+);
+
+async fn a_hundred_concurrent_first_calls_connect_once(db: TestDatabase) {
+    let app = std::sync::Arc::new(App::on(db).await);
     let token = app.token("acme", &["user"]);
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..100 {
@@ -35,9 +55,8 @@ async fn a_hundred_concurrent_first_calls_connect_once() {
     assert_eq!(app.host.instances().connected(), 1);
 }
 
-#[tokio::test]
-async fn a_panic_is_a_provider_error_and_the_instance_keeps_serving() {
-    let app = App::sqlite().await;
+async fn a_panic_is_a_provider_error_and_the_instance_keeps_serving(db: TestDatabase) {
+    let app = App::on(db).await;
     let token = app.token("acme", &["user"]);
     let r = app.post(Some(&token), "probe/panic", json!({})).await;
     assert_eq!(
@@ -55,9 +74,8 @@ async fn a_panic_is_a_provider_error_and_the_instance_keeps_serving() {
     );
 }
 
-#[tokio::test]
-async fn the_deadline_turns_a_slow_call_into_a_timeout() {
-    let app = App::sqlite().await;
+async fn the_deadline_turns_a_slow_call_into_a_timeout(db: TestDatabase) {
+    let app = App::on(db).await;
     let token = app.token("acme", &["user"]);
     // `quick` is probe with limits.timeout = 300ms, which also covers connecting: connect first.
     assert_eq!(
@@ -87,9 +105,8 @@ async fn the_deadline_turns_a_slow_call_into_a_timeout() {
     assert!(!app.counters.lines().iter().any(|l| l == "done sleep 2000"));
 }
 
-#[tokio::test]
-async fn max_concurrency_refuses_the_call_past_the_limit() {
-    let app = std::sync::Arc::new(App::sqlite().await);
+async fn max_concurrency_refuses_the_call_past_the_limit(db: TestDatabase) {
+    let app = std::sync::Arc::new(App::on(db).await);
     let token = app.token("acme", &["user"]);
     // Connect first, so the slow calls below overlap in execute, not in connect.
     assert_eq!(
@@ -125,16 +142,15 @@ async fn max_concurrency_refuses_the_call_past_the_limit() {
     );
 }
 
-#[tokio::test]
-async fn idle_instances_are_evicted_with_disconnect_and_come_back() {
-    let app = App::sqlite().await;
+async fn idle_instances_are_evicted_with_disconnect_and_come_back(db: TestDatabase) {
+    let app = App::on(db).await;
     let token = app.token("acme", &["user"]);
     app.post(Some(&token), "probe/echo", json!({})).await;
     app.post(Some(&token), "kv/set", json!({"key": "kept", "value": 1}))
         .await;
     assert_eq!(app.host.instances().connected(), 2);
     // Nothing is idle for an hour yet.
-    assert_eq!(app.host.evict_idle().await, 0);
+    assert_eq!(app.host.maintain().await, 0);
     assert_eq!(app.host.instances().evict_idle(Duration::ZERO).await, 2);
     assert_eq!(app.counters.disconnects.load(Ordering::SeqCst), 1);
     assert_eq!(app.host.instances().connected(), 0);
@@ -154,24 +170,49 @@ async fn idle_instances_are_evicted_with_disconnect_and_come_back() {
     );
 }
 
-#[tokio::test]
-async fn a_failed_connect_is_unavailable_retried_and_makes_the_host_not_ready() {
-    let db = providers_database::testing::TestDatabase::sqlite();
+async fn a_failed_connect_backs_off_then_retries(db: TestDatabase) {
     let app = App::configured(db, |text| {
-        text.replace("label = \"acme-label\"", "fail_connect = true")
-            .replace("version = \"^1.4\"", "version = \"^1.4\"\nrequired = true")
+        let text = replace_once(&text, "label = \"acme-label\"", "fail_connect = true");
+        replace_once(
+            &text,
+            "version = \"^1.4\"",
+            "version = \"^1.4\"\nrequired = true",
+        )
     })
     .await;
     let token = app.token("acme", &["user"]);
     assert_eq!(app.get(None, "/ready").await.status, 200, "not tried yet");
-    for attempt in 1..=2 {
+    let r = app.post(Some(&token), "probe/echo", json!({})).await;
+    assert_eq!(
+        assert_error(&r, 503, ErrorCode::ProviderUnavailable),
+        "service 'probe' is unavailable: probe was told to fail"
+    );
+    // Within the backoff (test config: 200 ms, doubling, at most 400 ms) no new attempt is made.
+    for _ in 0..5 {
         let r = app.post(Some(&token), "probe/echo", json!({})).await;
-        assert_eq!(
-            assert_error(&r, 503, ErrorCode::ProviderUnavailable),
-            "service 'probe' is unavailable: probe was told to fail"
+        let detail = assert_error(&r, 503, ErrorCode::ProviderUnavailable);
+        assert!(
+            detail.starts_with(
+                "service 'probe' is unavailable: probe was told to fail; next attempt in "
+            ),
+            "{detail}"
         );
-        assert_eq!(app.counters.connects.load(Ordering::SeqCst), attempt);
     }
+    assert_eq!(app.counters.connects.load(Ordering::SeqCst), 1);
+    let events = app.host.storage().events("acme", "probe").await.unwrap();
+    assert_eq!(events.len(), 1, "one event per attempt, not per call");
+    // After the backoff the next call tries again.
+    let counters = app.counters.clone();
+    let mut retried = false;
+    for _ in 0..100 {
+        app.post(Some(&token), "probe/echo", json!({})).await;
+        if counters.connects.load(Ordering::SeqCst) == 2 {
+            retried = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(retried, "a second attempt after the backoff");
     let events = app.host.storage().events("acme", "probe").await.unwrap();
     assert_eq!(
         events,
@@ -180,16 +221,16 @@ async fn a_failed_connect_is_unavailable_retried_and_makes_the_host_not_ready() 
             ("connect_failed".to_owned(), "1.4.2".to_owned())
         ]
     );
+    // The only tenant of a required service failing everywhere: not ready, in generic words.
+    tokio::time::sleep(Duration::from_millis(250)).await;
     let r = app.get(None, "/ready").await;
     assert_eq!(
         assert_error(&r, 503, ErrorCode::ProviderUnavailable),
-        "not ready: provider 'probe' failed for tenant 'acme': connect failed: probe was told to fail"
+        "not ready: required service 'probe' is failing"
     );
 }
 
-#[tokio::test]
-async fn a_slow_connect_outlives_the_call_that_started_it() {
-    let db = providers_database::testing::TestDatabase::sqlite();
+async fn a_slow_connect_outlives_the_call_that_started_it(db: TestDatabase) {
     // `quick` allows 300 ms per call; this tenant's instance takes 600 ms to connect.
     let app = App::configured(db, |text| {
         text + "\n[tenants.slowco]\nservices = [\"quick\"]\n[tenants.slowco.providers.quick]\nconnect_delay_ms = 600\n"
@@ -215,9 +256,8 @@ async fn a_slow_connect_outlives_the_call_that_started_it() {
     );
 }
 
-#[tokio::test]
-async fn eviction_skips_instances_with_calls_in_flight() {
-    let app = std::sync::Arc::new(App::sqlite().await);
+async fn eviction_skips_instances_with_calls_in_flight(db: TestDatabase) {
+    let app = std::sync::Arc::new(App::on(db).await);
     let token = app.token("acme", &["user"]);
     let slow = {
         let (app, token) = (app.clone(), token.clone());
@@ -247,9 +287,8 @@ async fn eviction_skips_instances_with_calls_in_flight() {
     );
 }
 
-#[tokio::test]
-async fn after_shutdown_calls_are_refused_and_nothing_reconnects() {
-    let app = App::sqlite().await;
+async fn after_shutdown_calls_are_refused_and_nothing_reconnects(db: TestDatabase) {
+    let app = App::on(db).await;
     let token = app.token("acme", &["user"]);
     assert_eq!(
         app.post(Some(&token), "probe/echo", json!({})).await.status,
@@ -268,20 +307,10 @@ async fn after_shutdown_calls_are_refused_and_nothing_reconnects() {
     assert_eq!(app.counters.disconnects.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test]
-async fn graceful_shutdown_finishes_in_flight_calls_then_disconnects() {
-    let app = App::sqlite().await;
+async fn graceful_shutdown_finishes_in_flight_calls_then_disconnects(db: TestDatabase) {
+    let app = App::on(db).await;
     let token = app.token("acme", &["user"]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(provider_host::http::serve(
-        app.host.clone(),
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (addr, stop, server) = serve(&app).await;
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/providers/probe/sleep");
     let slow = {
@@ -338,13 +367,15 @@ async fn graceful_shutdown_finishes_in_flight_calls_then_disconnects() {
     );
 }
 
-#[tokio::test]
-async fn a_burst_against_a_failing_connect_makes_one_attempt() {
-    let db = providers_database::testing::TestDatabase::sqlite();
+async fn a_burst_against_a_failing_connect_makes_one_attempt(db: TestDatabase) {
     let app = std::sync::Arc::new(
         App::configured(db, |text| {
-            text.replace("label = \"acme-label\"", "fail_connect = true")
-                .replace("version = \"^1.4\"", "version = \"^1.4\"\nrequired = true")
+            let text = replace_once(&text, "label = \"acme-label\"", "fail_connect = true");
+            replace_once(
+                &text,
+                "version = \"^1.4\"",
+                "version = \"^1.4\"\nrequired = true",
+            )
         })
         .await,
     );
@@ -367,9 +398,216 @@ async fn a_burst_against_a_failing_connect_makes_one_attempt() {
         1,
         "waiters shared the failed attempt"
     );
-    // A later call tries again, and the failed slot survives idle eviction for readiness.
-    app.post(Some(&token), "probe/echo", json!({})).await;
-    assert_eq!(app.counters.connects.load(Ordering::SeqCst), 2);
-    app.host.instances().evict_idle(Duration::ZERO).await;
+    let events = app.host.storage().events("acme", "probe").await.unwrap();
+    assert_eq!(events.len(), 1, "one attempt, one event");
+    // A failed slot unused for the idle timeout is forgotten, and with it the readiness failure.
     assert_eq!(app.get(None, "/ready").await.status, 503);
+    app.host.instances().evict_idle(Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(app.get(None, "/ready").await.status, 200);
+}
+
+async fn one_tenants_broken_override_keeps_the_replica_ready(db: TestDatabase) {
+    let app = App::configured(db, |text| {
+        let text = replace_once(&text, "version = \"^1.4\"", "version = \"^1.4\"\nrequired = true");
+        text + "\n[tenants.broken]\nservices = [\"probe\"]\n[tenants.broken.providers.probe]\nfail_connect = true\n"
+    })
+    .await;
+    let broken = app.token("broken", &["user"]);
+    let acme = app.token("acme", &["user"]);
+    assert_eq!(
+        app.post(Some(&acme), "probe/echo", json!({})).await.status,
+        200
+    );
+    let r = app.post(Some(&broken), "probe/echo", json!({})).await;
+    assert_error(&r, 503, ErrorCode::ProviderUnavailable);
+    let r = app.get(None, "/ready").await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (200, &json!({"status": "ready"}))
+    );
+    // The broken tenant sees its own failure, behind its token.
+    let r = app.get(Some(&broken), "/providers/probe").await;
+    assert_eq!(r.body["status"]["state"], "failed", "{}", r.body);
+    assert_eq!(
+        r.body["status"]["detail"],
+        "connect failed: probe was told to fail"
+    );
+}
+
+async fn a_call_past_the_shutdown_grace_is_cancelled_before_disconnect(db: TestDatabase) {
+    let app = App::configured(db, |text| {
+        replace_once(
+            &text,
+            "shutdown_grace = \"5s\"",
+            "shutdown_grace = \"300ms\"",
+        )
+    })
+    .await;
+    let token = app.token("acme", &["user"]);
+    let (addr, stop, server) = serve(&app).await;
+    let slow = tokio::spawn(
+        reqwest::Client::new()
+            .post(format!("http://{addr}/providers/probe/sleep"))
+            .bearer_auth(token)
+            .json(&json!({"ms": 2500}))
+            .send(),
+    );
+    let counters = app.counters.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || counters
+            .connects
+            .load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = std::time::Instant::now();
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("shutdown ends soon after the grace, not after the call")
+        .unwrap()
+        .unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        slow.await.unwrap().is_err(),
+        "the connection was closed under the call"
+    );
+    assert_eq!(
+        app.counters.lines(),
+        [
+            "connect acme acme-label",
+            "cancelled sleep 2500",
+            "disconnect acme"
+        ],
+        "cancelled first, disconnected after"
+    );
+}
+
+async fn a_connect_finishing_during_shutdown_is_released(db: TestDatabase) {
+    let app = std::sync::Arc::new(
+        App::configured(db, |text| {
+            replace_once(&text, "label = \"acme-label\"", "connect_delay_ms = 400")
+        })
+        .await,
+    );
+    let token = app.token("acme", &["user"]);
+    let first = {
+        let (app, token) = (app.clone(), token.clone());
+        tokio::spawn(async move { app.post(Some(&token), "probe/echo", json!({})).await })
+    };
+    let counters = app.counters.clone();
+    assert!(
+        eventually(Duration::from_secs(3), || counters
+            .connects
+            .load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    app.host
+        .instances()
+        .shutdown(std::time::Instant::now() + Duration::from_secs(3))
+        .await;
+    let r = first.await.unwrap();
+    assert_eq!(
+        assert_error(&r, 503, ErrorCode::ProviderUnavailable),
+        "the host is shutting down"
+    );
+    assert_eq!(app.counters.connects.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        app.counters.disconnects.load(Ordering::SeqCst),
+        1,
+        "released, not leaked"
+    );
+    assert_eq!(app.host.instances().connected(), 0);
+}
+
+async fn a_disconnect_that_panics_or_hangs_is_contained(db: TestDatabase) {
+    let app = App::configured(db, |text| {
+        text + "\n[tenants.panics]\nservices = [\"probe\"]\n[tenants.panics.providers.probe]\non_disconnect = \"panic\"\n"
+            + "\n[tenants.hangs]\nservices = [\"probe\"]\n[tenants.hangs.providers.probe]\non_disconnect = \"hang\"\n"
+    })
+    .await;
+    for tenant in ["panics", "hangs"] {
+        let token = app.token(tenant, &["user"]);
+        assert_eq!(
+            app.post(Some(&token), "probe/echo", json!({})).await.status,
+            200
+        );
+    }
+    // Eviction returns although one disconnect panics and the other never ends (bounded at 10 s).
+    let evicted = tokio::time::timeout(
+        Duration::from_secs(15),
+        app.host.instances().evict_idle(Duration::ZERO),
+    )
+    .await
+    .expect("eviction is bounded");
+    assert_eq!(evicted, 2);
+    let details = |tenant: &'static str| {
+        let storage = app.host.storage().clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT detail FROM instance_events WHERE tenant = $1 AND event = 'disconnected'",
+            )
+            .bind(tenant)
+            .fetch_all(storage.pool())
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        details("panics").await,
+        ["idle: provider 'probe' disconnect for tenant 'panics' failed: the provider panicked"]
+    );
+    assert_eq!(
+        details("hangs").await,
+        ["idle: provider 'probe' disconnect for tenant 'hangs' did not finish before its deadline"]
+    );
+}
+
+async fn a_status_probe_holds_its_instance(db: TestDatabase) {
+    let app = std::sync::Arc::new(
+        App::configured(db, |text| {
+            replace_once(&text, "label = \"acme-label\"", "status_delay_ms = 300")
+        })
+        .await,
+    );
+    let token = app.token("acme", &["user"]);
+    assert_eq!(
+        app.post(Some(&token), "probe/echo", json!({})).await.status,
+        200
+    );
+    let probe = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.host
+                .instances()
+                .status(
+                    "acme",
+                    "probe",
+                    std::time::Instant::now() + Duration::from_secs(2),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        app.host.instances().evict_idle(Duration::ZERO).await,
+        0,
+        "a status probe is in flight"
+    );
+    assert_eq!(
+        probe.await.unwrap().unwrap().state,
+        providers_core::State::Ready
+    );
+    assert_eq!(app.host.instances().evict_idle(Duration::ZERO).await, 1);
+    assert_eq!(
+        app.counters.lines(),
+        ["connect acme base", "status done", "disconnect acme"]
+    );
 }

@@ -12,5 +12,6 @@ mod deps;
 mod instances;
 mod registry;
 mod routes;
+mod serving;
 mod storage;
 mod support;

@@ -6,11 +6,26 @@ use base64::Engine;
 use providers_core::ErrorCode;
 use serde_json::json;
 
-use crate::support::{App, SECRET, assert_error};
+use providers_database::testing::TestDatabase;
 
-#[tokio::test]
-async fn a_call_returns_data_and_echoes_the_request_id() {
-    let app = App::sqlite().await;
+use crate::support::{App, SECRET, assert_error, matrix};
+
+matrix!(
+    client_text_in_errors_is_quoted,
+    a_kept_context_cannot_call_after_its_call_ended,
+    nesting_is_bounded_and_nested_calls_keep_the_deadline,
+    a_call_returns_data_and_echoes_the_request_id,
+    bad_tokens_are_401_and_unknown_tenants_403,
+    payloads_are_validated_with_the_pointer_of_the_bad_field,
+    the_body_limit_holds_at_the_edge,
+    services_actions_and_permissions_are_enforced,
+    nested_calls_run_as_the_caller,
+    listings_and_openapi_come_from_the_descriptors,
+    a_malformed_path_gets_the_error_shape,
+);
+
+async fn a_call_returns_data_and_echoes_the_request_id(db: TestDatabase) {
+    let app = App::on(db).await;
     let token = app.token("acme", &["user"]);
     let req = Request::post("/providers/probe/echo")
         .header("authorization", format!("Bearer {token}"))
@@ -42,9 +57,8 @@ async fn a_call_returns_data_and_echoes_the_request_id() {
     );
 }
 
-#[tokio::test]
-async fn bad_tokens_are_401_and_unknown_tenants_403() {
-    let app = App::sqlite().await;
+async fn bad_tokens_are_401_and_unknown_tenants_403(db: TestDatabase) {
+    let app = App::on(db).await;
     let r = app.post(None, "kv/get", json!({"key": "a"})).await;
     assert_eq!(
         assert_error(&r, 401, ErrorCode::Unauthenticated),
@@ -132,7 +146,7 @@ async fn bad_tokens_are_401_and_unknown_tenants_403() {
         .await;
     assert_eq!(
         assert_error(&r, 403, ErrorCode::Forbidden),
-        "tenant 'initech' is not configured on this host"
+        "tenant \"initech\" is not configured on this host"
     );
     let r = app.get(Some(&stranger), "/providers").await;
     assert_error(&r, 403, ErrorCode::Forbidden);
@@ -147,9 +161,8 @@ async fn bad_tokens_are_401_and_unknown_tenants_403() {
     assert_eq!(app.send(req).await.body["data"]["tenant"], "acme");
 }
 
-#[tokio::test]
-async fn payloads_are_validated_with_the_pointer_of_the_bad_field() {
-    let app = App::sqlite().await;
+async fn payloads_are_validated_with_the_pointer_of_the_bad_field(db: TestDatabase) {
+    let app = App::on(db).await;
     let token = app.token("acme", &["user"]);
     let r = app
         .post(Some(&token), "probe/echo", json!({"quantity": "three"}))
@@ -187,9 +200,8 @@ async fn payloads_are_validated_with_the_pointer_of_the_bad_field() {
     assert_eq!(r.body["data"]["items"], json!([]));
 }
 
-#[tokio::test]
-async fn the_body_limit_holds_at_the_edge() {
-    let app = App::sqlite().await;
+async fn the_body_limit_holds_at_the_edge(db: TestDatabase) {
+    let app = App::on(db).await;
     let token = app.token("acme", &["user"]);
     // body_limit_bytes = 1024 in the test config.
     let exact = |len: usize| {
@@ -211,9 +223,8 @@ async fn the_body_limit_holds_at_the_edge() {
     );
 }
 
-#[tokio::test]
-async fn services_actions_and_permissions_are_enforced() {
-    let app = App::sqlite().await;
+async fn services_actions_and_permissions_are_enforced(db: TestDatabase) {
+    let app = App::on(db).await;
     let acme = app.token("acme", &["user"]);
     let r = app.post(Some(&acme), "ledger/post", json!({})).await;
     assert_eq!(
@@ -228,7 +239,7 @@ async fn services_actions_and_permissions_are_enforced() {
     let r = app.post(Some(&acme), "probe/secret", json!({})).await;
     assert_eq!(
         assert_error(&r, 403, ErrorCode::Forbidden),
-        "action 'probe/secret' needs permission 'probe.secret', which roles [user] do not grant"
+        "action 'probe/secret' needs permission 'probe.secret', which roles [\"user\"] do not grant"
     );
     let admin = app.token("acme", &["admin"]);
     assert_eq!(
@@ -260,9 +271,8 @@ async fn services_actions_and_permissions_are_enforced() {
     assert_error(&r, 405, ErrorCode::ValidationError);
 }
 
-#[tokio::test]
-async fn nested_calls_run_as_the_caller() {
-    let app = App::sqlite().await;
+async fn nested_calls_run_as_the_caller(db: TestDatabase) {
+    let app = App::on(db).await;
     let user = app.token("acme", &["user"]);
     let set =
         json!({"service": "kv", "action": "set", "payload": {"key": "via-probe", "value": 7}});
@@ -278,7 +288,7 @@ async fn nested_calls_run_as_the_caller() {
     let r = app.post(Some(&reader), "probe/call", set).await;
     assert_eq!(
         assert_error(&r, 403, ErrorCode::Forbidden),
-        "action 'kv/set' needs permission 'kv.write', which roles [reader] do not grant"
+        "action 'kv/set' needs permission 'kv.write', which roles [\"reader\"] do not grant"
     );
     // Nested payloads are validated like a client's.
     let bad = json!({"service": "kv", "action": "get", "payload": {"key": 1}});
@@ -289,9 +299,8 @@ async fn nested_calls_run_as_the_caller() {
     );
 }
 
-#[tokio::test]
-async fn listings_and_openapi_come_from_the_descriptors() {
-    let app = App::sqlite().await;
+async fn listings_and_openapi_come_from_the_descriptors(db: TestDatabase) {
+    let app = App::on(db).await;
     let acme = app.token("acme", &["user"]);
     let r = app.get(Some(&acme), "/providers").await;
     assert_eq!(r.status, 200);
@@ -340,13 +349,13 @@ async fn listings_and_openapi_come_from_the_descriptors() {
     let r = app.get(None, "/ready").await;
     assert_eq!(
         r.body,
-        json!({"status": "ready", "checks": {"storage": "ok", "providers": {"kv": "ok"}}})
+        json!({"status": "ready"}),
+        "public readiness names nothing inside the host"
     );
 }
 
-#[tokio::test]
-async fn a_malformed_path_gets_the_error_shape() {
-    let app = App::sqlite().await;
+async fn a_malformed_path_gets_the_error_shape(db: TestDatabase) {
+    let app = App::on(db).await;
     let token = app.token("acme", &["user"]);
     let req = Request::post("/providers/%FF/get")
         .header("authorization", format!("Bearer {token}"))
@@ -361,4 +370,78 @@ async fn a_malformed_path_gets_the_error_shape() {
         .body(Body::empty())
         .unwrap();
     assert_eq!(app.send(req).await.status, 200);
+}
+
+async fn a_kept_context_cannot_call_after_its_call_ended(db: TestDatabase) {
+    let app = App::on(db).await;
+    let token = app.token("acme", &["user"]);
+    let r = app.post(Some(&token), "probe/keep", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let kept = app.counters.kept.lock().unwrap().clone().unwrap();
+    let e = kept
+        .call("kv", "set", json!({"key": "late", "value": 1}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    assert_eq!(
+        e.detail,
+        "cannot call 'kv/set': the call this context was given to has ended"
+    );
+    let r = app
+        .post(Some(&token), "kv/get", json!({"key": "late"}))
+        .await;
+    assert_error(&r, 404, ErrorCode::NotFound);
+}
+
+async fn nesting_is_bounded_and_nested_calls_keep_the_deadline(db: TestDatabase) {
+    let app = App::on(db).await;
+    let token = app.token("acme", &["user"]);
+    // probe/call → probe/call → … nine levels deep, then echo: the ninth hop is refused.
+    let mut payload = json!({"service": "probe", "action": "echo", "payload": {}});
+    for _ in 0..9 {
+        payload = json!({"service": "probe", "action": "call", "payload": payload});
+    }
+    let r = app.post(Some(&token), "probe/call", payload).await;
+    assert_eq!(
+        assert_error(&r, 403, ErrorCode::Forbidden),
+        "provider calls nest deeper than 8 levels"
+    );
+    let mut ok = json!({"service": "probe", "action": "echo", "payload": {"quantity": 1}});
+    for _ in 0..7 {
+        ok = json!({"service": "probe", "action": "call", "payload": ok});
+    }
+    let r = app.post(Some(&token), "probe/call", ok).await;
+    assert_eq!(r.status, 200, "eight levels are allowed: {}", r.body);
+
+    // `quick` allows 300 ms; the probe it calls would sleep 2 s under its own 3 s limit,
+    // but inherits the caller's deadline.
+    assert_eq!(
+        app.post(Some(&token), "quick/echo", json!({})).await.status,
+        200
+    );
+    let started = std::time::Instant::now();
+    let sleep = json!({"service": "probe", "action": "sleep", "payload": {"ms": 2000}});
+    let r = app.post(Some(&token), "quick/call", sleep).await;
+    assert_error(&r, 504, ErrorCode::Timeout);
+    assert!(started.elapsed() < std::time::Duration::from_millis(1500));
+    let counters = app.counters.clone();
+    assert!(
+        crate::support::eventually(std::time::Duration::from_secs(1), || counters
+            .lines()
+            .iter()
+            .any(|l| l == "cancelled sleep 2000"))
+        .await,
+        "the nested call was cancelled at the caller's deadline"
+    );
+}
+
+async fn client_text_in_errors_is_quoted(db: TestDatabase) {
+    let app = App::on(db).await;
+    // A signed token whose tenant carries a newline and a fake log line.
+    let token = app.token("evil\nWARN forged: admin logged in", &["x"]);
+    let r = app.post(Some(&token), "kv/get", json!({"key": "a"})).await;
+    assert_eq!(
+        assert_error(&r, 403, ErrorCode::Forbidden),
+        "tenant \"evil\\nWARN forged: admin logged in\" is not configured on this host"
+    );
 }

@@ -26,6 +26,8 @@ pub struct Counters {
     pub disconnects: AtomicUsize,
     /// Ordered log of lifecycle moments, e.g. "connect acme", "done sleep", "disconnect acme".
     pub log: Mutex<Vec<String>>,
+    /// The context of the last `keep` call, kept past the call's end.
+    pub kept: Mutex<Option<CallContext>>,
 }
 
 impl Counters {
@@ -41,6 +43,8 @@ impl Counters {
 pub struct Probe {
     counters: Arc<Counters>,
     tenant: Option<String>,
+    on_disconnect: Option<String>,
+    status_delay: Duration,
 }
 
 #[async_trait]
@@ -49,7 +53,7 @@ impl Provider for Probe {
         let any = json!({"type": "object"});
         Descriptor::new("probe", providers_core::semver::Version::new(1, 4, 2))
             .description("Test provider")
-            .config_schema(json!({"type": "object", "properties": {"fail_connect": {"type": "boolean"}, "label": {"type": "string"}, "connect_delay_ms": {"type": "integer"}}, "additionalProperties": false}))
+            .config_schema(json!({"type": "object", "properties": {"fail_connect": {"type": "boolean"}, "label": {"type": "string"}, "connect_delay_ms": {"type": "integer"}, "on_disconnect": {"enum": ["panic", "hang"]}, "status_delay_ms": {"type": "integer"}}, "additionalProperties": false}))
             .action(Action::new("echo").permission("probe.use").idempotent().input(json!({
                 "type": "object",
                 "properties": {
@@ -62,6 +66,8 @@ impl Provider for Probe {
             .action(Action::new("panic").permission("probe.use").input(any.clone()))
             .action(Action::new("fail").permission("probe.use").input(any.clone()))
             .action(Action::new("call").permission("probe.use").input(any.clone()))
+            .action(Action::new("keep").permission("probe.use").input(any.clone()))
+            .action(Action::new("big").permission("probe.use").input(any.clone()))
             .action(Action::new("secret").permission("probe.secret").input(any))
     }
 
@@ -79,6 +85,9 @@ impl Provider for Probe {
             ctx.config()["label"].as_str().unwrap_or("")
         ));
         self.tenant = Some(ctx.tenant().to_owned());
+        self.on_disconnect = ctx.config()["on_disconnect"].as_str().map(str::to_owned);
+        self.status_delay =
+            Duration::from_millis(ctx.config()["status_delay_ms"].as_u64().unwrap_or(0));
         Ok(())
     }
 
@@ -88,7 +97,19 @@ impl Provider for Probe {
             "disconnect {}",
             self.tenant.as_deref().unwrap_or("?")
         ));
-        Ok(())
+        match self.on_disconnect.as_deref() {
+            Some("panic") => panic!("probe panics in disconnect"),
+            Some("hang") => std::future::pending().await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn get_status(&self) -> providers_core::Status {
+        if !self.status_delay.is_zero() {
+            tokio::time::sleep(self.status_delay).await;
+            self.counters.log("status done");
+        }
+        providers_core::Status::ready()
     }
 
     async fn execute(
@@ -127,6 +148,13 @@ impl Provider for Probe {
                 );
                 ctx.call(s, a, payload["payload"].clone()).await
             }
+            "keep" => {
+                *self.counters.kept.lock().unwrap() = Some(ctx.clone());
+                Ok(json!({"kept": true}))
+            }
+            "big" => Ok(json!(
+                "x".repeat(payload["bytes"].as_u64().unwrap_or(0) as usize)
+            )),
             "secret" => Ok(json!("classified")),
             other => Err(ProviderError::not_found(format!("no action {other}"))),
         }
@@ -141,6 +169,8 @@ pub fn registry(counters: &Arc<Counters>) -> Registry {
             Box::new(Probe {
                 counters: c.clone(),
                 tenant: None,
+                on_disconnect: None,
+                status_delay: Duration::ZERO,
             }) as Box<dyn Provider>
         })))
         .unwrap();
@@ -157,6 +187,9 @@ body_limit_bytes = 1024
 request_timeout = "3s"
 idle_timeout = "1h"
 shutdown_grace = "5s"
+connect_backoff = "200ms"
+connect_backoff_max = "400ms"
+ready_cache = "200ms"
 
 [storage]
 url = "{storage_url}"
@@ -208,6 +241,48 @@ services = ["kv"]
     )
 }
 
+/// `text` with `needle` replaced by `with`, failing loudly if the needle is not there: an edit
+/// that silently does nothing would test the unedited configuration.
+pub fn replace_once(text: &str, needle: &str, with: &str) -> String {
+    assert_eq!(
+        text.matches(needle).count(),
+        1,
+        "expected exactly one {needle:?} in the test configuration"
+    );
+    text.replacen(needle, with, 1)
+}
+
+/// Edits of the test configuration that fail loudly when their needle is missing.
+pub trait Edit {
+    /// [`replace_once`] as a method, for chains.
+    fn edit(&self, needle: &str, with: &str) -> String;
+}
+
+impl Edit for str {
+    fn edit(&self, needle: &str, with: &str) -> String {
+        replace_once(self, needle, with)
+    }
+}
+
+/// Runs each named `async fn(TestDatabase)` once per backend, on a multi-thread runtime so
+/// that races between worker threads are real: `matrix!(a_test, another);` makes
+/// `a_test::sqlite` and `a_test::postgres`.
+macro_rules! matrix {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(providers_database::testing::TestDatabase::sqlite()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(providers_database::testing::TestDatabase::postgres().await).await
+            }
+        }
+    )*};
+}
+pub(crate) use matrix;
+
 pub fn env(name: &str) -> Option<String> {
     (name == "TEST_JWT_SECRET").then(|| SECRET.to_owned())
 }
@@ -231,10 +306,6 @@ pub struct Resp {
 }
 
 impl App {
-    pub async fn sqlite() -> App {
-        Self::on(providers_database::testing::TestDatabase::sqlite()).await
-    }
-
     pub async fn on(db: providers_database::testing::TestDatabase) -> App {
         Self::configured(db, |text| text).await
     }
@@ -333,4 +404,21 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> boo
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     check()
+}
+
+/// Serves `app` on a loopback port; returns the address and a sender that stops it.
+pub async fn serve(
+    app: &App,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(app.host.clone(), listener, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop, server)
 }

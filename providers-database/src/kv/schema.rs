@@ -32,13 +32,19 @@ fn item() -> Value {
 
 pub(crate) fn descriptor(version: Version) -> Descriptor {
     Descriptor::new("kv", version)
-        .description("Tenant-scoped key-value state with ETags for optimistic concurrency and optional TTLs.")
+        .description("Tenant-scoped key-value state with ETags for optimistic concurrency, optional TTLs and per-tenant quotas (a write past max_keys or max_total_bytes is a CONFLICT: delete keys to make room).")
         .config_schema(object(
             json!({
                 "max_value_bytes": {"type": "integer", "minimum": 1, "maximum": 16_777_216,
                     "description": "Largest value accepted, as serialised JSON (default 65536)."},
                 "default_ttl_seconds": {"type": "integer", "minimum": 1,
-                    "description": "TTL applied when a set names none (default: no expiry)."}
+                    "description": "TTL applied when a set names none (default: no expiry)."},
+                "max_page_bytes": {"type": "integer", "minimum": 1024, "maximum": 268_435_456,
+                    "description": "Largest list page or bulk_get answer, as the sum of its keys and serialised values (default 1048576)."},
+                "max_keys": {"type": "integer", "minimum": 1,
+                    "description": "Quota: most keys the tenant may keep in this store (default: no quota)."},
+                "max_total_bytes": {"type": "integer", "minimum": 1,
+                    "description": "Quota: most bytes of serialised values the tenant may keep in this store (default: no quota)."}
             }),
             &[],
         ))
@@ -78,7 +84,7 @@ pub(crate) fn descriptor(version: Version) -> Descriptor {
         )
         .action(
             Action::new("list")
-                .description("Lists keys starting with `prefix`, in key order, a page at a time; pass `next` back as `after`.")
+                .description("Lists keys starting with `prefix`, in key order, a page at a time (at most `limit` items and max_page_bytes); pass `next` back as `after`.")
                 .permission("kv.read")
                 .idempotent()
                 .input(object(
@@ -96,7 +102,7 @@ pub(crate) fn descriptor(version: Version) -> Descriptor {
         )
         .action(
             Action::new("bulk_get")
-                .description("Reads up to 100 keys at once; each item says whether it was found.")
+                .description("Reads up to 100 keys at once; each item says whether it was found. Items past max_page_bytes come back as {key, found: true, omitted: true}: ask for them again.")
                 .permission("kv.read")
                 .idempotent()
                 .input(object(
@@ -106,7 +112,7 @@ pub(crate) fn descriptor(version: Version) -> Descriptor {
                 .output(object(
                     json!({"items": {"type": "array", "items": {
                         "type": "object",
-                        "properties": {"key": key(), "found": {"type": "boolean"}, "value": {}, "etag": etag()},
+                        "properties": {"key": key(), "found": {"type": "boolean"}, "omitted": {"type": "boolean"}, "value": {}, "etag": etag()},
                         "required": ["key", "found"]
                     }}}),
                     &["items"],

@@ -14,6 +14,7 @@ fn settings() -> TokenSettings {
         issuer: "erp".into(),
         audience: "providers".into(),
         leeway_seconds: 0,
+        max_token_bytes: DEFAULT_MAX_TOKEN_BYTES,
     }
 }
 
@@ -205,21 +206,21 @@ fn refuses_weak_secrets_and_bad_pem() {
 }
 
 #[test]
-fn a_cached_token_still_expires() {
-    let keys = [hs(None, SECRET)];
-    let v = TokenVerifier::new(&keys, settings()).unwrap();
+fn a_cached_token_still_expires_and_a_forged_one_is_no_hit() {
+    let v = TokenVerifier::new(&[hs(None, SECRET)], settings()).unwrap();
     let mut c = claims();
-    c["exp"] = json!(now() + 1);
+    c["exp"] = json!(now() + 60);
     let token = sign_hs(&c, SECRET);
-    assert_eq!(v.verify(&token).unwrap().tenant, "acme");
+    assert_eq!(v.verify_at(&token, now()).unwrap().tenant, "acme");
+    assert_eq!(v.cached_tokens(), 1);
     assert_eq!(
-        v.verify(&token).unwrap().tenant,
+        v.verify_at(&token, now() + 59).unwrap().tenant,
         "acme",
         "served from the cache"
     );
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(v.cached_tokens(), 1, "a hit adds nothing");
     assert_eq!(
-        refused(&v, &token),
+        refused_at(&v, &token, now() + 60),
         "token has expired",
         "the cache does not outlive exp"
     );
@@ -231,6 +232,154 @@ fn a_cached_token_still_expires() {
     let swapped = if &fresh[at..=at] == "A" { "B" } else { "A" };
     let forged = format!("{}{swapped}{}", &fresh[..at], &fresh[at + 1..]);
     assert_eq!(refused(&v, &forged), "token signature is invalid");
+}
+
+fn refused_at(v: &TokenVerifier, token: &str, at: u64) -> String {
+    match v.verify_at(token, at) {
+        Err(SecurityError::Unauthenticated(why)) => why,
+        other => panic!("expected Unauthenticated, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_cache_is_bounded_prunes_expired_entries_then_clears() {
+    let v = TokenVerifier::new(&[hs(None, SECRET)], settings())
+        .unwrap()
+        .with_cache_capacity(3);
+    let token = |sub: &str, ttl: u64| {
+        let mut c = claims();
+        c["sub"] = json!(sub);
+        c["exp"] = json!(now() + ttl);
+        sign_hs(&c, SECRET)
+    };
+    let short = token("short", 10);
+    for t in [&short, &token("a", 600), &token("b", 600)] {
+        v.verify_at(t, now()).unwrap();
+    }
+    assert_eq!(v.cached_tokens(), 3);
+    // Full: the expired entry goes first, and the newcomer takes its place.
+    v.verify_at(&token("c", 600), now() + 20).unwrap();
+    assert_eq!(v.cached_tokens(), 3);
+    // Full of live entries: the cache is emptied, then holds the newcomer.
+    v.verify_at(&token("d", 600), now() + 20).unwrap();
+    assert_eq!(v.cached_tokens(), 1);
+}
+
+#[test]
+fn tokens_longer_than_the_limit_are_refused_before_decoding() {
+    let token = sign_hs(&claims(), SECRET);
+    let at = |max: usize| {
+        TokenVerifier::new(
+            &[hs(None, SECRET)],
+            TokenSettings {
+                max_token_bytes: max,
+                ..settings()
+            },
+        )
+        .unwrap()
+    };
+    assert_eq!(at(token.len()).verify(&token).unwrap().tenant, "acme");
+    let v = at(token.len() - 1);
+    assert_eq!(
+        refused(&v, &token),
+        format!(
+            "token is {} bytes, more than the limit of {} (security.max_token_bytes)",
+            token.len(),
+            token.len() - 1
+        )
+    );
+    assert_eq!(v.cached_tokens(), 0);
+    // Not even decoded: garbage of that size gets the same answer, not "malformed".
+    let junk = "x".repeat(token.len());
+    assert!(refused(&v, &junk).starts_with("token is "));
+}
+
+#[test]
+fn a_crit_header_is_refused() {
+    let v = TokenVerifier::new(&[hs(None, SECRET)], settings()).unwrap();
+    let head = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT","crit":["exp"],"exp":1}"#);
+    let body = URL_SAFE_NO_PAD.encode(claims().to_string());
+    let signing_input = format!("{head}.{body}");
+    let signature = jsonwebtoken::crypto::sign(
+        signing_input.as_bytes(),
+        &EncodingKey::from_secret(SECRET),
+        jsonwebtoken::Algorithm::HS256,
+    )
+    .unwrap();
+    let token = format!("{signing_input}.{signature}");
+    assert_eq!(
+        refused(&v, &token),
+        "token header lists critical extensions ('crit'), which this verifier does not support"
+    );
+}
+
+#[test]
+fn iat_nbf_and_exp_hold_at_the_edge_of_the_leeway() {
+    let v = TokenVerifier::new(
+        &[hs(None, SECRET)],
+        TokenSettings {
+            leeway_seconds: 30,
+            ..settings()
+        },
+    )
+    .unwrap();
+    let t = now();
+    let with = |field: &str, value: u64| {
+        let mut c = claims();
+        c["exp"] = json!(t + 3600);
+        c[field] = json!(value);
+        sign_hs(&c, SECRET)
+    };
+    assert!(v.verify_at(&with("iat", t + 30), t).is_ok());
+    assert_eq!(
+        refused_at(&v, &with("iat", t + 31), t),
+        "token was issued in the future (iat)"
+    );
+    assert!(v.verify_at(&with("nbf", t + 30), t).is_ok());
+    assert_eq!(
+        refused_at(&v, &with("nbf", t + 31), t),
+        "token is not valid yet (nbf)"
+    );
+    let expiring = with("exp", t);
+    assert!(v.verify_at(&expiring, t + 29).is_ok());
+    let fresh = TokenVerifier::new(
+        &[hs(None, SECRET)],
+        TokenSettings {
+            leeway_seconds: 30,
+            ..settings()
+        },
+    )
+    .unwrap();
+    assert_eq!(refused_at(&fresh, &expiring, t + 30), "token has expired");
+}
+
+#[test]
+fn a_leeway_beyond_the_maximum_is_a_setting_error_not_a_panic() {
+    for leeway in [MAX_LEEWAY_SECONDS + 1, u64::MAX] {
+        let err = TokenVerifier::new(
+            &[hs(None, SECRET)],
+            TokenSettings {
+                leeway_seconds: leeway,
+                ..settings()
+            },
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!("security.leeway_seconds: {leeway} is out of range (at most 600)")
+        );
+    }
+    assert!(
+        TokenVerifier::new(
+            &[hs(None, SECRET)],
+            TokenSettings {
+                leeway_seconds: MAX_LEEWAY_SECONDS,
+                ..settings()
+            },
+        )
+        .is_ok()
+    );
 }
 
 #[test]
