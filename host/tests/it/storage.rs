@@ -14,6 +14,7 @@ matrix!(
     two_services_served_by_kv_keep_separate_stores,
     numbers_pass_through_http_verbatim,
     instance_events_are_pruned_by_age_and_count,
+    builtin_providers_cannot_starve_the_hosts_own_pool,
 );
 
 #[tokio::test]
@@ -260,4 +261,31 @@ async fn unreachable_or_wrong_postgres_fails_at_once_with_its_cause() {
         1,
         "the cause once: {text}"
     );
+}
+
+async fn builtin_providers_cannot_starve_the_hosts_own_pool(db: TestDatabase) {
+    let app = App::on(db).await;
+    // Every connection of the builtin providers' pool taken, as a flood of kv calls would.
+    let pool = app.host.storage().builtin_pool();
+    let mut held = Vec::new();
+    for _ in 0..pool.options().get_max_connections() {
+        held.push(pool.acquire().await.unwrap());
+    }
+    let r = app.get(None, "/ready").await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (200, &json!({"status": "ready"}))
+    );
+    app.host
+        .storage()
+        .record(
+            "acme",
+            "kv",
+            "1.0.0",
+            provider_host::storage::InstanceEvent::Connected,
+            "",
+        )
+        .await
+        .expect("the host's own writes go through");
+    drop(held);
 }
