@@ -124,7 +124,7 @@ async fn max_concurrency_refuses_the_call_past_the_limit(db: TestDatabase) {
                 .status
         }));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.counters.reach(|c| &c.sleeping, 2).await;
     let r = app.post(Some(&token), "limited/echo", json!({})).await;
     assert_eq!(
         assert_error(&r, 429, ErrorCode::RateLimited),
@@ -267,9 +267,7 @@ async fn eviction_skips_instances_with_calls_in_flight(db: TestDatabase) {
                 .status
         })
     };
-    let counters = app.counters.clone();
-    assert!(eventually(Duration::from_secs(3), || !counters.lines().is_empty()).await);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    app.counters.reach(|c| &c.sleeping, 1).await;
     assert_eq!(
         app.host.instances().evict_idle(Duration::ZERO).await,
         0,
@@ -337,7 +335,7 @@ async fn graceful_shutdown_finishes_in_flight_calls_then_disconnects(db: TestDat
             == 1)
         .await
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.counters.reach(|c| &c.sleeping, 1).await;
     stop.send(()).unwrap();
     let (status, body) = slow.await.unwrap();
     assert_eq!((status, &body["data"]), (200, &json!({"slept_ms": 500})));
@@ -461,7 +459,7 @@ async fn a_call_past_the_shutdown_grace_is_cancelled_before_disconnect(db: TestD
             == 1)
         .await
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.counters.reach(|c| &c.sleeping, 1).await;
     let stopping = std::time::Instant::now();
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), server)
@@ -595,7 +593,7 @@ async fn a_status_probe_holds_its_instance(db: TestDatabase) {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.counters.reach(|c| &c.probing, 1).await;
     assert_eq!(
         app.host.instances().evict_idle(Duration::ZERO).await,
         0,

@@ -28,6 +28,23 @@ pub struct Counters {
     pub log: Mutex<Vec<String>>,
     /// The context of the last `keep` call, kept past the call's end.
     pub kept: Mutex<Option<CallContext>>,
+    /// `sleep` calls that have started, and `get_status` calls: signals for tests to wait on
+    /// instead of sleeping themselves.
+    pub sleeping: AtomicUsize,
+    pub probing: AtomicUsize,
+}
+
+impl Counters {
+    /// Waits (within 5 s) until `counter` reaches `n`.
+    pub async fn reach(&self, counter: impl Fn(&Self) -> &AtomicUsize, n: usize) {
+        assert!(
+            eventually(Duration::from_secs(5), || counter(self)
+                .load(Ordering::SeqCst)
+                >= n)
+            .await,
+            "the probe never got there"
+        );
+    }
 }
 
 impl Counters {
@@ -105,6 +122,7 @@ impl Provider for Probe {
     }
 
     async fn get_status(&self) -> providers_core::Status {
+        self.counters.probing.fetch_add(1, Ordering::SeqCst);
         if !self.status_delay.is_zero() {
             tokio::time::sleep(self.status_delay).await;
             self.counters.log("status done");
@@ -133,6 +151,7 @@ impl Provider for Probe {
                     }
                 }
                 let ms = payload["ms"].as_u64().unwrap_or(0);
+                self.counters.sleeping.fetch_add(1, Ordering::SeqCst);
                 let mut watch = Watch(&self.counters, ms, false);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 watch.2 = true;
