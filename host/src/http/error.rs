@@ -72,7 +72,12 @@ struct Sampler {
     unlogged: AtomicU64,
 }
 
+/// Server-side failures logged per second at most: a storm of them (a probe hammering a
+/// not-ready replica, a provider down under load) is summed up rather than written out.
+const FAILURES_LOGGED_PER_SECOND: u64 = 50;
+
 static REFUSALS: Sampler = Sampler::new();
+static FAILURES: Sampler = Sampler::new();
 
 impl Sampler {
     const fn new() -> Self {
@@ -97,11 +102,11 @@ impl Sampler {
     }
 }
 
-fn sample_refusal() -> (bool, u64) {
+fn sample(sampler: &Sampler, budget: u64) -> (bool, u64) {
     let second = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    REFUSALS.sample(second, REFUSALS_LOGGED_PER_SECOND)
+    sampler.sample(second, budget)
 }
 
 /// Writes `error` in the one error shape.
@@ -111,13 +116,16 @@ fn sample_refusal() -> (bool, u64) {
 pub fn render(error: &ApiError, request_id: &str) -> Response {
     let status = error.status.unwrap_or_else(|| status_of(error.error.code));
     if status.is_server_error() {
-        tracing::warn!(request_id, code = %error.error.code, detail = ?error.error.detail, "request failed");
+        let (log, unlogged) = sample(&FAILURES, FAILURES_LOGGED_PER_SECOND);
+        if log {
+            tracing::warn!(request_id, code = %error.error.code, detail = ?error.error.detail, unlogged_before = unlogged, "request failed");
+        }
     } else if matches!(
         error.error.code,
         ErrorCode::Unauthenticated | ErrorCode::Forbidden
     ) {
         // Refusals leave a trail for operators until the audit log exists.
-        let (log, unlogged) = sample_refusal();
+        let (log, unlogged) = sample(&REFUSALS, REFUSALS_LOGGED_PER_SECOND);
         if log {
             tracing::warn!(target: "provider_host::refused", request_id, code = %error.error.code, detail = ?error.error.detail, unlogged_before = unlogged, "request refused");
         }
