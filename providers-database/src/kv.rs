@@ -3,6 +3,7 @@
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use futures_util::TryStreamExt;
 use providers_core::semver::Version;
 use providers_core::{
     CallContext, ConnectContext, Descriptor, Provider, ProviderError, Status, async_trait,
@@ -462,7 +463,7 @@ impl Connected {
         // A range over the primary key, not a filter over the whole store. One row more than
         // asked tells whether there is a next page.
         let upper = successor(&req.prefix);
-        let rows = sqlx::query(
+        let mut rows = sqlx::query(
             "SELECT key, value, etag FROM kv_entries \
              WHERE tenant = $1 AND store = $6 AND key >= $2 AND key > $3 AND ($7 IS NULL OR key < $7) \
              AND (expires_at IS NULL OR expires_at > $4) ORDER BY key LIMIT $5",
@@ -474,13 +475,17 @@ impl Connected {
         .bind(req.limit + 1)
         .bind(&self.store)
         .bind(upper.as_deref())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        let mut items = Vec::with_capacity(rows.len());
+        .fetch(&self.pool);
+        // Rows are taken one at a time and the stream dropped once the page is full, so a page
+        // of large values never sits in memory whole, however large `limit` is.
+        let mut items = Vec::new();
         let mut spent = 0usize;
-        let mut more = rows.len() as i64 > req.limit;
-        for row in rows.iter().take(req.limit as usize) {
+        let mut more = false;
+        while let Some(row) = rows.try_next().await.map_err(db)? {
+            if items.len() as i64 == req.limit {
+                more = true;
+                break;
+            }
             let key: String = row.try_get(0).map_err(db)?;
             let value: String = row.try_get(1).map_err(db)?;
             let cost = key.len() + value.len();
@@ -492,6 +497,7 @@ impl Connected {
             spent += cost;
             items.push(entry(key, &value, row.try_get(2).map_err(db)?)?);
         }
+        drop(rows);
         let next = if more {
             items
                 .last()
@@ -504,10 +510,65 @@ impl Connected {
     }
 
     async fn bulk_get(&self, req: BulkReq) -> Result<Value, ProviderError> {
-        let placeholders: Vec<String> =
-            (0..req.keys.len()).map(|i| format!("${}", i + 4)).collect();
+        // Sizes first, then values only for the keys that fit the budget in request order:
+        // 100 keys of large values never sit in memory together.
+        let sizes = self
+            .select_keys(&req.keys, "key, bytes")
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?)))
+            .collect::<Result<std::collections::HashMap<_, _>, sqlx::Error>>()
+            .map_err(db)?;
+        let mut spent = 0usize;
+        let mut fits = Vec::new();
+        for key in &req.keys {
+            if let Some(bytes) = sizes.get(key) {
+                let cost = key.len() + usize::try_from(*bytes).unwrap_or(usize::MAX);
+                if spent == 0 || spent.saturating_add(cost) <= self.max_page_bytes {
+                    spent = spent.saturating_add(cost);
+                    fits.push(key.clone());
+                }
+            }
+        }
+        let mut found = std::collections::HashMap::with_capacity(fits.len());
+        if !fits.is_empty() {
+            for row in self.select_keys(&fits, "key, value, etag").await? {
+                let key: String = row.try_get(0).map_err(db)?;
+                found.insert(
+                    key,
+                    (
+                        row.try_get::<String, _>(1).map_err(db)?,
+                        row.try_get::<i64, _>(2).map_err(db)?,
+                    ),
+                );
+            }
+        }
+        let mut items = Vec::with_capacity(req.keys.len());
+        for key in req.keys {
+            items.push(match (found.get(&key), sizes.contains_key(&key)) {
+                (Some((value, etag)), _) => {
+                    let mut e = entry(key, value, *etag)?;
+                    e["found"] = Value::Bool(true);
+                    e
+                }
+                // Present, but past the budget (or expired between the two reads: asking
+                // again answers that too).
+                (None, true) => json!({"key": key, "found": true, "omitted": true}),
+                (None, false) => json!({"key": key, "found": false}),
+            });
+        }
+        Ok(json!({"items": items}))
+    }
+
+    /// `columns` of this store's live entries among `keys`.
+    async fn select_keys(
+        &self,
+        keys: &[String],
+        columns: &str,
+    ) -> Result<Vec<sqlx::any::AnyRow>, ProviderError> {
+        let placeholders: Vec<String> = (0..keys.len()).map(|i| format!("${}", i + 4)).collect();
         let sql = format!(
-            "SELECT key, value, etag FROM kv_entries WHERE tenant = $1 AND store = $3 \
+            "SELECT {columns} FROM kv_entries WHERE tenant = $1 AND store = $3 \
              AND (expires_at IS NULL OR expires_at > $2) AND key IN ({})",
             placeholders.join(", ")
         );
@@ -515,40 +576,10 @@ impl Connected {
             .bind(&self.tenant)
             .bind(now_ms())
             .bind(&self.store);
-        for key in &req.keys {
+        for key in keys {
             query = query.bind(key);
         }
-        let rows = query.fetch_all(&self.pool).await.map_err(db)?;
-        let mut found = std::collections::HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let key: String = row.try_get(0).map_err(db)?;
-            found.insert(
-                key,
-                (
-                    row.try_get::<String, _>(1).map_err(db)?,
-                    row.try_get::<i64, _>(2).map_err(db)?,
-                ),
-            );
-        }
-        let mut items = Vec::with_capacity(req.keys.len());
-        let mut spent = 0usize;
-        for key in req.keys {
-            items.push(match found.get(&key) {
-                Some((value, etag)) => {
-                    let cost = key.len() + value.len();
-                    if spent > 0 && spent + cost > self.max_page_bytes {
-                        json!({"key": key, "found": true, "omitted": true})
-                    } else {
-                        spent += cost;
-                        let mut e = entry(key, value, *etag)?;
-                        e["found"] = Value::Bool(true);
-                        e
-                    }
-                }
-                None => json!({"key": key, "found": false}),
-            });
-        }
-        Ok(json!({"items": items}))
+        query.fetch_all(&self.pool).await.map_err(db)
     }
 }
 
