@@ -618,10 +618,23 @@ impl Provider for Kv {
             max_keys: config.max_keys,
             max_total_bytes: config.max_total_bytes,
         };
-        // Expired rows are invisible to reads; clearing them here bounds their number.
-        let mut tx = connected.begin_write().await?;
-        connected.purge_expired(&mut tx, now_ms()).await?;
-        tx.commit().await.map_err(db)?;
+        // Expired rows are invisible to reads; clearing them here bounds their number. A read
+        // on the expiry index first, so that a connect with nothing to clear writes nothing.
+        let now = now_ms();
+        let expired = sqlx::query(
+            "SELECT 1 FROM kv_entries WHERE tenant = $1 AND store = $2 AND expires_at <= $3 LIMIT 1",
+        )
+        .bind(&connected.tenant)
+        .bind(&connected.store)
+        .bind(now)
+        .fetch_optional(&connected.pool)
+        .await
+        .map_err(db)?;
+        if expired.is_some() {
+            let mut tx = connected.begin_write().await?;
+            connected.purge_expired(&mut tx, now).await?;
+            tx.commit().await.map_err(db)?;
+        }
         self.state
             .set(connected)
             .map_err(|_| ProviderError::internal("kv connected twice"))

@@ -673,6 +673,14 @@ async fn expired_rows_leave_the_quota_when_purged() {
             .unwrap();
         assert_eq!(usage(&pool, "acme").await.0, 1, "{}", db.backend);
         assert_eq!(rows(&pool, "acme").await, 1);
+        // A new instance clears what expired meanwhile, and its usage with it.
+        sqlx::query("UPDATE kv_entries SET expires_at = 1 WHERE tenant = 'acme'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        connect(&pool, "acme", json!({"max_keys": 1})).await;
+        assert_eq!(rows(&pool, "acme").await, 0);
+        assert_eq!(usage(&pool, "acme").await, (0, 0));
     }
 }
 
