@@ -171,6 +171,16 @@ fn entry(key: String, value: &str, etag: i64) -> Result<Value, ProviderError> {
     Ok(Value::Object(item))
 }
 
+/// `list` with a prefix that has an upper bound: a range scan of the primary key.
+const LIST_BOUNDED: &str = "SELECT key, value, etag FROM kv_entries \
+     WHERE tenant = $1 AND store = $6 AND key >= $2 AND key > $3 AND key < $7 \
+     AND (expires_at IS NULL OR expires_at > $4) ORDER BY key LIMIT $5";
+
+/// `list` with no upper bound (an empty prefix, or one of only U+10FFFF).
+const LIST_OPEN: &str = "SELECT key, value, etag FROM kv_entries \
+     WHERE tenant = $1 AND store = $6 AND key >= $2 AND key > $3 \
+     AND (expires_at IS NULL OR expires_at > $4) ORDER BY key LIMIT $5";
+
 impl Connected {
     fn expiry(&self, ttl: Option<u64>, now: i64) -> Option<i64> {
         ttl.or(self.default_ttl_seconds)
@@ -463,19 +473,24 @@ impl Connected {
         // A range over the primary key, not a filter over the whole store. One row more than
         // asked tells whether there is a next page.
         let upper = successor(&req.prefix);
-        let mut rows = sqlx::query(
-            "SELECT key, value, etag FROM kv_entries \
-             WHERE tenant = $1 AND store = $6 AND key >= $2 AND key > $3 AND ($7 IS NULL OR key < $7) \
-             AND (expires_at IS NULL OR expires_at > $4) ORDER BY key LIMIT $5",
-        )
-        .bind(&self.tenant)
-        .bind(&req.prefix)
-        .bind(&req.after)
-        .bind(now_ms())
-        .bind(req.limit + 1)
-        .bind(&self.store)
-        .bind(upper.as_deref())
-        .fetch(&self.pool);
+        // Two texts rather than `($7 IS NULL OR key < $7)`: a planner cannot bound an index
+        // range with a disjunction, and would scan to the end of the tenant's store.
+        let sql = if upper.is_some() {
+            LIST_BOUNDED
+        } else {
+            LIST_OPEN
+        };
+        let mut query = sqlx::query(sql)
+            .bind(&self.tenant)
+            .bind(&req.prefix)
+            .bind(&req.after)
+            .bind(now_ms())
+            .bind(req.limit + 1)
+            .bind(&self.store);
+        if let Some(upper) = &upper {
+            query = query.bind(upper);
+        }
+        let mut rows = query.fetch(&self.pool);
         // Rows are taken one at a time and the stream dropped once the page is full, so a page
         // of large values never sits in memory whole, however large `limit` is.
         let mut items = Vec::new();
@@ -733,6 +748,32 @@ mod tests {
                 assert!(key.as_bytes() < upper.as_bytes(), "{key:?} < {upper:?}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn list_by_prefix_is_a_range_scan_of_the_primary_key() {
+        use sqlx::Row;
+        let db = crate::testing::TestDatabase::sqlite();
+        let pool = db.pool().await;
+        crate::prepare(&pool).await.unwrap();
+        let plan = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {LIST_BOUNDED}"
+        )))
+        .bind("acme")
+        .bind("p")
+        .bind("")
+        .bind(0i64)
+        .bind(10i64)
+        .bind("kv")
+        .bind("q")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let detail: Vec<String> = plan.iter().map(|r| r.get::<String, _>(3)).collect();
+        assert!(
+            detail.iter().any(|d| d.contains("key>? AND key<?")),
+            "a range bounded on both sides: {detail:?}"
+        );
     }
 
     #[test]

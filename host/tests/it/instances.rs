@@ -27,6 +27,7 @@ matrix!(
     a_connect_finishing_during_shutdown_is_released,
     a_disconnect_that_panics_or_hangs_is_contained,
     a_status_probe_holds_its_instance,
+    readiness_is_bounded_when_a_status_hangs,
 );
 
 async fn a_hundred_concurrent_first_calls_connect_once(db: TestDatabase) {
@@ -607,5 +608,38 @@ async fn a_status_probe_holds_its_instance(db: TestDatabase) {
     assert_eq!(
         app.counters.lines(),
         ["connect acme base", "status done", "disconnect acme"]
+    );
+}
+
+async fn readiness_is_bounded_when_a_status_hangs(db: TestDatabase) {
+    let app = App::configured(db, |text| {
+        let text = replace_once(
+            &text,
+            "ready_cache = \"200ms\"",
+            "ready_cache = \"200ms\"\nready_timeout = \"300ms\"",
+        );
+        let text = replace_once(
+            &text,
+            "version = \"^1.4\"",
+            "version = \"^1.4\"\nrequired = true",
+        );
+        replace_once(&text, "label = \"acme-label\"", "status_delay_ms = 30000")
+    })
+    .await;
+    let token = app.token("acme", &["user"]);
+    assert_eq!(
+        app.post(Some(&token), "probe/echo", json!({})).await.status,
+        200
+    );
+    let started = std::time::Instant::now();
+    let r = app.get(None, "/ready").await;
+    assert_eq!(
+        assert_error(&r, 503, ErrorCode::ProviderUnavailable),
+        "not ready: required service 'probe' is failing"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "bounded by ready_timeout, not by the provider: {:?}",
+        started.elapsed()
     );
 }
