@@ -163,7 +163,8 @@ fn entry(key: String, value: &str, etag: i64) -> Result<Value, ProviderError> {
     let value: Value = serde_json::from_str(value).map_err(|e| {
         ProviderError::internal(format!("stored value of '{key}' is not JSON: {e}"))
     })?;
-    // Built by hand: `json!` would re-serialise the value and rewrite numbers (1e400 → 1e+400).
+    // Built by hand: `json!` would copy the value through `to_value`, a second up to
+    // max_value_bytes per item. (Numbers survive either way: arbitrary_precision keeps their text.)
     let mut item = serde_json::Map::new();
     item.insert("key".into(), Value::String(key));
     item.insert("value".into(), value);
@@ -248,7 +249,9 @@ impl Connected {
         row.map(|r| r.try_get::<i64, _>(0)).transpose().map_err(db)
     }
 
-    /// Moves the usage by `keys` and `bytes` if the quotas allow; whether they did.
+    /// Moves the usage by `keys` and `bytes` if the quotas allow; whether they did. Only a
+    /// growing count is checked: when an operator lowers a quota below what a tenant holds,
+    /// writes that shrink the store (a smaller value, a delete) still go through.
     async fn reserve(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -257,7 +260,8 @@ impl Connected {
     ) -> Result<bool, ProviderError> {
         let moved = sqlx::query(
             "UPDATE kv_usage SET keys = keys + $3, bytes = bytes + $4 \
-             WHERE tenant = $1 AND store = $2 AND keys + $3 <= $5 AND bytes + $4 <= $6",
+             WHERE tenant = $1 AND store = $2 \
+             AND ($3 <= 0 OR keys + $3 <= $5) AND ($4 <= 0 OR bytes + $4 <= $6)",
         )
         .bind(&self.tenant)
         .bind(&self.store)
@@ -328,7 +332,9 @@ impl Connected {
             Ok(u) => u,
             Err(e) => return db(e),
         };
+        // Name the quota this write grows past, as `reserve` judged it.
         if let Some(max) = self.max_keys
+            && keys > 0
             && held_keys + keys > max
         {
             return ProviderError::conflict(format!(
@@ -729,61 +735,4 @@ impl Provider for Kv {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_successor_bounds_every_string_with_the_prefix() {
-        assert_eq!(successor(""), None);
-        assert_eq!(successor("a").as_deref(), Some("b"));
-        assert_eq!(successor("a/").as_deref(), Some("a0"));
-        assert_eq!(successor("é").as_deref(), Some("ê"));
-        assert_eq!(successor("a\u{10FFFF}").as_deref(), Some("b"));
-        assert_eq!(successor("\u{10FFFF}\u{10FFFF}"), None);
-        assert_eq!(successor("x\u{D7FF}").as_deref(), Some("x\u{E000}"));
-        for prefix in ["a", "a/", "é", "x\u{D7FF}", "k\u{10FFFF}"] {
-            let upper = successor(prefix).unwrap();
-            for tail in ["", "\0", "z", "\u{10FFFF}\u{10FFFF}"] {
-                let key = format!("{prefix}{tail}");
-                assert!(key.as_bytes() < upper.as_bytes(), "{key:?} < {upper:?}");
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn list_by_prefix_is_a_range_scan_of_the_primary_key() {
-        use sqlx::Row;
-        let db = crate::testing::TestDatabase::sqlite();
-        let pool = db.pool().await;
-        crate::prepare(&pool).await.unwrap();
-        let plan = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN QUERY PLAN {LIST_BOUNDED}"
-        )))
-        .bind("acme")
-        .bind("p")
-        .bind("")
-        .bind(0i64)
-        .bind(10i64)
-        .bind("kv")
-        .bind("q")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-        let detail: Vec<String> = plan.iter().map(|r| r.get::<String, _>(3)).collect();
-        assert!(
-            detail.iter().any(|d| d.contains("key>? AND key<?")),
-            "a range bounded on both sides: {detail:?}"
-        );
-    }
-
-    #[test]
-    fn etags_match_only_their_canonical_text() {
-        assert_eq!(parse_etag("k", "42").unwrap(), 42);
-        for other in ["042", "+42", " 42", "42 ", "4_2"] {
-            assert_eq!(
-                parse_etag("k", other).unwrap_err().code,
-                providers_core::ErrorCode::Conflict
-            );
-        }
-    }
-}
+mod tests;

@@ -87,7 +87,7 @@ pub async fn call(
     };
     let ctx = host.context(identity, &request_id);
     let data = host.call(ctx, &service, &action, payload).await?;
-    // Built by hand: `json!` would re-serialise `data` and rewrite numbers (1e400 → 1e+400).
+    // Built by hand: `json!` would copy `data` through `to_value`, a second copy of a large result.
     let mut body = serde_json::Map::new();
     body.insert("data".into(), data);
     body.insert("request_id".into(), Value::String(request_id.to_string()));

@@ -32,7 +32,7 @@ fn item() -> Value {
 
 pub(crate) fn descriptor(version: Version) -> Descriptor {
     Descriptor::new("kv", version)
-        .description("Tenant-scoped key-value state with ETags for optimistic concurrency, optional TTLs and per-tenant quotas (a write past max_keys or max_total_bytes is a CONFLICT: delete keys to make room).")
+        .description("Tenant-scoped key-value state with ETags for optimistic concurrency, optional TTLs and per-tenant quotas. A write that would grow the store past max_keys or max_total_bytes is a CONFLICT, not RATE_LIMITED: waiting does not help, deleting keys does; writes that do not grow it (a smaller value, a delete) always pass, even over a lowered quota.")
         .config_schema(object(
             json!({
                 "max_value_bytes": {"type": "integer", "minimum": 1, "maximum": 16_777_216,

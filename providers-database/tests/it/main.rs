@@ -7,3 +7,6 @@
 )]
 
 mod kv;
+mod limits;
+mod storage;
+mod support;
