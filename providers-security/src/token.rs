@@ -292,9 +292,9 @@ impl TokenVerifier {
         let unauth = |s: &str| SecurityError::Unauthenticated(s.to_owned());
         // An unknown or "none" algorithm fails here: the header's alg must be one we implement.
         let header = decode_header(token).map_err(|_| unauth("malformed bearer token"))?;
-        // jsonwebtoken's header type drops members it does not know, so `crit` (RFC 7515
-        // §4.1.11: extensions the recipient must understand) is looked for in the raw header.
-        // This verifier understands none, so any is a refusal.
+        // `crit` (RFC 7515 §4.1.11) lists extensions the recipient must understand. This
+        // verifier understands none, so the member's mere presence is a refusal. It is looked
+        // for in the raw header: jsonwebtoken's `Header::crit` reads `"crit": null` as absent.
         let raw_header = token
             .split('.')
             .next()

@@ -206,21 +206,32 @@ fn refuses_weak_secrets_and_bad_pem() {
 }
 
 #[test]
-fn a_cached_token_still_expires_and_a_forged_one_is_no_hit() {
-    let v = TokenVerifier::new(&[hs(None, SECRET)], settings()).unwrap();
+fn a_cached_token_is_served_from_the_cache_until_it_expires_and_a_forged_one_is_no_hit() {
+    // One instant for the whole test, so that no second ticks between minting and checking.
+    let t = now();
     let mut c = claims();
-    c["exp"] = json!(now() + 60);
+    c["iat"] = json!(t);
+    c["exp"] = json!(t + 60);
     let token = sign_hs(&c, SECRET);
-    assert_eq!(v.verify_at(&token, now()).unwrap().tenant, "acme");
+    let v = TokenVerifier::new(&[hs(None, SECRET)], settings()).unwrap();
+    assert_eq!(v.verify_at(&token, t).unwrap().tenant, "acme");
     assert_eq!(v.cached_tokens(), 1);
+    // A full check one second before `iat` refuses the token; a cache hit checks only `exp`,
+    // so accepting it there shows the second call never reached the signature and claims.
+    let uncached = TokenVerifier::new(&[hs(None, SECRET)], settings()).unwrap();
     assert_eq!(
-        v.verify_at(&token, now() + 59).unwrap().tenant,
+        refused_at(&uncached, &token, t - 1),
+        "token was issued in the future (iat)"
+    );
+    assert_eq!(
+        v.verify_at(&token, t - 1).unwrap().tenant,
         "acme",
         "served from the cache"
     );
+    assert_eq!(v.verify_at(&token, t + 59).unwrap().tenant, "acme");
     assert_eq!(v.cached_tokens(), 1, "a hit adds nothing");
     assert_eq!(
-        refused_at(&v, &token, now() + 60),
+        refused_at(&v, &token, t + 60),
         "token has expired",
         "the cache does not outlive exp"
     );
@@ -246,22 +257,24 @@ fn the_cache_is_bounded_prunes_expired_entries_then_clears() {
     let v = TokenVerifier::new(&[hs(None, SECRET)], settings())
         .unwrap()
         .with_cache_capacity(3);
+    let t = now();
     let token = |sub: &str, ttl: u64| {
         let mut c = claims();
         c["sub"] = json!(sub);
-        c["exp"] = json!(now() + ttl);
+        c["iat"] = json!(t);
+        c["exp"] = json!(t + ttl);
         sign_hs(&c, SECRET)
     };
     let short = token("short", 10);
-    for t in [&short, &token("a", 600), &token("b", 600)] {
-        v.verify_at(t, now()).unwrap();
+    for minted in [&short, &token("a", 600), &token("b", 600)] {
+        v.verify_at(minted, t).unwrap();
     }
     assert_eq!(v.cached_tokens(), 3);
     // Full: the expired entry goes first, and the newcomer takes its place.
-    v.verify_at(&token("c", 600), now() + 20).unwrap();
+    v.verify_at(&token("c", 600), t + 20).unwrap();
     assert_eq!(v.cached_tokens(), 3);
     // Full of live entries: the cache is emptied, then holds the newcomer.
-    v.verify_at(&token("d", 600), now() + 20).unwrap();
+    v.verify_at(&token("d", 600), t + 20).unwrap();
     assert_eq!(v.cached_tokens(), 1);
 }
 
@@ -294,23 +307,40 @@ fn tokens_longer_than_the_limit_are_refused_before_decoding() {
     assert!(refused(&v, &junk).starts_with("token is "));
 }
 
-#[test]
-fn a_crit_header_is_refused() {
-    let v = TokenVerifier::new(&[hs(None, SECRET)], settings()).unwrap();
-    let head = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT","crit":["exp"],"exp":1}"#);
-    let body = URL_SAFE_NO_PAD.encode(claims().to_string());
-    let signing_input = format!("{head}.{body}");
+/// A token signed with `SECRET` under a header written by hand, members jsonwebtoken would not write.
+fn sign_with_raw_header(header: &str, claims: &Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
     let signature = jsonwebtoken::crypto::sign(
         signing_input.as_bytes(),
         &EncodingKey::from_secret(SECRET),
         jsonwebtoken::Algorithm::HS256,
     )
     .unwrap();
-    let token = format!("{signing_input}.{signature}");
-    assert_eq!(
-        refused(&v, &token),
-        "token header lists critical extensions ('crit'), which this verifier does not support"
-    );
+    format!("{signing_input}.{signature}")
+}
+
+#[test]
+fn a_crit_header_is_refused() {
+    let v = TokenVerifier::new(&[hs(None, SECRET)], settings()).unwrap();
+    // The control: the same hand-written header without `crit` is accepted.
+    let plain = sign_with_raw_header(r#"{"alg":"HS256","typ":"JWT"}"#, &claims());
+    assert_eq!(v.verify(&plain).unwrap().tenant, "acme");
+    // `"crit": null` reads as no `crit` in jsonwebtoken's header type; the member is still there.
+    for header in [
+        r#"{"alg":"HS256","typ":"JWT","crit":["exp"],"exp":1}"#,
+        r#"{"alg":"HS256","typ":"JWT","crit":null}"#,
+    ] {
+        assert_eq!(
+            refused(&v, &sign_with_raw_header(header, &claims())),
+            "token header lists critical extensions ('crit'), which this verifier does not support",
+            "{header}"
+        );
+    }
+    assert_eq!(v.cached_tokens(), 1, "only the control was cached");
 }
 
 #[test]
