@@ -32,7 +32,24 @@ pub fn ensure_secret(base: &Path) -> anyhow::Result<()> {
 }
 
 /// The tour printed at start: how to call the demo with a token for each tenant.
-pub fn banner(addr: &str, acme: &str, globex: &str) -> String {
+/// `inventory` is why the native inventory plugin is unavailable, if it is.
+pub fn banner(addr: &str, acme: &str, globex: &str, inventory: Option<&str>) -> String {
+    let inventory = match inventory {
+        None => format!(
+            "\
+  # inventory is a native plugin (examples/native-inventory), loaded from ./plugins:
+  curl -s -X POST http://{addr}/providers/inventory/receive -H \"Authorization: Bearer $ACME\" -d '{{\"item\":\"bolt\",\"warehouse\":\"main\",\"quantity\":20}}'
+  curl -s -X POST http://{addr}/providers/inventory/reserve -H \"Authorization: Bearer $ACME\" -d '{{\"item\":\"bolt\",\"warehouse\":\"main\",\"quantity\":5}}'
+  curl -s -X POST http://{addr}/providers/inventory/levels -H \"Authorization: Bearer $GLOBEX\" -d '{{}}'   # globex has its own stock
+"
+        ),
+        Some(reason) => format!(
+            "\
+  # inventory (a native plugin) is not loaded: {reason}
+  # Stage it and restart with: cargo xtask demo
+"
+        ),
+    };
     format!(
         "\
 ERP Provider Layer demo on http://{addr}  (tenants: acme, globex; storage: sqlite://data/host.db)
@@ -43,7 +60,7 @@ ERP Provider Layer demo on http://{addr}  (tenants: acme, globex; storage: sqlit
   curl -s -X POST http://{addr}/providers/kv/set -H \"Authorization: Bearer $ACME\" -d '{{\"key\":\"greeting\",\"value\":\"hello\"}}'
   curl -s -X POST http://{addr}/providers/kv/get -H \"Authorization: Bearer $ACME\" -d '{{\"key\":\"greeting\"}}'
   curl -s -X POST http://{addr}/providers/kv/get -H \"Authorization: Bearer $GLOBEX\" -d '{{\"key\":\"greeting\"}}'   # NOT_FOUND: globex has its own store
-  curl -s http://{addr}/providers -H \"Authorization: Bearer $ACME\"
+{inventory}  curl -s http://{addr}/providers -H \"Authorization: Bearer $ACME\"
   curl -s http://{addr}/openapi.json
 
 Tokens are valid for 24 hours; mint more with: provider-host token --tenant acme --roles clerk

@@ -143,6 +143,9 @@ impl Host {
                 ctx.tenant()
             )));
         };
+        if let Some(reason) = &enabled.service.unavailable {
+            return Err(ProviderError::unavailable(reason.clone()));
+        }
         let descriptor = enabled.service.factory.descriptor();
         let Some(spec) = descriptor.find_action(action) else {
             return Err(ProviderError::not_found(format!(

@@ -13,6 +13,7 @@ use tokio::sync::{Notify, OnceCell, Semaphore};
 
 use crate::config::{Limits, TenantService};
 use crate::guard::{self, Cancel};
+use crate::plugins::capabilities::PluginStore;
 use crate::storage::{InstanceEvent, Storage};
 
 /// How long one `disconnect` may take before the host gives up on it.
@@ -121,6 +122,8 @@ struct ConnectPlan {
     factory: Arc<dyn Factory>,
     config: Value,
     limits: Limits,
+    /// kv config of a plugin's own store.
+    store: Value,
 }
 
 /// How a service fares across the tenants that use it, for readiness.
@@ -251,6 +254,7 @@ impl Instances {
             factory: plan.service.factory.clone(),
             config: plan.config.clone(),
             limits: plan.limits,
+            store: plan.service.store.clone(),
         };
         let failures_seen = slot.attempts_failed.load(Ordering::Acquire);
         let task = tokio::spawn(async move {
@@ -282,19 +286,23 @@ impl Instances {
             factory,
             config,
             limits,
+            store,
         } = plan;
         let version = factory.descriptor().version.to_string();
-        let resources = if factory.kind() == Kind::Builtin {
-            self.resources.clone()
-        } else {
-            Resources::default()
-        };
-        let ctx = ConnectContext::new(tenant.clone(), config)
-            .with_service(service.clone())
-            .with_resources(resources);
         let what = || format!("provider '{service}' connect for tenant '{tenant}'");
         let deadline = Instant::now() + self.settings.connect_timeout;
+        let resources = &self.resources;
+        let (t, s) = (tenant.clone(), service.clone());
         let outcome = guard::run(what, deadline, &self.cancel, async move {
+            let ctx = ConnectContext::new(t.clone(), config).with_service(s.clone());
+            // Builtins share the host's types; plugins get the capabilities instead.
+            let ctx = if factory.kind() == Kind::Builtin {
+                ctx.with_resources(resources.clone())
+            } else {
+                let store = PluginStore::connect(resources, &t, &s, store).await?;
+                ctx.with_store(Arc::new(store))
+                    .with_log(crate::plugins::capabilities::logger(&s, &t))
+            };
             let mut provider = factory.create()?;
             provider.connect(&ctx).await?;
             Ok(provider)

@@ -11,6 +11,7 @@ mod guard;
 pub mod host;
 pub mod http;
 pub mod instances;
+pub mod plugins;
 pub mod storage;
 
 use providers_core::{Registry, RegistryError};

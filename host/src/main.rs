@@ -61,6 +61,43 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         count: u32,
     },
+    /// Lists, inspects and creates plugins.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// Every plugin in the configured (or given) folders: whether its hash matches and whether it would load.
+    List {
+        /// Read `[plugins] dirs` from this configuration.
+        #[arg(long, conflicts_with = "dir")]
+        config: Option<PathBuf>,
+        /// A plugin folder (repeatable).
+        #[arg(long)]
+        dir: Vec<PathBuf>,
+    },
+    /// The build facts and descriptor of a native plugin file, running only the checks and `describe`.
+    Inspect {
+        /// The plugin file (.so).
+        file: PathBuf,
+    },
+    /// Writes a ready-to-build plugin crate.
+    New {
+        /// native (wasm once that engine lands).
+        #[arg(long, default_value = "native")]
+        kind: String,
+        /// The provider's service name.
+        name: String,
+        /// Where to write the crate (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Path of the providers-core crate to depend on (default: the one this binary was built from, if present).
+        #[arg(long)]
+        core_path: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,6 +120,7 @@ fn main() -> ExitCode {
             config,
             count,
         } => token(config, &tenant, &roles, &subject, ttl, count),
+        Command::Plugins { command } => plugins(command),
     };
     match result {
         Ok(code) => code,
@@ -133,6 +171,9 @@ fn load(path: Option<&Path>) -> anyhow::Result<Result<Config, Vec<ConfigError>>>
 fn check(path: &Path) -> anyhow::Result<ExitCode> {
     match load(Some(path))? {
         Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("{w}");
+            }
             #[allow(clippy::print_stdout, reason = "the CLI's answer")]
             {
                 println!(
@@ -148,6 +189,74 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
             print_errors(&errors);
             eprintln!("{}: {} error(s)", path.display(), errors.len());
             Ok(ExitCode::from(2))
+        }
+    }
+}
+
+#[allow(clippy::print_stdout, reason = "the CLI's answers")]
+fn plugins(command: PluginsCommand) -> anyhow::Result<ExitCode> {
+    use provider_host::plugins::{PluginKind, cli};
+    match command {
+        PluginsCommand::List { config, dir } => {
+            let dirs = match config {
+                Some(path) => match load(Some(&path))? {
+                    Ok(c) => c.plugins.dirs,
+                    Err(errors) => {
+                        print_errors(&errors);
+                        return Ok(ExitCode::from(2));
+                    }
+                },
+                None if dir.is_empty() => vec![PathBuf::from("plugins")],
+                None => dir,
+            };
+            print!("{}", cli::list(&dirs));
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginsCommand::Inspect { file } => match cli::inspect(&file) {
+            Ok(report) => {
+                println!("{report}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{}: refused: {e}", file.display());
+                Ok(ExitCode::from(2))
+            }
+        },
+        PluginsCommand::New {
+            kind,
+            name,
+            dir,
+            core_path,
+        } => {
+            let kind = match kind.as_str() {
+                "native" => PluginKind::Native,
+                "wasm" => PluginKind::Wasm,
+                other => bail!("unknown kind '{other}' (expected native or wasm)"),
+            };
+            let core = core_path
+                .or_else(|| {
+                    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../providers-core");
+                    p.exists().then(|| p.canonicalize().unwrap_or(p))
+                })
+                .map(|p| format!("path = {:?}", p.display().to_string()))
+                .unwrap_or_else(|| "version = \"0.1\"".to_owned());
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            match cli::new(kind, &name, &dir, &core) {
+                Ok(files) => {
+                    for f in files {
+                        println!("wrote {}", f.display());
+                    }
+                    println!(
+                        "build it with: cd {} && cargo build --release",
+                        dir.display()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
         }
     }
 }
@@ -202,6 +311,13 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<Ex
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let inventory = config
+        .services
+        .get("inventory")
+        .and_then(|s| s.unavailable.clone());
     runtime.block_on(async move {
         let addr = config.server.listen;
         let issuer = if is_demo {
@@ -223,6 +339,7 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<Ex
                     &local.to_string(),
                     &issuer.mint("demo-user", "acme", &["clerk".into()], day)?,
                     &issuer.mint("demo-user", "globex", &["clerk".into()], day)?,
+                    inventory.as_deref(),
                 ))
             }
             None => None,

@@ -9,6 +9,7 @@
 //! starts a runtime or a thread; the host owns those. Its only foreign types in the API are
 //! `serde_json::Value` and `semver::Version`.
 
+mod capabilities;
 mod context;
 mod descriptor;
 mod error;
@@ -17,6 +18,7 @@ mod registry;
 pub mod testing;
 
 pub use async_trait::async_trait;
+pub use capabilities::{Expect, Level, Log, Logger, MemoryStore, Store, StoreEntry, StorePage};
 pub use context::{CallContext, Caller, MAX_CALL_DEPTH};
 pub use descriptor::{Action, Descriptor, is_valid_name, is_valid_permission};
 pub use error::{ErrorCode, ProviderError};
@@ -30,6 +32,9 @@ pub use serde_json;
 
 #[doc(hidden)]
 pub use inventory;
+
+#[cfg(feature = "native")]
+pub mod native;
 
 /// The contract version this crate defines. Providers record it in their descriptor;
 /// the host refuses a provider whose contract is not caret-compatible with its own.

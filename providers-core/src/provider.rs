@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::capabilities::{Logger, Store};
 use crate::{CallContext, Descriptor, ProviderError};
 
 /// A provider: one service behind the four calls of the contract.
@@ -186,12 +187,15 @@ impl Status {
     }
 }
 
-/// What `connect` receives: the tenant, its configuration and the host's shared resources.
+/// What `connect` receives: the tenant, its configuration, and what the host lends the
+/// instance: its shared resources (builtins) or its capabilities (plugins).
 pub struct ConnectContext {
     tenant: String,
     service: String,
     config: Value,
     resources: Resources,
+    store: Option<std::sync::Arc<dyn Store>>,
+    log: Logger,
 }
 
 impl ConnectContext {
@@ -202,6 +206,8 @@ impl ConnectContext {
             service: String::new(),
             config,
             resources: Resources::default(),
+            store: None,
+            log: Logger::default(),
         }
     }
 
@@ -237,6 +243,30 @@ impl ConnectContext {
     pub fn resource<T: Any + Send + Sync>(&self) -> Option<&T> {
         self.resources.get::<T>()
     }
+
+    /// Gives the instance its `(tenant, service)` store.
+    pub fn with_store(mut self, store: std::sync::Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The instance's own key-value store, scoped to its tenant and service: what plugins
+    /// keep their state in. The host gives one to every native and wasm instance.
+    pub fn store(&self) -> Option<&std::sync::Arc<dyn Store>> {
+        self.store.as_ref()
+    }
+
+    /// Gives the instance a log.
+    pub fn with_log(mut self, log: Logger) -> Self {
+        self.log = log;
+        self
+    }
+
+    /// Where the instance's log lines go: the host's log, with provider and tenant fields.
+    /// Keep a clone for later calls; it is cheap.
+    pub fn log(&self) -> &Logger {
+        &self.log
+    }
 }
 
 impl fmt::Debug for ConnectContext {
@@ -246,6 +276,7 @@ impl fmt::Debug for ConnectContext {
             .field("service", &self.service)
             .field("config", &self.config)
             .field("resources", &self.resources.map.len())
+            .field("store", &self.store.is_some())
             .finish()
     }
 }

@@ -279,6 +279,15 @@ impl Registry {
         RegistryBuilder::new(crate::contract_version())
     }
 
+    /// A builder holding every factory of this registry, to add more (a host adds the
+    /// plugins it discovers to its builtins).
+    pub fn to_builder(&self) -> RegistryBuilder {
+        RegistryBuilder {
+            host_contract: self.host_contract.clone(),
+            by_service: self.by_service.clone(),
+        }
+    }
+
     /// The contract version the registry checked against.
     pub fn host_contract(&self) -> &Version {
         &self.host_contract

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use crate::capabilities::{Level, Log, Logger, MemoryStore, Store};
 use crate::{CallContext, Caller, ConnectContext, Provider, ProviderError, Resources};
 
 /// A minimal host for one provider instance in tests.
@@ -25,7 +26,17 @@ pub struct TestHostBuilder {
     roles: Vec<String>,
     config: Value,
     resources: Resources,
+    store: Option<Arc<dyn Store>>,
     peers: Vec<(String, Box<dyn Provider>)>,
+}
+
+/// Plugin log lines, on stderr, where the test harness captures them.
+struct StderrLog(String);
+
+impl Log for StderrLog {
+    fn log(&self, level: Level, request_id: &str, message: &str) {
+        eprintln!("[{level:?} {} {request_id}] {message}", self.0);
+    }
 }
 
 impl TestHost {
@@ -42,6 +53,7 @@ impl TestHost {
             roles: Vec::new(),
             config: Value::Object(Default::default()),
             resources: Resources::default(),
+            store: None,
             peers: Vec::new(),
         }
     }
@@ -120,6 +132,13 @@ impl TestHostBuilder {
         self
     }
 
+    /// The store `connect` finds in [`ConnectContext::store`]; by default each provider
+    /// gets a fresh [`MemoryStore`]. Pass the same one to two hosts to share state.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// Another provider reachable through [`CallContext::call`], connected with an empty config.
     pub fn peer(mut self, provider: impl Provider) -> Self {
         let service = provider.descriptor().service;
@@ -133,15 +152,22 @@ impl TestHostBuilder {
         for (service, mut peer) in self.peers {
             let ctx = ConnectContext::new(self.tenant.clone(), Value::Object(Default::default()))
                 .with_service(service.clone())
-                .with_resources(self.resources.clone());
+                .with_resources(self.resources.clone())
+                .with_store(Arc::new(MemoryStore::default()))
+                .with_log(Logger::new(Arc::new(StderrLog(service.clone()))));
             peer.connect(&ctx).await?;
             peers.push((service, Arc::<dyn Provider>::from(peer)));
         }
         let mut provider = self.provider;
         let service = provider.descriptor().service;
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::default()));
         let ctx = ConnectContext::new(self.tenant.clone(), self.config)
-            .with_service(service)
-            .with_resources(self.resources);
+            .with_service(service.clone())
+            .with_resources(self.resources)
+            .with_store(store)
+            .with_log(Logger::new(Arc::new(StderrLog(service))));
         provider.connect(&ctx).await?;
         let ctx = CallContext::new(self.tenant, "test-request")
             .with_subject("test-subject")

@@ -73,6 +73,8 @@ struct SetReq {
     etag: Option<String>,
     #[serde(default)]
     ttl_seconds: Option<u64>,
+    #[serde(default)]
+    if_absent: bool,
 }
 
 #[derive(Deserialize)]
@@ -381,7 +383,34 @@ impl Connected {
                 return Err(e);
             }
         }
+        if req.if_absent && expected.is_some() {
+            let _ = tx.rollback().await;
+            return Err(ProviderError::validation(
+                "payload: `etag` and `if_absent` exclude each other",
+            ));
+        }
         let written = match expected {
+            // An expired row counts as absent: it is overwritten, a live one is not.
+            None if req.if_absent => sqlx::query(
+                "INSERT INTO kv_entries (tenant, store, key, value, etag, expires_at, updated_at, bytes) \
+                 VALUES ($1, $7, $2, $3, $4, $5, $6, $8) \
+                 ON CONFLICT (tenant, store, key) DO UPDATE SET value = excluded.value, \
+                 etag = excluded.etag, expires_at = excluded.expires_at, updated_at = excluded.updated_at, \
+                 bytes = excluded.bytes \
+                 WHERE kv_entries.expires_at IS NOT NULL AND kv_entries.expires_at <= excluded.updated_at",
+            )
+            .bind(&self.tenant)
+            .bind(&req.key)
+            .bind(&value)
+            .bind(etag)
+            .bind(expires)
+            .bind(now)
+            .bind(&self.store)
+            .bind(size)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected(),
             None => sqlx::query(
                 "INSERT INTO kv_entries (tenant, store, key, value, etag, expires_at, updated_at, bytes) \
                  VALUES ($1, $7, $2, $3, $4, $5, $6, $8) \
@@ -420,6 +449,13 @@ impl Connected {
             .map_err(db)?
             .rows_affected(),
         };
+        if written == 0 && req.if_absent {
+            let _ = tx.rollback().await;
+            return Err(ProviderError::conflict(format!(
+                "key '{}' already exists (if_absent)",
+                req.key
+            )));
+        }
         if written == 0 {
             let _ = tx.rollback().await;
             return Err(ProviderError::conflict(format!(

@@ -13,9 +13,10 @@ use toml::Spanned;
 
 use super::source::{Source, merge, resolve_value};
 use super::{
-    ConfigError, Limits, RawConfig, RawKey, RawProvider, RawSecurity, RawStorage, RawTenant,
-    ServerConfig, StorageConfig,
+    ConfigError, Limits, PluginsConfig, RawConfig, RawKey, RawProvider, RawSecurity, RawStorage,
+    RawTenant, ServerConfig, StorageConfig, Unavailable,
 };
+use crate::plugins::{self, NativePool};
 
 /// A configuration that parsed and checked against the registry; the host runs from it.
 pub struct Config {
@@ -25,6 +26,15 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[storage]`, references resolved.
     pub storage: StorageConfig,
+    /// `[plugins]`, with `dirs` resolved against the config's folder.
+    pub plugins: PluginsConfig,
+    /// What loading the plugin folders gave.
+    pub loaded_plugins: plugins::Loaded,
+    /// Every provider this host can run: builtins and accepted plugins.
+    pub registry: Registry,
+    /// Problems that do not stop the host: a service that is not required and whose plugin
+    /// was refused or is missing (its calls answer 503 with the reason).
+    pub warnings: Vec<String>,
     /// Issuer and audience tokens must carry.
     pub token: TokenSettings,
     /// Keys, loaded.
@@ -47,6 +57,11 @@ pub struct ServicePlan {
     pub required: bool,
     /// Compiled input schemas, by action.
     pub validators: HashMap<String, jsonschema::Validator>,
+    /// Why the service cannot be served (its plugin was refused or is missing); every call
+    /// answers 503 `PROVIDER_UNAVAILABLE` with it.
+    pub unavailable: Option<String>,
+    /// kv config of a plugin's own store.
+    pub store: Value,
 }
 
 /// One tenant: its enabled services with their merged config and limits.
@@ -112,6 +127,10 @@ pub fn load_str(
         env,
         errors,
         per_tenant: BTreeMap::new(),
+        warnings: Vec::new(),
+        plugin_dirs: Vec::new(),
+        loaded: plugins::Loaded::default(),
+        pinned: BTreeMap::new(),
     };
     let config = checker.check(raw, registry);
     let errors = checker.finish();
@@ -133,11 +152,18 @@ struct Checker<'a> {
     errors: Vec<ConfigError>,
     /// Per-tenant messages (with [`TENANT`] in place of the name) and where each occurred.
     per_tenant: BTreeMap<String, Vec<(Range<usize>, String)>>,
+    warnings: Vec<String>,
+    plugin_dirs: Vec<std::path::PathBuf>,
+    loaded: plugins::Loaded,
+    /// Plans of versions tenants are pinned to, by (service, version).
+    pinned: BTreeMap<(String, String), Arc<ServicePlan>>,
 }
 
 /// A `[[providers]]` entry that checked: its plan, its base config resolved, and its limits.
 struct Provided {
     plan: Arc<ServicePlan>,
+    /// The plugin (registry name) serving it, for tenants pinned to another version.
+    plugin: String,
     base: Value,
     limits: Limits,
     /// The config schema, compiled once for every tenant; `None` when the base config or
@@ -196,9 +222,29 @@ impl Checker<'_> {
         }
     }
 
-    fn check(&mut self, raw: RawConfig, registry: &Registry) -> Config {
+    fn check(&mut self, raw: RawConfig, builtins: &Registry) -> Config {
         self.server(&raw.server);
         let storage = self.storage(raw.storage);
+        let mut plugins = raw.plugins;
+        for dir in &mut plugins.dirs {
+            *dir = self.base_dir.join(&*dir);
+        }
+        if plugins.native_threads == 0 || plugins.native_threads_per_provider == 0 {
+            self.at(
+                0..0,
+                "plugins.native_threads and plugins.native_threads_per_provider: must be at least 1",
+            );
+        }
+        let pool = NativePool::new(
+            plugins.native_threads.max(1),
+            plugins.native_threads_per_provider.max(1),
+        );
+        let mut builder = builtins.to_builder();
+        let loaded_plugins = plugins::load(&plugins.dirs, &pool, &mut builder);
+        let registry = builder.build();
+        let registry = &registry;
+        self.plugin_dirs = plugins.dirs.clone();
+        self.loaded = loaded_plugins.clone();
         let (token, keys, permissions) = self.security(raw.security);
         let declared: BTreeSet<String> = raw
             .providers
@@ -226,13 +272,25 @@ impl Checker<'_> {
         for (name, tenant) in raw.tenants {
             let span = name.span();
             let name = name.into_inner();
-            let plan = self.tenant(span, &name, tenant.into_inner(), &provided, &declared);
+            let plan = self.tenant(
+                span,
+                &name,
+                tenant.into_inner(),
+                &provided,
+                &declared,
+                registry,
+            );
             tenants.insert(name, plan);
         }
+        let registry = registry.clone();
         Config {
             source: self.src.name.to_owned(),
             server: raw.server,
             storage,
+            plugins,
+            loaded_plugins,
+            registry,
+            warnings: std::mem::take(&mut self.warnings),
             token,
             keys,
             permissions,
@@ -359,6 +417,7 @@ impl Checker<'_> {
         tenant: RawTenant,
         provided: &BTreeMap<String, Provided>,
         declared: &BTreeSet<String>,
+        registry: &Registry,
     ) -> TenantPlan {
         if !is_valid_name(name) {
             self.at(span.clone(), format!("tenant '{name}': invalid name (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"));
@@ -389,8 +448,16 @@ impl Checker<'_> {
                 }
                 merge(&mut config, to_json(o));
             }
+            let pin = tenant.versions.iter().find(|(k, _)| k.get_ref() == s);
+            let (plan, pinned_schema) = match pin {
+                Some((_, req)) => match self.pinned_plan(name, s, p, req, registry) {
+                    Some(found) => found,
+                    None => continue,
+                },
+                None => (p.plan.clone(), None),
+            };
             // An invalid base config was reported at the provider; once is enough.
-            if let Some(schema) = &p.config_schema {
+            if let Some(schema) = pinned_schema.as_ref().or(p.config_schema.as_ref()) {
                 let place = overrides.map_or(span.clone(), |(_, o)| o.span());
                 if let Some(problem) = config_problem(schema, &config) {
                     self.tenant_at(
@@ -408,11 +475,20 @@ impl Checker<'_> {
             enabled.insert(
                 s.clone(),
                 TenantService {
-                    service: p.plan.clone(),
+                    service: plan,
                     config,
                     limits,
                 },
             );
+        }
+        for (service, req) in &tenant.versions {
+            if !tenant
+                .services
+                .iter()
+                .any(|s| s.get_ref() == service.get_ref())
+            {
+                self.tenant_at(req.span(), name, format!("tenant {TENANT} pins a version of '{}', which it does not enable (add it to services)", service.get_ref()));
+            }
         }
         for (service, overrides) in &tenant.providers {
             if !tenant
@@ -424,6 +500,56 @@ impl Checker<'_> {
             }
         }
         TenantPlan { services: enabled }
+    }
+
+    /// The plan of the version `tenant` pins `service` to, with that version's config schema.
+    fn pinned_plan(
+        &mut self,
+        tenant: &str,
+        service: &str,
+        p: &Provided,
+        req: &Spanned<String>,
+        registry: &Registry,
+    ) -> Option<(Arc<ServicePlan>, Option<jsonschema::Validator>)> {
+        let requirement = match VersionReq::parse(req.get_ref()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.at(
+                    req.span(),
+                    format!(
+                        "tenant '{tenant}', versions.{service}: invalid version requirement '{}': {e}",
+                        req.get_ref()
+                    ),
+                );
+                return None;
+            }
+        };
+        let factory = match registry.resolve(&p.plugin, &requirement) {
+            Ok(f) => f,
+            Err(e) => {
+                let reason = self.why_missing(&p.plugin, &requirement, e);
+                self.at(
+                    req.span(),
+                    format!("tenant '{tenant}', versions.{service}: {reason}"),
+                );
+                return None;
+            }
+        };
+        let d = factory.descriptor();
+        let key = (service.to_owned(), d.version.to_string());
+        let schema = jsonschema::validator_for(&d.config_schema).ok();
+        if let Some(plan) = self.pinned.get(&key) {
+            return Some((plan.clone(), schema));
+        }
+        let plan = self.plan(
+            req.span(),
+            service,
+            factory.clone(),
+            p.plan.required,
+            p.plan.store.clone(),
+        )?;
+        self.pinned.insert(key, plan.clone());
+        Some((plan, schema))
     }
 
     fn provider(
@@ -451,31 +577,59 @@ impl Checker<'_> {
                 return None;
             }
         };
+        let mut store = toml::Value::Table(entry.store.get_ref().clone());
+        if let Err(e) = resolve_value(&mut store, self.env) {
+            self.at(entry.store.span(), e);
+        }
+        let store = to_json(store);
+        let place = if entry.version.span() == (0..0) {
+            plugin.span()
+        } else {
+            entry.version.span()
+        };
         let factory = match registry.resolve(plugin.get_ref(), &requirement) {
             Ok(f) => f,
             Err(e) => {
-                let place = if entry.version.span() == (0..0) {
-                    plugin.span()
-                } else {
-                    entry.version.span()
-                };
-                self.at(place, e.to_string());
-                return None;
-            }
-        };
-        let d = factory.descriptor();
-        let mut validators = HashMap::new();
-        for action in &d.actions {
-            match jsonschema::validator_for(&action.input_schema) {
-                Ok(v) => {
-                    validators.insert(action.name.clone(), v);
-                }
-                Err(e) => {
-                    self.at(span, format!("provider '{}' {} ({}) declares an invalid input schema for action '{}': {e}", d.service, d.version, factory.origin(), action.name));
+                let reason = self.why_missing(plugin.get_ref(), &requirement, e);
+                if entry.required {
+                    self.at(place, format!("service '{service}' is required: {reason}"));
                     return None;
                 }
+                let warning = self.src.error_at(
+                    place.clone(),
+                    format!("warning: service '{service}' is unavailable, its calls answer 503: {reason}"),
+                );
+                self.warnings.push(warning.to_string());
+                let version = registry
+                    .resolve(plugin.get_ref(), &VersionReq::STAR)
+                    .map(|f| f.descriptor().version.clone())
+                    .unwrap_or_else(|_| providers_core::semver::Version::new(0, 0, 0));
+                let factory: Arc<dyn Factory> =
+                    Arc::new(Unavailable::new(service, version, reason.clone()));
+                return Some(Provided {
+                    plan: Arc::new(ServicePlan {
+                        service: service.clone(),
+                        factory,
+                        required: false,
+                        validators: HashMap::new(),
+                        unavailable: Some(reason),
+                        store,
+                    }),
+                    plugin: plugin.get_ref().clone(),
+                    base: Value::Object(Default::default()),
+                    limits: entry.limits,
+                    config_schema: None,
+                });
             }
-        }
+        };
+        let plan = self.plan(
+            span.clone(),
+            service,
+            factory.clone(),
+            entry.required,
+            store,
+        )?;
+        let d = factory.descriptor();
         if entry.limits.max_concurrency == Some(0) {
             self.at(
                 span.clone(),
@@ -507,16 +661,82 @@ impl Checker<'_> {
             }
         };
         Some(Provided {
-            plan: Arc::new(ServicePlan {
-                service: service.clone(),
-                factory,
-                required: entry.required,
-                validators,
-            }),
+            plan,
+            plugin: plugin.get_ref().clone(),
             base,
             limits: entry.limits,
             config_schema,
         })
+    }
+
+    /// The plan of `service` served by `factory`: its input schemas compiled once.
+    fn plan(
+        &mut self,
+        span: Range<usize>,
+        service: &str,
+        factory: Arc<dyn Factory>,
+        required: bool,
+        store: Value,
+    ) -> Option<Arc<ServicePlan>> {
+        let d = factory.descriptor();
+        let mut validators = HashMap::new();
+        for action in &d.actions {
+            match jsonschema::validator_for(&action.input_schema) {
+                Ok(v) => {
+                    validators.insert(action.name.clone(), v);
+                }
+                Err(e) => {
+                    self.at(span, format!("provider '{}' {} ({}) declares an invalid input schema for action '{}': {e}", d.service, d.version, factory.origin(), action.name));
+                    return None;
+                }
+            }
+        }
+        Some(Arc::new(ServicePlan {
+            service: service.to_owned(),
+            factory,
+            required,
+            validators,
+            unavailable: None,
+            store,
+        }))
+    }
+
+    /// Why no loaded provider `plugin` matches: its refusals if it was refused, the
+    /// folders searched if it is nowhere, or the registry's own answer.
+    fn why_missing(
+        &self,
+        plugin: &str,
+        requirement: &VersionReq,
+        error: providers_core::RegistryError,
+    ) -> String {
+        let refusals: Vec<String> = self
+            .loaded
+            .refusals_of(plugin)
+            .map(ToString::to_string)
+            .collect();
+        if !refusals.is_empty() {
+            return format!("{error}; refused: {}", refusals.join("; "));
+        }
+        if matches!(error, providers_core::RegistryError::UnknownService { .. }) {
+            let dirs: Vec<String> = self
+                .plugin_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect();
+            return if dirs.is_empty() {
+                format!(
+                    "{error}; no [plugins] dirs are configured to look for a plugin named '{plugin}'"
+                )
+            } else {
+                format!(
+                    "{error}; no {plugin}{} was found in {} (stage plugins with `cargo xtask plugins`)",
+                    plugins::manifest::SUFFIX,
+                    dirs.join(", ")
+                )
+            };
+        }
+        let _ = requirement;
+        error.to_string()
     }
 
     fn key(&mut self, span: Range<usize>, key: RawKey) -> Option<KeyMaterial> {

@@ -12,6 +12,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use check::{Config, ServicePlan, TenantPlan, TenantService, load, load_str};
+pub use unavailable::Unavailable;
+
+mod unavailable;
 pub use source::ConfigError;
 
 /// The configuration the host runs when none is given.
@@ -25,6 +28,8 @@ pub(crate) struct RawConfig {
     pub server: ServerConfig,
     #[serde(default)]
     pub storage: RawStorage,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
     pub security: Spanned<RawSecurity>,
     #[serde(default)]
     pub providers: Vec<Spanned<RawProvider>>,
@@ -94,6 +99,30 @@ impl Default for ServerConfig {
             connect_backoff_max: Duration::from_secs(300),
             ready_cache: Duration::from_secs(1),
             ready_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `[plugins]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Folders searched for `NAME.plugin.toml` manifests; relative paths resolve against
+    /// the config file's folder (the working directory for the embedded demo).
+    pub dirs: Vec<PathBuf>,
+    /// Threads native plugin calls may occupy at once, across all native providers.
+    pub native_threads: usize,
+    /// Threads one native provider version may occupy at once: a plugin whose calls hang
+    /// holds at most this many, and the rest of the host keeps serving.
+    pub native_threads_per_provider: usize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dirs: Vec::new(),
+            native_threads: 64,
+            native_threads_per_provider: 16,
         }
     }
 }
@@ -198,6 +227,9 @@ pub(crate) struct RawProvider {
     pub limits: Limits,
     #[serde(default)]
     pub required: bool,
+    /// kv config of a plugin's own store (`max_keys`, `max_total_bytes`, ...).
+    #[serde(default = "empty_table")]
+    pub store: Spanned<toml::Table>,
 }
 
 fn empty_table() -> Spanned<toml::Table> {
@@ -217,6 +249,9 @@ pub(crate) struct RawTenant {
     pub limits: Limits,
     #[serde(default)]
     pub providers: BTreeMap<Spanned<String>, Spanned<toml::Table>>,
+    /// Per service, a version requirement that pins this tenant to another loaded version.
+    #[serde(default)]
+    pub versions: BTreeMap<Spanned<String>, Spanned<String>>,
 }
 
 /// Per-provider or per-tenant limits; the tighter of the two applies.

@@ -58,14 +58,15 @@ pub(crate) fn descriptor(version: Version) -> Descriptor {
         )
         .action(
             Action::new("set")
-                .description("Writes one key. With `etag`, only if the key still has that ETag (else CONFLICT).")
+                .description("Writes one key. With `etag`, only if the key still has that ETag; with `if_absent`, only if it does not exist (else CONFLICT).")
                 .permission("kv.write")
                 .input(object(
                     json!({
                         "key": key(),
                         "value": {"description": "Any JSON value."},
                         "etag": etag(),
-                        "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 315_360_000}
+                        "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 315_360_000},
+                        "if_absent": {"type": "boolean", "description": "Write only if the key does not exist (else CONFLICT); excludes `etag`."}
                     }),
                     &["key", "value"],
                 ))

@@ -1,0 +1,103 @@
+//! Plugins: providers loaded at run time from `[plugins] dirs`, native or wasm, through one
+//! path. `manifest` and `discovery` check what a file is before it is opened; `capabilities`
+//! is what every plugin gets from the host; each engine (`native`) only adapts those to its
+//! boundary and hands the registry a `Factory`. Nothing above this module knows an engine.
+
+pub mod capabilities;
+pub mod cli;
+pub mod discovery;
+pub mod manifest;
+pub mod native;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use providers_core::RegistryBuilder;
+
+pub use discovery::{Candidate, Refusal};
+pub use manifest::{Manifest, PluginKind};
+pub use native::NativePool;
+
+/// What loading the plugin folders gave: every plugin accepted into the registry, every
+/// one refused with its reason.
+#[derive(Debug, Default, Clone)]
+pub struct Loaded {
+    /// Accepted: service, version, kind, file.
+    pub accepted: Vec<(String, String, PluginKind, PathBuf)>,
+    /// Refused, with why.
+    pub refused: Vec<Refusal>,
+}
+
+impl Loaded {
+    /// The refusals of plugin `name`, newest manifest order.
+    pub fn refusals_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Refusal> + 'a {
+        self.refused.iter().filter(move |r| r.name == name)
+    }
+}
+
+/// Discovers, verifies and loads every plugin in `dirs`, adding each accepted one to
+/// `registry`. A plugin that fails any check is refused, never half-loaded.
+pub fn load(dirs: &[PathBuf], pool: &NativePool, registry: &mut RegistryBuilder) -> Loaded {
+    let (candidates, mut refused) = discovery::discover(dirs);
+    let mut accepted = Vec::new();
+    for c in candidates {
+        let m = &c.manifest;
+        let refuse = |reason: String| Refusal {
+            name: m.name.clone(),
+            version: Some(m.version.to_string()),
+            file: c.file.clone(),
+            reason,
+        };
+        let factory: Arc<dyn providers_core::Factory> = match m.kind {
+            PluginKind::Native => match native::open(&c.file) {
+                Ok(lib) => match agrees(m, &lib.descriptor) {
+                    Ok(()) => Arc::new(native::NativeFactory::new(&c, lib, pool.clone())),
+                    Err(reason) => {
+                        refused.push(refuse(reason));
+                        continue;
+                    }
+                },
+                Err(reason) => {
+                    refused.push(refuse(reason));
+                    continue;
+                }
+            },
+            PluginKind::Wasm => {
+                refused.push(refuse(
+                    "wasm components are not supported by this host yet".into(),
+                ));
+                continue;
+            }
+        };
+        match registry.add(factory) {
+            Ok(()) => accepted.push((
+                m.name.clone(),
+                m.version.to_string(),
+                m.kind,
+                c.file.clone(),
+            )),
+            Err(e) => refused.push(refuse(e.to_string())),
+        }
+    }
+    for r in &refused {
+        tracing::warn!(plugin = %r.name, file = %r.file.display(), reason = ?r.reason, "plugin refused");
+    }
+    Loaded { accepted, refused }
+}
+
+/// The manifest and the library must tell the same story.
+fn agrees(m: &Manifest, d: &providers_core::Descriptor) -> Result<(), String> {
+    if d.service != m.name || d.version != m.version {
+        return Err(format!(
+            "the manifest says {} {}, the library describes itself as {} {}",
+            m.name, m.version, d.service, d.version
+        ));
+    }
+    if d.contract_version != m.contract {
+        return Err(format!(
+            "the manifest says contract {}, the library's descriptor says {}",
+            m.contract, d.contract_version
+        ));
+    }
+    Ok(())
+}
