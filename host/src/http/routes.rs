@@ -106,8 +106,8 @@ pub async fn list(
     let statuses = futures_util::future::join_all(
         tenant
             .services
-            .keys()
-            .map(|name| status(&host, &identity.tenant, name, deadline)),
+            .iter()
+            .map(|(name, enabled)| status(&host, &identity.tenant, name, enabled, deadline)),
     )
     .await;
     let services: Vec<Value> = tenant
@@ -137,7 +137,16 @@ pub async fn list(
     ))
 }
 
-async fn status(host: &Host, tenant: &str, service: &str, deadline: Instant) -> Value {
+async fn status(
+    host: &Host,
+    tenant: &str,
+    service: &str,
+    enabled: &crate::config::TenantService,
+    deadline: Instant,
+) -> Value {
+    if let Some(reason) = &enabled.service.unavailable {
+        return json!({"state": "unavailable", "detail": reason});
+    }
     match host.instances().status(tenant, service, deadline).await {
         Some(s) => json!({"state": s.state, "detail": s.detail}),
         None => {
@@ -170,7 +179,7 @@ pub async fn describe(
         "contract_version": d.contract_version.to_string(),
         "description": d.description,
         "kind": factory.kind(),
-        "status": status(&host, &identity.tenant, &service, deadline).await,
+        "status": status(&host, &identity.tenant, &service, enabled, deadline).await,
         "actions": d.actions,
         "limits": {
             "timeout_ms": enabled.limits.timeout.map(|t| t.as_millis() as u64),

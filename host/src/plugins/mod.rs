@@ -8,6 +8,7 @@ pub mod cli;
 pub mod discovery;
 pub mod manifest;
 pub mod native;
+mod threads;
 
 use std::path::PathBuf;
 use std::sync::Arc;

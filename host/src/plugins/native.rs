@@ -37,6 +37,7 @@ type Instance = FfiInstance_TO<'static, RBox<()>>;
 pub struct NativePool {
     global: Arc<Semaphore>,
     per_provider: usize,
+    threads: super::threads::Threads,
 }
 
 impl NativePool {
@@ -45,6 +46,7 @@ impl NativePool {
         Self {
             global: Arc::new(Semaphore::new(threads)),
             per_provider: per_provider.min(threads).max(1),
+            threads: super::threads::Threads::default(),
         }
     }
 }
@@ -285,18 +287,21 @@ impl NativeProvider {
             pending: pending.clone(),
             counters: counters.clone(),
         };
-        let task = tokio::task::spawn_blocking(move || {
+        let (send, receive) = tokio::sync::oneshot::channel();
+        self.shared.pool.threads.spawn(move || {
             let _permits = permits;
-            let out = work();
+            // The plugin's glue catches its panics; this catches the bridge's own.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
             finish(&pending, &counters);
-            out
+            let _ = send.send(out);
         });
-        task.await.map_err(|e| {
-            ProviderError::provider(format!(
-                "{what} of '{}' failed in the host's native bridge: {e}",
+        match receive.await {
+            Ok(Ok(out)) => Ok(out),
+            _ => Err(ProviderError::provider(format!(
+                "{what} of '{}' failed in the host's native bridge",
                 self.shared.service
-            ))
-        })
+            ))),
+        }
     }
 
     fn instance(&self) -> Result<Arc<Instance>, ProviderError> {

@@ -10,6 +10,8 @@ mod cli;
 mod config;
 mod deps;
 mod instances;
+mod native;
+mod plugins;
 mod registry;
 mod routes;
 mod serving;

@@ -17,6 +17,9 @@ use serde_json::{Value, json};
 
 providers_core::export_native_provider!(Fixture::default());
 
+/// Numbers instances as they connect, so tests can tell one instance from another.
+static CONNECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A context kept past its call, to prove it can no longer call out.
 static KEPT: Mutex<Option<CallContext>> = Mutex::new(None);
 
@@ -26,6 +29,7 @@ pub struct Fixture {
     store: Option<std::sync::Arc<dyn Store>>,
     log: Logger,
     tenant: String,
+    instance: u64,
 }
 
 fn version(var: Option<&str>, default: Version) -> Version {
@@ -70,6 +74,7 @@ impl Provider for Fixture {
         self.store = ctx.store().cloned();
         self.log = ctx.log().clone();
         self.tenant = ctx.tenant().to_owned();
+        self.instance = CONNECTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         Ok(())
     }
 
@@ -93,6 +98,7 @@ impl Provider for Fixture {
                 "request_id": ctx.request_id(),
                 "has_deadline": ctx.deadline().is_some(),
                 "connected_for": self.tenant,
+                "instance": self.instance,
                 "version": self.descriptor().version.to_string(),
             })),
             "panic" => panic!("fixture panicked on purpose"),
