@@ -590,7 +590,17 @@ impl Checker<'_> {
         let factory = match registry.resolve(plugin.get_ref(), &requirement) {
             Ok(f) => f,
             Err(e) => {
+                // A plugin that was refused, or that is absent from the configured plugin
+                // folders, leaves its service unavailable; any other mismatch (a version no
+                // loaded provider has, a name nothing could offer) is a mistake in this file.
+                let plugin_problem = self.loaded.refusals_of(plugin.get_ref()).next().is_some()
+                    || (matches!(e, providers_core::RegistryError::UnknownService { .. })
+                        && !self.plugin_dirs.is_empty());
                 let reason = self.why_missing(plugin.get_ref(), &requirement, e);
+                if !plugin_problem {
+                    self.at(place, reason);
+                    return None;
+                }
                 if entry.required {
                     self.at(place, format!("service '{service}' is required: {reason}"));
                     return None;

@@ -73,6 +73,15 @@ async fn the_demo_serves_its_printed_tour_and_stops_on_sigterm() {
         tour.contains(&format!("curl -s -X POST http://{addr}/providers/kv/set")),
         "{tour}"
     );
+    // No plugins staged here: the tour says how to get inventory, and kv serves regardless.
+    assert!(
+        tour.contains("# inventory (a native plugin) is not loaded: "),
+        "{tour}"
+    );
+    assert!(
+        tour.contains("# Stage it and restart with: cargo xtask demo"),
+        "{tour}"
+    );
 
     let client = reqwest::Client::new();
     let url = |p: &str| format!("http://{addr}{p}");
@@ -198,4 +207,164 @@ fn check_reports_every_error_with_its_place_and_fails() {
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("{}: ok (1 services, 1 tenants)", path.display())
     );
+}
+
+#[tokio::test]
+async fn the_demo_serves_native_inventory_and_the_plugins_commands_report_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    let built = crate::plugins::built();
+    crate::plugins::stage(
+        &plugins,
+        &built.file("inventory"),
+        "inventory",
+        "1.0.0",
+        "1.0.0",
+        "inventory.so",
+    );
+    // A second, tampered plugin: listed as refused, and the demo serves on without it.
+    crate::plugins::stage(
+        &plugins,
+        &built.file("fixture-1.0.0"),
+        "fixture",
+        "1.0.0",
+        "1.0.0",
+        "fixture.so",
+    );
+    std::fs::write(
+        plugins.join("fixture.so"),
+        b"not the file the manifest hashed",
+    )
+    .unwrap();
+
+    let out = Command::new(BIN)
+        .args(["plugins", "list", "--dir"])
+        .arg(&plugins)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let list = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 2, "{list}");
+    assert!(
+        lines[0].starts_with("fixture          1.0.0     native  "),
+        "{list}"
+    );
+    assert!(
+        lines[0].contains("fixture.so  refused: sha256 mismatch: the manifest says "),
+        "{list}"
+    );
+    assert!(
+        lines[1].starts_with("inventory        1.0.0     native  "),
+        "{list}"
+    );
+    assert!(
+        lines[1].ends_with("inventory.so  hash ok, loadable"),
+        "{list}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["plugins", "inspect"])
+        .arg(plugins.join("inventory.so"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["descriptor"]["service"], "inventory");
+    assert_eq!(report["build"]["panic"], "unwind");
+    assert_eq!(report["build"]["contract"], "1.0.0");
+    assert_eq!(report["build"]["abi_stable"], "0.11.3");
+    let out = Command::new(BIN)
+        .args(["plugins", "inspect"])
+        .arg(built.file("fixture-abort"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused: built with panic = \"abort\""));
+
+    let out = Command::new(BIN)
+        .args([
+            "plugins",
+            "new",
+            "--kind",
+            "native",
+            "label-printer",
+            "--dir",
+        ])
+        .arg(dir.path().join("label-printer"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lib = std::fs::read_to_string(dir.path().join("label-printer/src/lib.rs")).unwrap();
+    assert!(lib.contains("providers_core::export_native_provider!(LabelPrinter::default());"));
+    assert!(lib.contains("Descriptor::new(\"label-printer\""));
+    let manifest = std::fs::read_to_string(dir.path().join("label-printer/Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains("name = \"label-printer-provider\""),
+        "{manifest}"
+    );
+    let again = Command::new(BIN)
+        .args(["plugins", "new", "label-printer", "--dir"])
+        .arg(dir.path().join("label-printer"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "an existing folder is never overwritten"
+    );
+
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, logs) = wait_listening(&mut child);
+    let mut stdout = child.stdout.take().unwrap();
+    let mut tour = vec![0u8; 8192];
+    let n = stdout.read(&mut tour).unwrap();
+    let tour = String::from_utf8_lossy(&tour[..n]).into_owned();
+    assert!(
+        tour.contains(&format!(
+            "curl -s -X POST http://{addr}/providers/inventory/receive"
+        )),
+        "{tour}"
+    );
+    let acme = tour
+        .lines()
+        .find(|l| l.contains("export ACME="))
+        .and_then(|l| l.split('\'').nth(1))
+        .unwrap()
+        .to_owned();
+    let client = reqwest::Client::new();
+    let r: serde_json::Value = client
+        .post(format!("http://{addr}/providers/inventory/receive"))
+        .bearer_auth(&acme)
+        .json(&json!({"item": "bolt", "warehouse": "main", "quantity": 20}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["data"]["available"], 20, "{r}");
+    let status = terminate(&mut child);
+    assert!(status.success(), "exit status {status:?}");
+    let logs = logs.join().unwrap();
+    // The plugin's own log line, with the provider and tenant the host knows.
+    assert!(
+        logs.contains("plugin: service=\"inventory\" tenant=\"acme\" request_id=\"\" \"inventory connected for tenant acme\""),
+        "{logs}"
+    );
+    assert!(logs.contains("plugin refused"), "{logs}");
 }

@@ -10,12 +10,24 @@ fn root() -> &'static Path {
 
 /// The names under `[dependencies]` (not dev or build) of the workspace member in `folder`.
 fn direct(folder: &str) -> BTreeSet<String> {
+    dependencies(folder, true)
+}
+
+/// Like [`direct`]; `optional` says whether feature-gated dependencies count.
+fn dependencies(folder: &str, optional: bool) -> BTreeSet<String> {
     let text = std::fs::read_to_string(root().join(folder).join("Cargo.toml")).unwrap();
     let manifest: toml::Table = toml::from_str(&text).unwrap();
     manifest
         .get("dependencies")
         .and_then(|d| d.as_table())
-        .map(|d| d.keys().cloned().collect())
+        .map(|d| {
+            d.iter()
+                .filter(|(_, spec)| {
+                    optional || spec.get("optional").and_then(|o| o.as_bool()) != Some(true)
+                })
+                .map(|(name, _)| name.clone())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -55,6 +67,9 @@ fn the_crate_graph_keeps_its_invariants() {
         "providers-security",
         "providers-database",
         "provider-host",
+        "native-inventory",
+        "native-fixture",
+        "xtask",
     ];
     let internal = |folder: &str| -> BTreeSet<String> {
         direct(folder)
@@ -80,7 +95,34 @@ fn the_crate_graph_keeps_its_invariants() {
         ),
         "the host depends on every provider crate"
     );
-    let core = closure(&direct("providers-core"));
+    // Plugin crates (examples, test plugins) and xtask are third-party-shaped: the contract only.
+    for plugin in [
+        "examples/native-inventory",
+        "test-plugins/native-fixture",
+        "xtask",
+    ] {
+        let deps = internal(plugin);
+        assert_eq!(
+            deps,
+            BTreeSet::from(["providers-core".to_owned()]),
+            "{plugin} depends on providers-core only"
+        );
+    }
+    // abi_stable stays behind providers-core's `native` feature and the host's native engine.
+    for crate_dir in ["providers-security", "providers-database"] {
+        let text = std::fs::read_to_string(root().join(crate_dir).join("Cargo.toml")).unwrap();
+        let manifest: toml::Table = toml::from_str(&text).unwrap();
+        let features = manifest["dependencies"]
+            .get("providers-core")
+            .and_then(|core| core.get("features"));
+        assert!(
+            features.is_none() && !direct(crate_dir).contains("abi_stable"),
+            "{crate_dir} must not pull abi_stable (directly or through providers-core/native)"
+        );
+    }
+    assert!(dependencies("providers-core", true).contains("abi_stable"));
+    // The default build of the contract: what a builtin or wasm author pays for.
+    let core = closure(&dependencies("providers-core", false));
     assert!(
         core.contains("serde_json"),
         "the closure is computed: {core:?}"
@@ -93,6 +135,7 @@ fn the_crate_graph_keeps_its_invariants() {
         "wasmtime",
         "anyhow",
         "jsonschema",
+        "abi_stable",
     ] {
         assert!(
             !core.contains(heavy),
