@@ -1,8 +1,9 @@
--- wrk script: POST {"key":"bench"} with the bearer token from $TOKEN (empty for the
+-- wrk script: POST $BODY (default {"key":"bench"}) with the bearer token from $TOKEN (empty for the
 -- references), or, with $TOKENS_FILE, a different token of that file on every request so
 -- that each one is verified (signature and claims) rather than served from the cache.
 wrk.method = "POST"
-wrk.body = '{"key":"bench"}'
+wrk.body = os.getenv("BODY") or ""
+if wrk.body == "" then wrk.body = '{"key":"bench"}' end
 wrk.headers["Content-Type"] = "application/json"
 local token = os.getenv("TOKEN")
 if token and token ~= "" then

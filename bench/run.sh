@@ -2,7 +2,9 @@
 # End-to-end benchmark: the host's POST /providers/kv/get (JWT auth, schema validation,
 # tenant instance, SQLite read) against two references measured in the same run:
 #   bare - a bare axum handler returning the same JSON from memory;
-#   sql  - a bare axum handler doing the same SELECT on the same database.
+#   sql  - a bare axum handler doing the same SELECT on the same database;
+# and the native inventory plugin's `level` (one read of its store, the same SELECT) on the
+# same host, against the builtin kv/get.
 # Writes bench/results.md (the newest run first) with rps, p50, p99 and the ratios.
 #
 # Usage: bench/run.sh [duration-seconds] [connections] [rounds]
@@ -35,6 +37,8 @@ wait_port() {
   echo "[bench] nothing listens on port $1" >&2; return 1
 }
 
+cargo xtask plugins --out "$work/plugins" >/dev/null
+
 export BENCH_JWT_SECRET=bench-secret-bench-secret-bench-secret-0123
 cat > "$work/host.toml" <<TOML
 [server]
@@ -47,12 +51,16 @@ audience = "providers"
 [[security.keys]]
 algorithm = "HS256"
 secret = "\${env:BENCH_JWT_SECRET}"
+[plugins]
+dirs = ["$work/plugins"]
 [security.roles]
-clerk = ["kv.*"]
+clerk = ["kv.*", "inventory.*"]
 [[providers]]
 service = "kv"
+[[providers]]
+service = "inventory"
 [tenants.bench]
-services = ["kv"]
+services = ["kv", "inventory"]
 TOML
 
 host_port=$(free_port)
@@ -64,6 +72,9 @@ token=$("$bin/provider-host" token --config "$work/host.toml" --tenant bench --r
 "$bin/provider-host" token --config "$work/host.toml" --tenant bench --roles clerk --ttl 2h --count 20000 >"$work/tokens"
 curl -sf -X POST "http://127.0.0.1:$host_port/providers/kv/set" -H "Authorization: Bearer $token" \
   -d '{"key":"bench","value":{"sku":"A-100","qty":42,"warehouse":"north"}}' >/dev/null
+curl -sf -X POST "http://127.0.0.1:$host_port/providers/inventory/receive" -H "Authorization: Bearer $token" \
+  -d '{"item":"bench","warehouse":"main","quantity":42}' >/dev/null
+level_body='{"item":"bench","warehouse":"main"}'
 
 bare_port=$(free_port)
 "$bin/loadtest" bare "127.0.0.1:$bare_port" & pids+=($!)
@@ -74,13 +85,16 @@ wait_port "$bare_port"; wait_port "$sql_port"
 # The responses must match in shape before their speed is compared.
 curl -sf -X POST "http://127.0.0.1:$host_port/providers/kv/get" -H "Authorization: Bearer $token" -d '{"key":"bench"}' | grep -q '"qty":42'
 curl -sf -X POST "http://127.0.0.1:$sql_port/providers/kv/get" -d '{"key":"bench"}' | grep -q '"qty":42'
+curl -sf -X POST "http://127.0.0.1:$host_port/providers/inventory/level" -H "Authorization: Bearer $token" -d "$level_body" | grep -q '"on_hand":42'
 
 # One wrk thread: the servers need the other core. Each target runs `rounds` times,
 # interleaved with the others so that drifts of a shared machine hit all alike; the
 # round with the median throughput is reported.
 run() { # name port token round [tokens-file] -> appends "rps p50 p99" (latencies in microseconds)
-  TOKEN=$3 TOKENS_FILE=${5:-} wrk -t1 -c"$connections" -d2s -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >/dev/null
-  TOKEN=$3 TOKENS_FILE=${5:-} wrk -t1 -c"$connections" -d"${duration}s" --latency -s bench/post.lua "http://127.0.0.1:$2/providers/kv/get" >"$work/$1.$4.txt"
+  # PATH_ and BODY pick the route (default: kv/get of the seeded key).
+  local path=${PATH_:-/providers/kv/get}
+  TOKEN=$3 TOKENS_FILE=${5:-} wrk -t1 -c"$connections" -d2s -s bench/post.lua "http://127.0.0.1:$2$path" >/dev/null
+  TOKEN=$3 TOKENS_FILE=${5:-} wrk -t1 -c"$connections" -d"${duration}s" --latency -s bench/post.lua "http://127.0.0.1:$2$path" >"$work/$1.$4.txt"
   python3 - "$work/$1.$4.txt" >>"$work/$1.rounds" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
@@ -102,11 +116,13 @@ for round in $(seq 1 "$rounds"); do
   run sql "$sql_port" "" "$round"
   run host "$host_port" "$token" "$round"
   run verify "$host_port" "" "$round" "$work/tokens"
+  PATH_=/providers/inventory/level BODY=$level_body run native "$host_port" "$token" "$round"
 done
 read -r bare_rps bare_p50 bare_p99 <<<"$(median bare)"
 read -r sql_rps sql_p50 sql_p99 <<<"$(median sql)"
 read -r host_rps host_p50 host_p99 <<<"$(median host)"
 read -r verify_rps verify_p50 verify_p99 <<<"$(median verify)"
+read -r native_rps native_p50 native_p99 <<<"$(median native)"
 spread() { echo "$(cut -d' ' -f1 "$work/$1.rounds" | sort -n | tr '\n' ' ' | sed 's/ $//')"; }
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
@@ -122,6 +138,9 @@ Machine: $(nproc) cores, ${cpu:-unknown CPU}; $(rustc --version). wrk: 1 thread,
 | bare axum handler + the same SQLite SELECT | $sql_rps | $sql_p50 | $sql_p99 | $(ratio "$host_rps" "$sql_rps") | $(spread sql) |
 | **provider-host** \`POST /providers/kv/get\` (JWT, schema, tenant instance, SQLite), one token (verified-token cache hits) | $host_rps | $host_p50 | $host_p99 | 1.00 | $(spread host) |
 | provider-host, the same call with a different token each request (HS256 verified every time) | $verify_rps | $verify_p50 | $verify_p99 | $(ratio "$host_rps" "$verify_rps") | $(spread verify) |
+| provider-host \`POST /providers/inventory/level\`: the **native** plugin, one read of its store (same token) | $native_rps | $native_p50 | $native_p99 | $(ratio "$host_rps" "$native_rps") | $(spread native) |
+
+Native route ÷ builtin route (rps): $(ratio "$native_rps" "$host_rps").
 
 MD
 )

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::config::{Config, TenantPlan};
 use crate::guard;
-use crate::instances::{Instances, Serving, Settings};
+use crate::instances::{Instances, Settings};
 use crate::storage::Storage;
 
 /// One running host. Cheap to share: handlers and nested calls hold an `Arc`.
@@ -239,11 +239,11 @@ impl Host {
         evicted
     }
 
-    /// Whether this replica should receive traffic: it is not shutting down, storage answers,
-    /// and every required service can serve someone (see [`Instances::serving`]). One
-    /// tenant's broken configuration or backend never makes the replica not-ready. Checks
-    /// run concurrently within `server.ready_timeout`; the answer is reused for
-    /// `server.ready_cache`, and concurrent probes share one computation.
+    /// Whether this replica should receive traffic: it is not shutting down, storage answers
+    /// within `server.ready_timeout`, and every required service is loaded. No tenant's
+    /// configuration, backend or instance status enters into it (those show per tenant in
+    /// `GET /providers`). The answer is reused for `server.ready_cache`, and concurrent probes
+    /// share one computation.
     pub async fn readiness(&self) -> Readiness {
         let mut cached = self.readiness.lock().await;
         if let Some((at, readiness)) = cached.as_ref()
@@ -277,29 +277,18 @@ impl Host {
                 }
             }
         };
-        let required = self
+        // A required service counts only by whether it can be served at all here (its
+        // provider loaded). One tenant's failed connect or failing status never takes the
+        // replica out: a replica out of rotation gets no call that could clear it, and a
+        // backend shared by every replica would take them all out at once.
+        let required: Vec<String> = self
             .config
             .services
             .values()
-            .filter(|s| s.required)
-            .map(|s| async move {
-                let serving = tokio::time::timeout_at(
-                    deadline.into(),
-                    self.instances.serving(&s.service, deadline),
-                )
-                .await;
-                match serving {
-                    Ok(Serving::Yes | Serving::Untried) => None,
-                    Ok(Serving::No) | Err(_) => {
-                        Some(format!("required service '{}' is failing", s.service))
-                    }
-                }
-            });
-        let (storage, services) = tokio::join!(storage, futures_util::future::join_all(required));
-        let reasons: Vec<String> = storage
-            .into_iter()
-            .chain(services.into_iter().flatten())
+            .filter(|s| s.required && s.unavailable.is_some())
+            .map(|s| format!("required service '{}' is unavailable", s.service))
             .collect();
+        let reasons: Vec<String> = storage.await.into_iter().chain(required).collect();
         Readiness {
             ready: reasons.is_empty(),
             reasons,

@@ -126,17 +126,6 @@ struct ConnectPlan {
     store: Value,
 }
 
-/// How a service fares across the tenants that use it, for readiness.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Serving {
-    /// No instance has been tried yet.
-    Untried,
-    /// At least one instance is ready or degraded.
-    Yes,
-    /// Every instance tried has failed.
-    No,
-}
-
 fn shutting_down() -> ProviderError {
     ProviderError::unavailable("the host is shutting down")
 }
@@ -415,47 +404,6 @@ impl Instances {
         let status = probe.await.unwrap_or_else(|e| Status::failed(e.detail));
         drop(lease);
         Some(status)
-    }
-
-    /// Whether `service` can serve anyone here: readiness asks this of required services.
-    /// One tenant's failure (a broken override, that tenant's backend) does not make it
-    /// `No`; only every tried instance failing does. Probes run a few at a time and stop at
-    /// the first instance that is ready or degraded, all within `deadline`.
-    pub async fn serving(&self, service: &str, deadline: Instant) -> Serving {
-        let mut tried = false;
-        let mut live = Vec::new();
-        {
-            let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
-            for (tenant, services) in map.iter() {
-                let Some(slot) = services.get(service) else {
-                    continue;
-                };
-                if slot.cell.get().is_some() {
-                    live.push(tenant.clone());
-                } else if slot.failure().is_some() {
-                    tried = true;
-                }
-            }
-        }
-        if live.is_empty() {
-            return if tried { Serving::No } else { Serving::Untried };
-        }
-        let mut probes = futures_util::stream::iter(live)
-            .map(|tenant| async move { self.status(&tenant, service, deadline).await })
-            .buffer_unordered(8);
-        let mut any = false;
-        while let Some(status) = probes.next().await {
-            let Some(status) = status else { continue };
-            any = true;
-            if status.state != providers_core::State::Failed {
-                return Serving::Yes;
-            }
-        }
-        if any || tried {
-            Serving::No
-        } else {
-            Serving::Untried
-        }
     }
 
     /// Disconnects and drops every instance unused for `idle`, a bounded number at once, and

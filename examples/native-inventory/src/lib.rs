@@ -215,6 +215,10 @@ impl Provider for Inventory {
                 .description("Releases reserved stock; CONFLICT when less is reserved than asked.")
                 .input(movement("Stock to release"))
                 .output(level_schema()))
+            .action(Action::new("level").permission("inventory.read").idempotent()
+                .description("The stock level of one item in one warehouse (zero when never received).")
+                .input(json!({"type": "object", "properties": {"item": name(), "warehouse": name()}, "required": ["item", "warehouse"], "additionalProperties": false}))
+                .output(level_schema()))
             .action(Action::new("levels").permission("inventory.read").idempotent()
                 .description("Stock levels, optionally of one item and/or one warehouse.")
                 .input(json!({"type": "object", "properties": {"item": name(), "warehouse": name()}, "additionalProperties": false}))
@@ -304,6 +308,21 @@ impl Provider for Inventory {
                         })
                     })
                     .await
+            }
+            "level" => {
+                let q: Query = parse(payload)?;
+                let (Some(item), Some(warehouse)) = (q.item, q.warehouse) else {
+                    return Err(ProviderError::validation(
+                        "payload: item and warehouse are required",
+                    ));
+                };
+                let level = match state.store.get(&key(&warehouse, &item)).await? {
+                    Some(entry) => serde_json::from_value(entry.value).map_err(|e| {
+                        ProviderError::provider(format!("stored level is corrupt: {e}"))
+                    })?,
+                    None => Level::default(),
+                };
+                Ok(view(&item, &warehouse, level))
             }
             "levels" => state.levels(parse(payload)?).await,
             other => Err(ProviderError::not_found(format!(

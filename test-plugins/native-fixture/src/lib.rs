@@ -101,6 +101,7 @@ impl Provider for Fixture {
                 "instance": self.instance,
                 "version": self.descriptor().version.to_string(),
             })),
+            "ping" => Ok(payload),
             "panic" => panic!("fixture panicked on purpose"),
             "hang" => loop {
                 std::thread::sleep(Duration::from_secs(3600));
