@@ -201,6 +201,14 @@ async fn a_panic_fails_one_request_and_the_instance_keeps_serving(
         assert_error(&r, 502, ErrorCode::ProviderError),
         "execute panicked in the plugin: fixture panicked on purpose"
     );
+    // A plugin's own tokio finds no reactor: its panic is contained like any other.
+    let r = app.post(Some(&t), "sturdy/tokio_sleep", json!({})).await;
+    let detail = assert_error(&r, 502, ErrorCode::ProviderError);
+    assert!(
+        detail.starts_with("execute panicked in the plugin: "),
+        "{detail}"
+    );
+    assert!(detail.contains("no reactor running"), "{detail}");
     for i in 0..1000 {
         let r = app.post(Some(&t), "sturdy/echo", json!({"i": i})).await;
         assert_eq!(r.status, 200, "call {i}: {}", r.body);

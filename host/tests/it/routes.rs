@@ -422,7 +422,12 @@ async fn nesting_is_bounded_and_nested_calls_keep_the_deadline(db: TestDatabase)
     let started = std::time::Instant::now();
     let sleep = json!({"service": "probe", "action": "sleep", "payload": {"ms": 2000}});
     let r = app.post(Some(&token), "quick/call", sleep).await;
-    assert_error(&r, 504, ErrorCode::Timeout);
+    // The nested call's own guard fires, at the caller's deadline: without propagation it would
+    // run under its 3 s and only the outer call would time out, naming 'quick/call'.
+    assert_eq!(
+        assert_error(&r, 504, ErrorCode::Timeout),
+        "'probe/sleep' did not finish before its deadline"
+    );
     assert!(started.elapsed() < std::time::Duration::from_millis(1500));
     let counters = app.counters.clone();
     assert!(

@@ -46,6 +46,8 @@ impl Provider for Fixture {
         )
         .config_schema(json!({"type": "object"}));
         for name in [
+            "ping",
+            "tokio_sleep",
             "echo",
             "panic",
             "hang",
@@ -102,6 +104,11 @@ impl Provider for Fixture {
                 "version": self.descriptor().version.to_string(),
             })),
             "ping" => Ok(payload),
+            // The plugin's tokio has no reactor here (the host never lends its runtime).
+            "tokio_sleep" => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok(json!({"slept": true}))
+            }
             "panic" => panic!("fixture panicked on purpose"),
             "hang" => loop {
                 std::thread::sleep(Duration::from_secs(3600));
