@@ -61,6 +61,24 @@ pub trait Store: Send + Sync {
     /// Keys starting with `prefix` and greater than `after`, at most `limit` of them.
     async fn list(&self, prefix: &str, after: &str, limit: u32)
     -> Result<StorePage, ProviderError>;
+
+    /// [`get`](Self::get) with the value as JSON text: what a plugin boundary passes on.
+    /// Stores that keep text override it to skip a parse and a serialisation.
+    async fn get_text(&self, key: &str) -> Result<Option<(String, String)>, ProviderError> {
+        Ok(self.get(key).await?.map(|e| (e.value.to_string(), e.etag)))
+    }
+
+    /// [`set`](Self::set) with the value as JSON text (`VALIDATION_ERROR` if it is not JSON).
+    async fn set_text(
+        &self,
+        key: &str,
+        value: String,
+        expect: Expect,
+    ) -> Result<String, ProviderError> {
+        let value: Value = serde_json::from_str(&value)
+            .map_err(|e| ProviderError::validation(format!("value is not JSON: {e}")))?;
+        self.set(key, value, expect).await
+    }
 }
 
 /// Severity of a [`Log`] line.

@@ -190,24 +190,26 @@ impl Connected {
             .map(|s| now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000)))
     }
 
-    async fn get(&self, req: KeyReq) -> Result<Value, ProviderError> {
+    /// The stored JSON text of `key` and its ETag, if the key is live.
+    async fn read(&self, key: &str) -> Result<Option<(String, i64)>, ProviderError> {
         let row = sqlx::query(
             "SELECT value, etag FROM kv_entries \
              WHERE tenant = $1 AND store = $4 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)",
         )
         .bind(&self.tenant)
-        .bind(&req.key)
+        .bind(key)
         .bind(now_ms())
         .bind(&self.store)
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?;
-        match row {
-            Some(row) => entry(
-                req.key,
-                row.try_get(0).map_err(db)?,
-                row.try_get(1).map_err(db)?,
-            ),
+        row.map(|row| Ok((row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?)))
+            .transpose()
+    }
+
+    async fn get(&self, req: KeyReq) -> Result<Value, ProviderError> {
+        match self.read(&req.key).await? {
+            Some((value, etag)) => entry(req.key, &value, etag),
             None => Err(ProviderError::not_found(format!(
                 "key '{}' not found",
                 req.key
@@ -352,7 +354,13 @@ impl Connected {
     }
 
     async fn set(&self, req: SetReq, value: Value) -> Result<Value, ProviderError> {
-        let value = value.to_string();
+        let key = req.key.clone();
+        let etag = self.set_text(req, value.to_string()).await?;
+        Ok(json!({"key": key, "etag": etag}))
+    }
+
+    /// Writes `value`, JSON text, as `set` does; the new ETag.
+    async fn set_text(&self, req: SetReq, value: String) -> Result<String, ProviderError> {
         if value.len() > self.max_value_bytes {
             return Err(ProviderError::validation(format!(
                 "payload/value: {} bytes exceeds the limit of {} bytes (config max_value_bytes)",
@@ -465,7 +473,7 @@ impl Connected {
             )));
         }
         tx.commit().await.map_err(db)?;
-        Ok(json!({"key": req.key, "etag": etag.to_string()}))
+        Ok(etag.to_string())
     }
 
     async fn delete(&self, req: KeyReq) -> Result<Value, ProviderError> {
@@ -637,6 +645,48 @@ impl Connected {
             query = query.bind(key);
         }
         query.fetch_all(&self.pool).await.map_err(db)
+    }
+}
+
+impl Kv {
+    fn connected(&self) -> Result<&Connected, ProviderError> {
+        self.state
+            .get()
+            .ok_or_else(|| ProviderError::unavailable("kv is not connected"))
+    }
+
+    /// The value at `key` as the JSON text it is stored as, and its ETag; `None` when absent
+    /// or expired. For stores that hand values on without looking at them (the host's plugin
+    /// store): no parse, no new serialisation.
+    pub async fn get_text(&self, key: &str) -> Result<Option<(String, String)>, ProviderError> {
+        let state = self.connected()?;
+        check_key("key", key)?;
+        Ok(state
+            .read(key)
+            .await?
+            .map(|(value, etag)| (value, etag.to_string())))
+    }
+
+    /// Writes `value`, which must be JSON text, with the rules of `set` (limits, quotas, `etag`
+    /// or `if_absent`); the new ETag.
+    pub async fn set_text(
+        &self,
+        key: &str,
+        value: String,
+        etag: Option<String>,
+        if_absent: bool,
+    ) -> Result<String, ProviderError> {
+        let state = self.connected()?;
+        check_key("key", key)?;
+        serde_json::from_str::<serde::de::IgnoredAny>(&value)
+            .map_err(|e| ProviderError::validation(format!("value is not JSON: {e}")))?;
+        let req = SetReq {
+            key: key.to_owned(),
+            etag,
+            ttl_seconds: None,
+            if_absent,
+        };
+        state.set_text(req, value).await
     }
 }
 

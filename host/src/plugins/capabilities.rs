@@ -73,6 +73,24 @@ impl Store for PluginStore {
         etag_of(&self.run("set", payload).await?)
     }
 
+    async fn get_text(&self, key: &str) -> Result<Option<(String, String)>, ProviderError> {
+        self.kv.get_text(key).await
+    }
+
+    async fn set_text(
+        &self,
+        key: &str,
+        value: String,
+        expect: Expect,
+    ) -> Result<String, ProviderError> {
+        let (etag, if_absent) = match expect {
+            Expect::Any => (None, false),
+            Expect::Etag(etag) => (Some(etag), false),
+            Expect::Absent => (None, true),
+        };
+        self.kv.set_text(key, value, etag, if_absent).await
+    }
+
     async fn delete(&self, key: &str, etag: Option<&str>) -> Result<bool, ProviderError> {
         let payload = match etag {
             Some(etag) => json!({"key": key, "etag": etag}),

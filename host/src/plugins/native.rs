@@ -451,11 +451,11 @@ impl FfiHost for HostServices {
     }
 
     fn store_get(&self, key: RStr<'_>) -> RResult<ROption<FfiEntry>, FfiError> {
-        let out = self.handle.block_on(self.store.get(key.as_str()));
+        let out = self.handle.block_on(self.store.get_text(key.as_str()));
         match out {
-            Ok(Some(e)) => RResult::ROk(ROption::RSome(FfiEntry {
-                value: e.value.to_string().into(),
-                etag: e.etag.into(),
+            Ok(Some((value, etag))) => RResult::ROk(ROption::RSome(FfiEntry {
+                value: value.into(),
+                etag: etag.into(),
             })),
             Ok(None) => RResult::ROk(ROption::RNone),
             Err(e) => RResult::RErr(e.into()),
@@ -469,8 +469,6 @@ impl FfiHost for HostServices {
         expect: FfiExpect,
     ) -> RResult<RString, FfiError> {
         let result = (|| {
-            let value: Value = serde_json::from_str(value.as_str())
-                .map_err(|e| ProviderError::validation(format!("store value is not JSON: {e}")))?;
             let expect = match expect.kind {
                 0 => Expect::Any,
                 1 => Expect::Etag(expect.etag.into_string()),
@@ -481,8 +479,9 @@ impl FfiHost for HostServices {
                     )));
                 }
             };
+            let value = value.as_str().to_owned();
             self.handle
-                .block_on(self.store.set(key.as_str(), value, expect))
+                .block_on(self.store.set_text(key.as_str(), value, expect))
         })();
         result.map(RString::from).map_err(FfiError::from).into()
     }

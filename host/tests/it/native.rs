@@ -58,6 +58,7 @@ limits = {{ timeout = "10s" }}
 service = "fixture"
 version = "^1"
 limits = {{ timeout = "400ms" }}
+store = {{ max_keys = 2 }}
 
 # The same plugin under a patient deadline: a panic's backtrace (RUST_BACKTRACE in tests)
 # takes longer than fixture's 400 ms to print.
@@ -272,6 +273,30 @@ async fn plugin_store_and_nested_calls_act_for_the_caller_only(
         .post(Some(&globex), "fixture/get", json!({"key": "k"}))
         .await;
     assert_eq!(assert_error(&r, 404, ErrorCode::NotFound), "no key 'k'");
+    // The operator's `store` table is kv config for it: a quota of 2 keys holds at the edge.
+    let r = app
+        .post(
+            Some(&clerk),
+            "fixture/put",
+            json!({"key": "k2", "value": 2}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = app
+        .post(
+            Some(&clerk),
+            "fixture/put",
+            json!({"key": "k3", "value": 3}),
+        )
+        .await;
+    assert_eq!(
+        assert_error(&r, 409, ErrorCode::Conflict),
+        "quota exceeded: writing key 'k3' would make 3 keys, more than max_keys 2 (kv config max_keys)"
+    );
+    let r = app
+        .post(Some(&clerk), "fixture/get", json!({"key": "k3"}))
+        .await;
+    assert_eq!(assert_error(&r, 404, ErrorCode::NotFound), "no key 'k3'");
     let r = app.post(Some(&clerk), "kv/get", json!({"key": "k"})).await;
     assert_eq!(
         assert_error(&r, 404, ErrorCode::NotFound),
