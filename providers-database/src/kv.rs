@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use sqlx::{AnyPool, Row};
 
 mod schema;
+mod text;
 
 /// The `kv` provider. Every row is keyed by the tenant the instance was connected for and
 /// the service name it is configured under, so no query can see another tenant's keys, nor
@@ -645,48 +646,6 @@ impl Connected {
             query = query.bind(key);
         }
         query.fetch_all(&self.pool).await.map_err(db)
-    }
-}
-
-impl Kv {
-    fn connected(&self) -> Result<&Connected, ProviderError> {
-        self.state
-            .get()
-            .ok_or_else(|| ProviderError::unavailable("kv is not connected"))
-    }
-
-    /// The value at `key` as the JSON text it is stored as, and its ETag; `None` when absent
-    /// or expired. For stores that hand values on without looking at them (the host's plugin
-    /// store): no parse, no new serialisation.
-    pub async fn get_text(&self, key: &str) -> Result<Option<(String, String)>, ProviderError> {
-        let state = self.connected()?;
-        check_key("key", key)?;
-        Ok(state
-            .read(key)
-            .await?
-            .map(|(value, etag)| (value, etag.to_string())))
-    }
-
-    /// Writes `value`, which must be JSON text, with the rules of `set` (limits, quotas, `etag`
-    /// or `if_absent`); the new ETag.
-    pub async fn set_text(
-        &self,
-        key: &str,
-        value: String,
-        etag: Option<String>,
-        if_absent: bool,
-    ) -> Result<String, ProviderError> {
-        let state = self.connected()?;
-        check_key("key", key)?;
-        serde_json::from_str::<serde::de::IgnoredAny>(&value)
-            .map_err(|e| ProviderError::validation(format!("value is not JSON: {e}")))?;
-        let req = SetReq {
-            key: key.to_owned(),
-            etag,
-            ttl_seconds: None,
-            if_absent,
-        };
-        state.set_text(req, value).await
     }
 }
 

@@ -18,6 +18,8 @@ use super::{
 };
 use crate::plugins::{self, NativePool};
 
+mod plans;
+
 /// A configuration that parsed and checked against the registry; the host runs from it.
 pub struct Config {
     /// Where it came from, for messages.
@@ -502,56 +504,6 @@ impl Checker<'_> {
         TenantPlan { services: enabled }
     }
 
-    /// The plan of the version `tenant` pins `service` to, with that version's config schema.
-    fn pinned_plan(
-        &mut self,
-        tenant: &str,
-        service: &str,
-        p: &Provided,
-        req: &Spanned<String>,
-        registry: &Registry,
-    ) -> Option<(Arc<ServicePlan>, Option<jsonschema::Validator>)> {
-        let requirement = match VersionReq::parse(req.get_ref()) {
-            Ok(r) => r,
-            Err(e) => {
-                self.at(
-                    req.span(),
-                    format!(
-                        "tenant '{tenant}', versions.{service}: invalid version requirement '{}': {e}",
-                        req.get_ref()
-                    ),
-                );
-                return None;
-            }
-        };
-        let factory = match registry.resolve(&p.plugin, &requirement) {
-            Ok(f) => f,
-            Err(e) => {
-                let reason = self.why_missing(&p.plugin, &requirement, e);
-                self.at(
-                    req.span(),
-                    format!("tenant '{tenant}', versions.{service}: {reason}"),
-                );
-                return None;
-            }
-        };
-        let d = factory.descriptor();
-        let key = (service.to_owned(), d.version.to_string());
-        let schema = jsonschema::validator_for(&d.config_schema).ok();
-        if let Some(plan) = self.pinned.get(&key) {
-            return Some((plan.clone(), schema));
-        }
-        let plan = self.plan(
-            req.span(),
-            service,
-            factory.clone(),
-            p.plan.required,
-            p.plan.store.clone(),
-        )?;
-        self.pinned.insert(key, plan.clone());
-        Some((plan, schema))
-    }
-
     fn provider(
         &mut self,
         span: Range<usize>,
@@ -596,7 +548,7 @@ impl Checker<'_> {
                 let plugin_problem = self.loaded.refusals_of(plugin.get_ref()).next().is_some()
                     || (matches!(e, providers_core::RegistryError::UnknownService { .. })
                         && !self.plugin_dirs.is_empty());
-                let reason = self.why_missing(plugin.get_ref(), &requirement, e);
+                let reason = self.why_missing(plugin.get_ref(), e);
                 if !plugin_problem {
                     self.at(place, reason);
                     return None;
@@ -677,76 +629,6 @@ impl Checker<'_> {
             limits: entry.limits,
             config_schema,
         })
-    }
-
-    /// The plan of `service` served by `factory`: its input schemas compiled once.
-    fn plan(
-        &mut self,
-        span: Range<usize>,
-        service: &str,
-        factory: Arc<dyn Factory>,
-        required: bool,
-        store: Value,
-    ) -> Option<Arc<ServicePlan>> {
-        let d = factory.descriptor();
-        let mut validators = HashMap::new();
-        for action in &d.actions {
-            match jsonschema::validator_for(&action.input_schema) {
-                Ok(v) => {
-                    validators.insert(action.name.clone(), v);
-                }
-                Err(e) => {
-                    self.at(span, format!("provider '{}' {} ({}) declares an invalid input schema for action '{}': {e}", d.service, d.version, factory.origin(), action.name));
-                    return None;
-                }
-            }
-        }
-        Some(Arc::new(ServicePlan {
-            service: service.to_owned(),
-            factory,
-            required,
-            validators,
-            unavailable: None,
-            store,
-        }))
-    }
-
-    /// Why no loaded provider `plugin` matches: its refusals if it was refused, the
-    /// folders searched if it is nowhere, or the registry's own answer.
-    fn why_missing(
-        &self,
-        plugin: &str,
-        requirement: &VersionReq,
-        error: providers_core::RegistryError,
-    ) -> String {
-        let refusals: Vec<String> = self
-            .loaded
-            .refusals_of(plugin)
-            .map(ToString::to_string)
-            .collect();
-        if !refusals.is_empty() {
-            return format!("{error}; refused: {}", refusals.join("; "));
-        }
-        if matches!(error, providers_core::RegistryError::UnknownService { .. }) {
-            let dirs: Vec<String> = self
-                .plugin_dirs
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect();
-            return if dirs.is_empty() {
-                format!(
-                    "{error}; no [plugins] dirs are configured to look for a plugin named '{plugin}'"
-                )
-            } else {
-                format!(
-                    "{error}; no {plugin}{} was found in {} (stage plugins with `cargo xtask plugins`)",
-                    plugins::manifest::SUFFIX,
-                    dirs.join(", ")
-                )
-            };
-        }
-        let _ = requirement;
-        error.to_string()
     }
 
     fn key(&mut self, span: Range<usize>, key: RawKey) -> Option<KeyMaterial> {

@@ -8,8 +8,8 @@
 //! layout of every type in the root module before the first call.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use abi_stable::library::lib_header_from_path;
@@ -135,7 +135,7 @@ struct Shared {
     pool: NativePool,
     calls: Arc<Semaphore>,
     /// Calls past their deadline still running in plugin code, across instances.
-    overdue: AtomicUsize,
+    overdue: Arc<AtomicUsize>,
 }
 
 impl NativeFactory {
@@ -146,7 +146,7 @@ impl NativeFactory {
             service: loaded.descriptor.service.clone(),
             calls: Arc::new(Semaphore::new(pool.per_provider)),
             pool,
-            overdue: AtomicUsize::new(0),
+            overdue: Arc::new(AtomicUsize::new(0)),
         });
         Self {
             origin: candidate.file.display().to_string(),
@@ -185,56 +185,40 @@ struct NativeProvider {
     overdue: Arc<AtomicUsize>,
 }
 
-/// Whether the thread running a native call finished, or its caller gave up on it first.
-struct Pending {
-    state: Mutex<u8>,
-}
-
 const RUNNING: u8 = 0;
 const DONE: u8 = 1;
 const ABANDONED: u8 = 2;
 
-/// Counts a call as overdue if its future is dropped (deadline, client gone) while the
-/// plugin still runs it; the thread uncounts it when it finally returns.
+/// Counts a call as overdue when its future is dropped (deadline, client gone) while the
+/// plugin still runs it; the pool thread uncounts it when the call finally returns. The
+/// state moves RUNNING → ABANDONED (here) or RUNNING → DONE (the thread) exactly once.
 struct Watch {
-    pending: Arc<Pending>,
-    counters: [Arc<dyn Counter>; 2],
-}
-
-trait Counter: Send + Sync {
-    fn cell(&self) -> &AtomicUsize;
-}
-impl Counter for AtomicUsize {
-    fn cell(&self) -> &AtomicUsize {
-        self
-    }
-}
-impl Counter for Shared {
-    fn cell(&self) -> &AtomicUsize {
-        &self.overdue
-    }
+    state: Arc<AtomicU8>,
+    /// The instance's count and the provider's.
+    counters: [Arc<AtomicUsize>; 2],
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let mut state = self.pending.state.lock().unwrap_or_else(|p| p.into_inner());
-        if *state == RUNNING {
-            *state = ABANDONED;
+        let abandoned = self
+            .state
+            .compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if abandoned {
             for c in &self.counters {
-                c.cell().fetch_add(1, Ordering::AcqRel);
+                c.fetch_add(1, Ordering::AcqRel);
             }
         }
     }
 }
 
-fn finish(pending: &Pending, counters: &[Arc<dyn Counter>; 2]) {
-    let mut state = pending.state.lock().unwrap_or_else(|p| p.into_inner());
-    if *state == ABANDONED {
+/// Called by the pool thread when the plugin returned.
+fn finish(state: &AtomicU8, counters: &[Arc<AtomicUsize>; 2]) {
+    if state.swap(DONE, Ordering::AcqRel) == ABANDONED {
         for c in counters {
-            c.cell().fetch_sub(1, Ordering::AcqRel);
+            c.fetch_sub(1, Ordering::AcqRel);
         }
     }
-    *state = DONE;
 }
 
 impl NativeProvider {
@@ -279,12 +263,10 @@ impl NativeProvider {
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ProviderError> {
         let permits = self.permits().await?;
-        let pending = Arc::new(Pending {
-            state: Mutex::new(RUNNING),
-        });
-        let counters: [Arc<dyn Counter>; 2] = [self.overdue.clone(), self.shared.clone()];
+        let state = Arc::new(AtomicU8::new(RUNNING));
+        let counters = [self.overdue.clone(), self.shared.overdue.clone()];
         let _watch = Watch {
-            pending: pending.clone(),
+            state: state.clone(),
             counters: counters.clone(),
         };
         let (send, receive) = tokio::sync::oneshot::channel();
@@ -292,7 +274,7 @@ impl NativeProvider {
             let _permits = permits;
             // The plugin's glue catches its panics; this catches the bridge's own.
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
-            finish(&pending, &counters);
+            finish(&state, &counters);
             let _ = send.send(out);
         });
         match receive.await {

@@ -1,0 +1,130 @@
+//! Service plans: a provider's compiled schemas, the versions tenants pin, and why a
+//! configured plugin is missing.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use providers_core::semver::VersionReq;
+use providers_core::{Factory, Registry};
+use serde_json::Value;
+use toml::Spanned;
+
+use super::{Checker, Provided, ServicePlan};
+use crate::plugins;
+
+impl Checker<'_> {
+    /// The plan of `service` served by `factory`: its input schemas compiled once.
+    pub(super) fn plan(
+        &mut self,
+        span: Range<usize>,
+        service: &str,
+        factory: Arc<dyn Factory>,
+        required: bool,
+        store: Value,
+    ) -> Option<Arc<ServicePlan>> {
+        let d = factory.descriptor();
+        let mut validators = HashMap::new();
+        for action in &d.actions {
+            match jsonschema::validator_for(&action.input_schema) {
+                Ok(v) => {
+                    validators.insert(action.name.clone(), v);
+                }
+                Err(e) => {
+                    self.at(span, format!("provider '{}' {} ({}) declares an invalid input schema for action '{}': {e}", d.service, d.version, factory.origin(), action.name));
+                    return None;
+                }
+            }
+        }
+        Some(Arc::new(ServicePlan {
+            service: service.to_owned(),
+            factory,
+            required,
+            validators,
+            unavailable: None,
+            store,
+        }))
+    }
+
+    /// Why no loaded provider `plugin` matches: its refusals if it was refused, the
+    /// folders searched if it is nowhere, or the registry's own answer.
+    pub(super) fn why_missing(&self, plugin: &str, error: providers_core::RegistryError) -> String {
+        let refusals: Vec<String> = self
+            .loaded
+            .refusals_of(plugin)
+            .map(ToString::to_string)
+            .collect();
+        if !refusals.is_empty() {
+            return format!("{error}; refused: {}", refusals.join("; "));
+        }
+        if matches!(error, providers_core::RegistryError::UnknownService { .. }) {
+            let dirs: Vec<String> = self
+                .plugin_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect();
+            return if dirs.is_empty() {
+                format!(
+                    "{error}; no [plugins] dirs are configured to look for a plugin named '{plugin}'"
+                )
+            } else {
+                format!(
+                    "{error}; no {plugin}{} was found in {} (stage plugins with `cargo xtask plugins`)",
+                    plugins::manifest::SUFFIX,
+                    dirs.join(", ")
+                )
+            };
+        }
+        error.to_string()
+    }
+
+    /// The plan of the version `tenant` pins `service` to, with that version's config schema.
+    pub(super) fn pinned_plan(
+        &mut self,
+        tenant: &str,
+        service: &str,
+        p: &Provided,
+        req: &Spanned<String>,
+        registry: &Registry,
+    ) -> Option<(Arc<ServicePlan>, Option<jsonschema::Validator>)> {
+        let requirement = match VersionReq::parse(req.get_ref()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.at(
+                    req.span(),
+                    format!(
+                        "tenant '{tenant}', versions.{service}: invalid version requirement '{}': {e}",
+                        req.get_ref()
+                    ),
+                );
+                return None;
+            }
+        };
+        let factory = match registry.resolve(&p.plugin, &requirement) {
+            Ok(f) => f,
+            Err(e) => {
+                let reason = self.why_missing(&p.plugin, e);
+                self.at(
+                    req.span(),
+                    format!("tenant '{tenant}', versions.{service}: {reason}"),
+                );
+                return None;
+            }
+        };
+        let d = factory.descriptor();
+        let key = (service.to_owned(), d.version.to_string());
+        let schema = jsonschema::validator_for(&d.config_schema).ok();
+        if let Some(plan) = self.pinned.get(&key) {
+            return Some((plan.clone(), schema));
+        }
+        let plan = self.plan(
+            req.span(),
+            service,
+            factory.clone(),
+            p.plan.required,
+            p.plan.store.clone(),
+        )?;
+        self.pinned.insert(key, plan.clone());
+        Some((plan, schema))
+    }
+}
