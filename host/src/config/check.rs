@@ -584,6 +584,7 @@ impl Checker<'_> {
                 });
             }
         };
+        self.check_store(service, &entry.store, &store, factory.kind(), registry);
         let plan = self.plan(
             span.clone(),
             service,

@@ -598,3 +598,35 @@ fn the_manifest_and_the_library_must_agree() {
     );
     let _: Value = json!(null);
 }
+
+#[test]
+fn a_plugin_store_table_is_checked_at_load() {
+    let dir = plugin_dir();
+    let base = text("sqlite://unused.db", dir.path(), "");
+    let typo = base.replace("store = { max_keys = 2 }", "store = { max_keyz = 2 }");
+    assert_ne!(typo, base);
+    let errors = load(&typo).err().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .message
+            .starts_with("service 'fixture' store at '/': ")
+            && errors[0].message.contains("max_keyz"),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[0].line > 0, "the error has a place: {}", errors[0]);
+    let builtin = base.replace(
+        "service = \"kv\"\nrequired = true",
+        "service = \"kv\"\nrequired = true\nstore = { max_keys = 1 }",
+    );
+    assert_ne!(builtin, base);
+    let errors = load(&builtin).err().unwrap();
+    assert_eq!(
+        errors
+            .iter()
+            .map(|e| e.message.as_str())
+            .collect::<Vec<_>>(),
+        ["service 'kv': `store` configures a plugin's own store; builtin providers have none"]
+    );
+}

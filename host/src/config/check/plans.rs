@@ -127,4 +127,39 @@ impl Checker<'_> {
         self.pinned.insert(key, plan.clone());
         Some((plan, schema))
     }
+
+    /// A plugin's `store` table is kv config: checked against kv's own config schema here,
+    /// rather than failing the plugin's first connect. Builtins have no plugin store.
+    pub(super) fn check_store(
+        &mut self,
+        service: &str,
+        written: &Spanned<toml::Table>,
+        store: &Value,
+        kind: providers_core::Kind,
+        registry: &Registry,
+    ) {
+        if written.get_ref().is_empty() {
+            return;
+        }
+        if kind == providers_core::Kind::Builtin {
+            self.at(
+                written.span(),
+                format!("service '{service}': `store` configures a plugin's own store; builtin providers have none"),
+            );
+            return;
+        }
+        let Ok(kv) = registry.resolve("kv", &VersionReq::STAR) else {
+            return;
+        };
+        if let Ok(schema) = jsonschema::validator_for(&kv.descriptor().config_schema)
+            && let Err(e) = schema.validate(store)
+        {
+            let path = e.instance_path().as_str();
+            let at = if path.is_empty() { "/" } else { path };
+            self.at(
+                written.span(),
+                format!("service '{service}' store at '{at}': {e}"),
+            );
+        }
+    }
 }
