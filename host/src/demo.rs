@@ -36,16 +36,14 @@ pub fn ensure_secret(base: &Path) -> anyhow::Result<()> {
 pub fn banner(addr: &str, acme: &str, globex: &str, inventory: Option<&str>) -> String {
     let inventory = match inventory {
         None => format!(
-            "\
-  # inventory is a native plugin (examples/native-inventory), loaded from ./plugins:
+            "  # inventory is a native plugin (examples/native-inventory), loaded from ./plugins:
   curl -s -X POST http://{addr}/providers/inventory/receive -H \"Authorization: Bearer $ACME\" -d '{{\"item\":\"bolt\",\"warehouse\":\"main\",\"quantity\":20}}'
   curl -s -X POST http://{addr}/providers/inventory/reserve -H \"Authorization: Bearer $ACME\" -d '{{\"item\":\"bolt\",\"warehouse\":\"main\",\"quantity\":5}}'
   curl -s -X POST http://{addr}/providers/inventory/levels -H \"Authorization: Bearer $GLOBEX\" -d '{{}}'   # globex has its own stock
 "
         ),
         Some(reason) => format!(
-            "\
-  # inventory (a native plugin) is not loaded: {reason}
+            "  # inventory (a native plugin) is not loaded: {reason}
   # Stage it and restart with: cargo xtask demo
 "
         ),
