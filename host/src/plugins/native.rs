@@ -262,6 +262,18 @@ impl NativeProvider {
         what: &'static str,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ProviderError> {
+        self.run_or_release(what, work, drop).await
+    }
+
+    /// [`run`](Self::run), with `release` given the result when nobody waits for it any
+    /// more (the caller's deadline passed, or its client left): a connect that finishes late
+    /// disconnects what it connected rather than leaking it.
+    async fn run_or_release<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        work: impl FnOnce() -> T + Send + 'static,
+        release: impl FnOnce(T) + Send + 'static,
+    ) -> Result<T, ProviderError> {
         let permits = self.permits().await?;
         let state = Arc::new(AtomicU8::new(RUNNING));
         let counters = [self.overdue.clone(), self.shared.overdue.clone()];
@@ -275,7 +287,9 @@ impl NativeProvider {
             // The plugin's glue catches its panics; this catches the bridge's own.
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
             finish(&state, &counters);
-            let _ = send.send(out);
+            if let Err(Ok(orphan)) = send.send(out) {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| release(orphan)));
+            }
         });
         match receive.await {
             Ok(Ok(out)) => Ok(out),
@@ -319,17 +333,28 @@ impl Provider for NativeProvider {
         let config = ctx.config().to_string();
         let (tenant, service) = (ctx.tenant().to_owned(), ctx.service().to_owned());
         let module = self.shared.module;
+        let late = (self.shared.service.clone(), ctx.tenant().to_owned());
         let instance = self
-            .run("connect", move || -> Result<Instance, ProviderError> {
-                let mut instance = ffi((module.create())())?;
-                ffi(instance.connect(
-                    RStr::from_str(&tenant),
-                    RStr::from_str(&service),
-                    RStr::from_str(&config),
-                    host,
-                ))?;
-                Ok(instance)
-            })
+            .run_or_release(
+                "connect",
+                move || -> Result<Instance, ProviderError> {
+                    let mut instance = ffi((module.create())())?;
+                    ffi(instance.connect(
+                        RStr::from_str(&tenant),
+                        RStr::from_str(&service),
+                        RStr::from_str(&config),
+                        host,
+                    ))?;
+                    Ok(instance)
+                },
+                move |connected| {
+                    if let Ok(instance) = connected {
+                        let (service, tenant) = late;
+                        tracing::warn!(service, tenant, "a native connect finished after its deadline; disconnecting what it connected");
+                        let _ = instance.disconnect();
+                    }
+                },
+            )
             .await??;
         self.instance = Some(Arc::new(instance));
         Ok(())

@@ -630,3 +630,37 @@ fn a_plugin_store_table_is_checked_at_load() {
         ["service 'kv': `store` configures a plugin's own store; builtin providers have none"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_connect_past_its_deadline_is_refused_then_released() {
+    let dir = plugin_dir();
+    let db = providers_database::testing::TestDatabase::sqlite();
+    // The connect deadline is request_timeout (3 s here); globex's connect takes 3.5 s, so the
+    // host gives up on it at 3 s while the plugin still runs it.
+    let text = text(&db.url, dir.path(), "")
+        + "\n[tenants.globex.providers.fixture]\nconnect_sleep_ms = 3500\n";
+    let app = app(db, &text).await;
+    let acme = app.token("acme", &["clerk"]);
+    let before = app.post(Some(&acme), "fixture/echo", json!({})).await;
+    assert_eq!(before.status, 200, "{}", before.body);
+    let disconnects = before.body["data"]["disconnects"].as_u64().unwrap();
+    // The first call gives up at its own deadline (400 ms); the connect goes on, on its own.
+    let globex = app.token("globex", &["clerk"]);
+    let r = app.post(Some(&globex), "fixture/echo", json!({})).await;
+    assert_eq!(
+        assert_error(&r, 504, ErrorCode::Timeout),
+        "'fixture/echo' did not finish before its deadline"
+    );
+    // When the plugin's connect finally returns, nobody waits for it: the host disconnects
+    // the instance it made instead of leaking it.
+    let mut released = false;
+    for _ in 0..80 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = app.post(Some(&acme), "fixture/echo", json!({})).await;
+        if now.body["data"]["disconnects"].as_u64().unwrap() > disconnects {
+            released = true;
+            break;
+        }
+    }
+    assert!(released, "the late instance was disconnected");
+}

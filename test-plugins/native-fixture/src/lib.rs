@@ -20,6 +20,9 @@ providers_core::export_native_provider!(Fixture::default());
 /// Numbers instances as they connect, so tests can tell one instance from another.
 static CONNECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Disconnects so far, across instances: tests read it through `echo`.
+static DISCONNECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A context kept past its call, to prove it can no longer call out.
 static KEPT: Mutex<Option<CallContext>> = Mutex::new(None);
 
@@ -68,6 +71,9 @@ impl Provider for Fixture {
     }
 
     async fn connect(&mut self, ctx: &ConnectContext) -> Result<(), ProviderError> {
+        if let Some(ms) = ctx.config()["connect_sleep_ms"].as_u64() {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         if ctx.config()["fail_connect"] == true {
             return Err(ProviderError::unavailable(
                 "fixture told to fail its connect",
@@ -77,6 +83,11 @@ impl Provider for Fixture {
         self.log = ctx.log().clone();
         self.tenant = ctx.tenant().to_owned();
         self.instance = CONNECTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        Ok(())
+    }
+
+    async fn disconnect(&self) -> Result<(), ProviderError> {
+        DISCONNECTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -101,6 +112,7 @@ impl Provider for Fixture {
                 "has_deadline": ctx.deadline().is_some(),
                 "connected_for": self.tenant,
                 "instance": self.instance,
+                "disconnects": DISCONNECTS.load(std::sync::atomic::Ordering::SeqCst),
                 "version": self.descriptor().version.to_string(),
             })),
             "ping" => Ok(payload),
