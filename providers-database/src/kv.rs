@@ -185,6 +185,22 @@ const LIST_OPEN: &str = "SELECT key, value, etag FROM kv_entries \
      WHERE tenant = $1 AND store = $6 AND key >= $2 AND key > $3 \
      AND (expires_at IS NULL OR expires_at > $4) ORDER BY key LIMIT $5";
 
+/// `set` without an ETag: insert or overwrite.
+const UPSERT: &str = "INSERT INTO kv_entries (tenant, store, key, value, etag, expires_at, updated_at, bytes) \
+     VALUES ($1, $7, $2, $3, $4, $5, $6, $8) \
+     ON CONFLICT (tenant, store, key) DO UPDATE SET value = excluded.value, \
+     etag = excluded.etag, expires_at = excluded.expires_at, updated_at = excluded.updated_at, \
+     bytes = excluded.bytes";
+
+/// `set` with `if_absent`: the same, but an existing row is overwritten only if it expired
+/// (an expired key counts as absent); a live one leaves nothing written.
+const UPSERT_IF_ABSENT: &str = "INSERT INTO kv_entries (tenant, store, key, value, etag, expires_at, updated_at, bytes) \
+     VALUES ($1, $7, $2, $3, $4, $5, $6, $8) \
+     ON CONFLICT (tenant, store, key) DO UPDATE SET value = excluded.value, \
+     etag = excluded.etag, expires_at = excluded.expires_at, updated_at = excluded.updated_at, \
+     bytes = excluded.bytes \
+     WHERE kv_entries.expires_at IS NOT NULL AND kv_entries.expires_at <= excluded.updated_at";
+
 impl Connected {
     fn expiry(&self, ttl: Option<u64>, now: i64) -> Option<i64> {
         ttl.or(self.default_ttl_seconds)
@@ -362,6 +378,11 @@ impl Connected {
 
     /// Writes `value`, JSON text, as `set` does; the new ETag.
     async fn set_text(&self, req: SetReq, value: String) -> Result<String, ProviderError> {
+        if req.if_absent && req.etag.is_some() {
+            return Err(ProviderError::validation(
+                "payload: `etag` and `if_absent` exclude each other",
+            ));
+        }
         if value.len() > self.max_value_bytes {
             return Err(ProviderError::validation(format!(
                 "payload/value: {} bytes exceeds the limit of {} bytes (config max_value_bytes)",
@@ -392,41 +413,8 @@ impl Connected {
                 return Err(e);
             }
         }
-        if req.if_absent && expected.is_some() {
-            let _ = tx.rollback().await;
-            return Err(ProviderError::validation(
-                "payload: `etag` and `if_absent` exclude each other",
-            ));
-        }
         let written = match expected {
-            // An expired row counts as absent: it is overwritten, a live one is not.
-            None if req.if_absent => sqlx::query(
-                "INSERT INTO kv_entries (tenant, store, key, value, etag, expires_at, updated_at, bytes) \
-                 VALUES ($1, $7, $2, $3, $4, $5, $6, $8) \
-                 ON CONFLICT (tenant, store, key) DO UPDATE SET value = excluded.value, \
-                 etag = excluded.etag, expires_at = excluded.expires_at, updated_at = excluded.updated_at, \
-                 bytes = excluded.bytes \
-                 WHERE kv_entries.expires_at IS NOT NULL AND kv_entries.expires_at <= excluded.updated_at",
-            )
-            .bind(&self.tenant)
-            .bind(&req.key)
-            .bind(&value)
-            .bind(etag)
-            .bind(expires)
-            .bind(now)
-            .bind(&self.store)
-            .bind(size)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?
-            .rows_affected(),
-            None => sqlx::query(
-                "INSERT INTO kv_entries (tenant, store, key, value, etag, expires_at, updated_at, bytes) \
-                 VALUES ($1, $7, $2, $3, $4, $5, $6, $8) \
-                 ON CONFLICT (tenant, store, key) DO UPDATE SET value = excluded.value, \
-                 etag = excluded.etag, expires_at = excluded.expires_at, updated_at = excluded.updated_at, \
-                 bytes = excluded.bytes",
-            )
+            None => sqlx::query(if req.if_absent { UPSERT_IF_ABSENT } else { UPSERT })
             .bind(&self.tenant)
             .bind(&req.key)
             .bind(&value)

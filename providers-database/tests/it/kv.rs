@@ -552,3 +552,61 @@ async fn list_by_prefix_stays_inside_the_prefix() {
         assert_eq!(keys(kv.call("list", list("")).await.unwrap()).len(), 18);
     }
 }
+
+#[tokio::test]
+async fn if_absent_creates_once_and_takes_an_expired_key_as_absent() {
+    for db in TestDatabase::both().await {
+        let pool = db.pool().await;
+        let mut kv = connect(&pool, "acme", json!({})).await;
+        let first = kv
+            .call("set", json!({"key": "k", "value": 1, "if_absent": true}))
+            .await
+            .unwrap();
+        let (c, detail) = code(
+            kv.call("set", json!({"key": "k", "value": 2, "if_absent": true}))
+                .await,
+        );
+        assert_eq!(
+            (c, detail.as_str()),
+            (ErrorCode::Conflict, "key 'k' already exists (if_absent)"),
+            "{}",
+            db.backend
+        );
+        let got = kv.call("get", json!({"key": "k"})).await.unwrap();
+        assert_eq!(got["value"], 1, "the live value is untouched");
+        assert_eq!(got["etag"], first["etag"]);
+        let (c, detail) = code(
+            kv.call(
+                "set",
+                json!({"key": "k", "value": 2, "if_absent": true, "etag": first["etag"]}),
+            )
+            .await,
+        );
+        assert_eq!(
+            (c, detail.as_str()),
+            (
+                ErrorCode::ValidationError,
+                "payload: `etag` and `if_absent` exclude each other"
+            )
+        );
+        // An expired key is absent: if_absent writes it.
+        kv.call("set", json!({"key": "old", "value": 1, "ttl_seconds": 1}))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE kv_entries SET expires_at = expires_at - 2000 WHERE key = 'old'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        kv.call("set", json!({"key": "old", "value": 9, "if_absent": true}))
+            .await
+            .unwrap();
+        assert_eq!(
+            kv.call("get", json!({"key": "old"})).await.unwrap()["value"],
+            9,
+            "{}",
+            db.backend
+        );
+        assert_eq!(rows(&pool, "acme").await, 2, "no row was added twice");
+        kv.disconnect().await.unwrap();
+    }
+}
