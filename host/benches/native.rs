@@ -16,7 +16,6 @@
     reason = "a benchmark binary"
 )]
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +32,9 @@ use providers_core::{
     Registry, async_trait,
 };
 use serde_json::{Value, json};
+
+mod support;
+use support::measure;
 
 /// The fixture's `ping`, compiled in.
 struct Ping;
@@ -63,36 +65,6 @@ fn payload() -> Value {
         text.len()
     );
     v
-}
-
-fn measure<F, Fut>(rt: &tokio::runtime::Runtime, mut f: F) -> f64
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    rt.block_on(async {
-        let mut n = 1u64;
-        loop {
-            let start = Instant::now();
-            for _ in 0..n {
-                f().await;
-            }
-            if start.elapsed() > Duration::from_millis(100) {
-                break;
-            }
-            n *= 2;
-        }
-        let mut means = Vec::new();
-        for _ in 0..7 {
-            let start = Instant::now();
-            for _ in 0..n {
-                f().await;
-            }
-            means.push(start.elapsed().as_nanos() as f64 / n as f64);
-        }
-        means.sort_by(f64::total_cmp);
-        means[means.len() / 2]
-    })
 }
 
 fn target_dir() -> PathBuf {
@@ -253,22 +225,7 @@ fn main() {
         "every path returns the payload"
     );
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let when = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let (cores, cpu, when) = support::machine();
     let row = |name: &str, ns: f64| {
         format!(
             "| {name} | {ns:.0} | {:.2} | {:+.2} |\n",
@@ -298,9 +255,9 @@ fn main() {
         (pooled - ffi) / 1000.0
     ));
     print!("{entry}");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/native-results.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_default();
-    let head = "# Native plugin call results\n\nWritten by `cargo bench -p provider-host --bench native`; newest first. Ratios compare runs made in the same invocation.\n\n";
-    let rest = old.strip_prefix(head).unwrap_or(&old);
-    std::fs::write(&path, format!("{head}{entry}\n{rest}")).unwrap();
+    support::record(
+        "native-results.md",
+        "# Native plugin call results\n\nWritten by `cargo bench -p provider-host --bench native`; newest first. Ratios compare runs made in the same invocation.\n\n",
+        &entry,
+    );
 }

@@ -22,9 +22,7 @@
     reason = "a benchmark binary"
 )]
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -38,6 +36,9 @@ use providers_core::{
 use providers_security::{Identity, TokenIssuer};
 use serde_json::{Value, json};
 use tower::ServiceExt;
+
+mod support;
+use support::measure;
 
 struct Echo;
 
@@ -67,37 +68,6 @@ const SECRET: &str = "bench-secret-bench-secret-bench-secret";
 
 fn payload() -> Value {
     json!({"sku": "A-100", "qty": 42, "warehouse": "north"})
-}
-
-/// Nanoseconds per iteration of `f`: batches of ~100 ms after a warm-up, median batch mean.
-fn measure<F, Fut>(rt: &tokio::runtime::Runtime, mut f: F) -> f64
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    rt.block_on(async {
-        let mut n = 1u64;
-        loop {
-            let start = Instant::now();
-            for _ in 0..n {
-                f().await;
-            }
-            if start.elapsed() > Duration::from_millis(100) {
-                break;
-            }
-            n *= 2;
-        }
-        let mut means = Vec::new();
-        for _ in 0..7 {
-            let start = Instant::now();
-            for _ in 0..n {
-                f().await;
-            }
-            means.push(start.elapsed().as_nanos() as f64 / n as f64);
-        }
-        means.sort_by(f64::total_cmp);
-        means[means.len() / 2]
-    })
 }
 
 fn main() {
@@ -202,18 +172,7 @@ services = ["echo"]
         request(&router, Some(&tokens[i]))
     });
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let (cores, cpu, stamp) = support::machine();
     let row = |name: &str, ns: f64, reference: f64| {
         format!("| {name} | {:.0} | {:.2} |\n", ns, ns / reference)
     };
@@ -246,13 +205,6 @@ services = ["echo"]
         (host_router - bare_router) / 1000.0,
     );
     println!("{entry}");
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/pipeline-results.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_default();
-    let old = old
-        .split_once("\n## ")
-        .map(|(_, rest)| format!("## {rest}"))
-        .unwrap_or_default();
     let header = "# In-process pipeline results\n\nWritten by `cargo bench -p provider-host --bench pipeline`; newest first. Ratios compare runs made in the same invocation.\n\n";
-    std::fs::write(&path, format!("{header}{entry}\n{old}")).unwrap();
+    support::record("pipeline-results.md", header, &entry);
 }

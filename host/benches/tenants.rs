@@ -25,6 +25,8 @@ use provider_host::{Host, builtin_registry, config};
 use providers_security::Identity;
 use serde_json::json;
 
+mod support;
+
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-0123";
 
 fn config_text(dir: &std::path::Path, tenants: usize, mistake: bool) -> String {
@@ -132,18 +134,7 @@ fn main() {
     let one = run(&rt, 1);
     let many = run(&rt, tenants);
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let (cores, cpu, stamp) = support::machine();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let row = |name: &str, one: Duration, many: Duration| {
         format!(
@@ -178,12 +169,6 @@ fn main() {
         ),
     );
     println!("{entry}");
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/tenants-results.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_default();
-    let old = old
-        .split_once("\n## ")
-        .map(|(_, rest)| format!("## {rest}"))
-        .unwrap_or_default();
     let header = "# Many tenants\n\nWritten by `cargo bench -p provider-host --bench tenants`; newest first. Each run measures 1 tenant and N tenants on the same machine.\n\n";
-    std::fs::write(&path, format!("{header}{entry}\n{old}")).unwrap();
+    support::record("tenants-results.md", header, &entry);
 }
