@@ -31,6 +31,25 @@ fn wait_listening(child: &mut Child) -> (String, std::thread::JoinHandle<String>
     (addr, rest)
 }
 
+/// Starts the demo in `dir` on a free port: the child, its address, the tour it printed and
+/// the thread collecting its log.
+fn demo(dir: &std::path::Path) -> (Child, String, String, std::thread::JoinHandle<String>) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, logs) = wait_listening(&mut child);
+    let mut stdout = child.stdout.take().unwrap();
+    // The tour is one write; 16 KiB holds it whole.
+    let mut tour = vec![0u8; 16 * 1024];
+    let n = stdout.read(&mut tour).unwrap();
+    let tour = String::from_utf8_lossy(&tour[..n]).into_owned();
+    (child, addr, tour, logs)
+}
+
 fn terminate(child: &mut Child) -> std::process::ExitStatus {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -50,18 +69,7 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
 #[tokio::test]
 async fn the_demo_serves_its_printed_tour_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (addr, logs) = wait_listening(&mut child);
-    let mut stdout = child.stdout.take().unwrap();
-    let mut tour = vec![0u8; 4096];
-    let n = stdout.read(&mut tour).unwrap();
-    let tour = String::from_utf8_lossy(&tour[..n]).into_owned();
+    let (mut child, addr, tour, logs) = demo(dir.path());
     let token_of = |var: &str| {
         let line = tour
             .lines()
@@ -322,18 +330,7 @@ async fn the_demo_serves_native_inventory_and_the_plugins_commands_report_it() {
         "an existing folder is never overwritten"
     );
 
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (addr, logs) = wait_listening(&mut child);
-    let mut stdout = child.stdout.take().unwrap();
-    let mut tour = vec![0u8; 8192];
-    let n = stdout.read(&mut tour).unwrap();
-    let tour = String::from_utf8_lossy(&tour[..n]).into_owned();
+    let (mut child, addr, tour, logs) = demo(dir.path());
     assert!(
         tour.contains(&format!(
             "curl -s -X POST http://{addr}/providers/inventory/receive"
