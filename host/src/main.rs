@@ -1,5 +1,6 @@
 //! `provider-host`: serve, check a configuration, mint a development token.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -289,9 +290,9 @@ fn token(
             format!("{subject}-{i}")
         };
         let token = issuer.mint(&subject, tenant, &roles, ttl.as_secs())?;
-        std::io::Write::write_all(&mut out, format!("{token}\n").as_bytes())?;
+        out.write_all(format!("{token}\n").as_bytes())?;
     }
-    std::io::Write::flush(&mut out)?;
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -346,9 +347,10 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<Ex
         };
         tracing::info!(%local, "listening");
         if let Some(tour) = tour {
-            #[allow(clippy::print_stdout, reason = "the demo's tour is the CLI's output")]
-            {
-                println!("{tour}");
+            // Not `println!`: a closed stdout (`serve | head`) must not take the server down.
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = writeln!(out, "{tour}").and_then(|()| out.flush()) {
+                tracing::warn!(error = %e, "could not print the demo's tour");
             }
         }
         http::serve(host, listener, shutdown_signal()).await?;

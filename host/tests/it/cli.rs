@@ -42,8 +42,8 @@ fn demo(dir: &std::path::Path) -> (Child, String, String, std::thread::JoinHandl
         .spawn()
         .unwrap();
     let (addr, logs) = wait_listening(&mut child);
-    let mut stdout = child.stdout.take().unwrap();
-    // The tour is one write; 16 KiB holds it whole.
+    // The pipe stays with the child: closing it early would fail the host's later writes.
+    let stdout = child.stdout.as_mut().unwrap();
     let mut tour = vec![0u8; 16 * 1024];
     let n = stdout.read(&mut tour).unwrap();
     let tour = String::from_utf8_lossy(&tour[..n]).into_owned();
@@ -364,4 +364,33 @@ async fn the_demo_serves_native_inventory_and_the_plugins_commands_report_it() {
         "{logs}"
     );
     assert!(logs.contains("plugin refused"), "{logs}");
+}
+
+#[tokio::test]
+async fn the_demo_keeps_serving_when_its_stdout_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // As `provider-host serve | head -0` would: nobody reads the tour.
+    drop(child.stdout.take());
+    let (addr, logs) = wait_listening(&mut child);
+    let mut ok = false;
+    for _ in 0..50 {
+        if let Ok(r) = reqwest::get(format!("http://{addr}/health")).await {
+            assert_eq!(r.status(), 200);
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ok, "the host answers");
+    let status = terminate(&mut child);
+    assert!(status.success(), "exit status {status:?}");
+    let logs = logs.join().unwrap();
+    assert!(logs.contains("could not print the demo's tour"), "{logs}");
 }
