@@ -31,6 +31,10 @@ pub struct Readiness {
     pub ready: bool,
     /// Why not, in generic terms: no tenant names, no error text from providers or storage.
     pub reasons: Vec<String>,
+    /// Services that are not required and cannot be served here (their plugin was refused or
+    /// is missing): the replica serves everything else. Names only; the reasons are in the log
+    /// and in each tenant's `GET /providers`.
+    pub unavailable: Vec<String>,
 }
 
 impl Host {
@@ -261,6 +265,7 @@ impl Host {
             return Readiness {
                 ready: false,
                 reasons: vec!["shutting down".into()],
+                unavailable: Vec::new(),
             };
         }
         let deadline = Instant::now() + self.config.server.ready_timeout;
@@ -289,9 +294,17 @@ impl Host {
             .map(|s| format!("required service '{}' is unavailable", s.service))
             .collect();
         let reasons: Vec<String> = storage.await.into_iter().chain(required).collect();
+        let unavailable = self
+            .config
+            .services
+            .values()
+            .filter(|s| !s.required && s.unavailable.is_some())
+            .map(|s| s.service.clone())
+            .collect();
         Readiness {
             ready: reasons.is_empty(),
             reasons,
+            unavailable,
         }
     }
 

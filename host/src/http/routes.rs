@@ -203,8 +203,12 @@ pub async fn health() -> Json<Value> {
 /// in `GET /providers`, behind its token.
 pub async fn ready(State(host): State<Arc<Host>>) -> Result<Json<Value>, ApiError> {
     let readiness = host.readiness().await;
-    if readiness.ready {
+    if readiness.ready && readiness.unavailable.is_empty() {
         Ok(Json(json!({"status": "ready"})))
+    } else if readiness.ready {
+        Ok(Json(
+            json!({"status": "ready", "unavailable": readiness.unavailable}),
+        ))
     } else {
         Err(ApiError::new(
             ErrorCode::ProviderUnavailable,

@@ -473,7 +473,11 @@ async fn refused(prepare: impl FnOnce(&Path)) -> String {
     );
     let r = app.post(Some(&t), "inventory/levels", json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(app.get(None, "/ready").await.status, 200);
+    let ready = app.get(None, "/ready").await;
+    assert_eq!(
+        (ready.status.as_u16(), ready.body),
+        (200, json!({"status": "ready", "unavailable": ["fixture", "sturdy"]}))
+    );
     detail
 }
 
