@@ -313,6 +313,16 @@ async fn plugin_store_and_nested_calls_act_for_the_caller_only(
         assert_error(&r, 403, ErrorCode::Forbidden),
         "action 'kv/set' needs permission 'kv.write', which roles [\"reader\"] do not grant"
     );
+    // A native provider calling another native provider: each call on its own pool thread.
+    let r = app
+        .post(
+            Some(&clerk),
+            "fixture/call",
+            json!({"service": "inventory", "action": "receive", "payload": {"item": "nut", "warehouse": "main", "quantity": 3}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["on_hand"], 3);
     let read = app
         .post(Some(&clerk), "kv/get", json!({"key": "via-plugin"}))
         .await;
@@ -476,7 +486,10 @@ async fn refused(prepare: impl FnOnce(&Path)) -> String {
     let ready = app.get(None, "/ready").await;
     assert_eq!(
         (ready.status.as_u16(), ready.body),
-        (200, json!({"status": "ready", "unavailable": ["fixture", "sturdy"]}))
+        (
+            200,
+            json!({"status": "ready", "unavailable": ["fixture", "sturdy"]})
+        )
     );
     detail
 }
