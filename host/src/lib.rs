@@ -1,6 +1,6 @@
 //! The ERP Provider Layer host: the one binary, `provider-host`.
 //!
-//! It owns the process: configuration, the registry of providers (builtins today), the
+//! It owns the process: configuration, the registry of providers (builtins and plugins), the
 //! tenant-scoped instances, storage, HTTP and the CLI. It is the only crate that starts a
 //! tokio runtime or listens on a socket, and it depends on every other workspace crate.
 //! Nothing depends on it; it is a library only so that its tests can drive it in-process.

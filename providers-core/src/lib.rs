@@ -7,7 +7,10 @@
 //!
 //! It stays light on purpose: no async runtime, no HTTP, no SQL, no wasm engine. It never
 //! starts a runtime or a thread; the host owns those. Its only foreign types in the API are
-//! `serde_json::Value` and `semver::Version`.
+//! `serde_json::Value` and `semver::Version`, and, behind the `native` feature, abi_stable's
+//! FFI-safe types in `native` (what a native plugin exports with
+//! `export_native_provider!`). Plugins get their state and log through
+//! [`ConnectContext::store`] and [`ConnectContext::log`].
 
 mod capabilities;
 mod context;
