@@ -50,7 +50,7 @@ pub fn load(dirs: &[PathBuf], pool: &NativePool, registry: &mut RegistryBuilder)
             reason,
         };
         let factory: Arc<dyn providers_core::Factory> = match m.kind {
-            PluginKind::Native => match native::open(&c.file) {
+            PluginKind::Native => match verified_copy(&c).and_then(|copy| copy.open()) {
                 Ok(lib) => match agrees(m, &lib.descriptor) {
                     Ok(()) => Arc::new(native::NativeFactory::new(&c, lib, pool.clone())),
                     Err(reason) => {
@@ -84,6 +84,52 @@ pub fn load(dirs: &[PathBuf], pool: &NativePool, registry: &mut RegistryBuilder)
         tracing::warn!(plugin = %r.name, file = %r.file.display(), reason = ?r.reason, "plugin refused");
     }
     Loaded { accepted, refused }
+}
+
+/// A host-private copy of a candidate's file whose hash was checked again after copying:
+/// what is loaded is exactly what was hashed, even if the plugin folder changes meanwhile.
+struct VerifiedCopy {
+    dir: PathBuf,
+    file: PathBuf,
+}
+
+fn verified_copy(c: &Candidate) -> Result<VerifiedCopy, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "provider-host-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(&dir)
+        .map_err(|e| format!("cannot make a private copy: {e}"))?;
+    let file = dir.join(c.file.file_name().unwrap_or_default());
+    let copy = VerifiedCopy { dir, file };
+    std::fs::copy(&c.file, &copy.file).map_err(|e| format!("cannot make a private copy: {e}"))?;
+    let actual = manifest::sha256_file(&copy.file)
+        .map_err(|e| format!("cannot read the private copy: {e}"))?;
+    if !actual.eq_ignore_ascii_case(c.manifest.sha256.trim()) {
+        return Err(format!(
+            "sha256 mismatch: the manifest says {}, the file has {actual}; the file changed while it was being loaded, so it is not loaded",
+            c.manifest.sha256.trim()
+        ));
+    }
+    Ok(copy)
+}
+
+impl VerifiedCopy {
+    /// Loads the copy. The library stays mapped (never unloaded), so its file can go at once.
+    fn open(self) -> Result<native::Loaded, String> {
+        native::open(&self.file)
+    }
+}
+
+impl Drop for VerifiedCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The manifest and the library must tell the same story.

@@ -681,3 +681,35 @@ async fn a_native_connect_past_its_deadline_is_refused_then_released() {
     }
     assert!(released, "the late instance was disconnected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_file_changed_in_place_after_loading_changes_nothing() {
+    let dir = plugin_dir();
+    let db = providers_database::testing::TestDatabase::sqlite();
+    let text = text(&db.url, dir.path(), "");
+    let app = app(db, &text).await;
+    let acme = app.token("acme", &["clerk"]);
+    assert_eq!(
+        app.post(Some(&acme), "fixture/echo", json!({}))
+            .await
+            .status,
+        200
+    );
+    // Overwritten in place (same inode): a library mapped from this file would now run
+    // garbage. The host loaded a private copy whose hash it checked, so nothing changes.
+    let file = dir.path().join("fixture-1.1.0.so");
+    let len = std::fs::metadata(&file).unwrap().len() as usize;
+    std::fs::write(&file, vec![0xCC; len]).unwrap();
+    let r = app
+        .post(Some(&acme), "fixture/echo", json!({"after": true}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["version"], "1.1.0");
+    let globex = app.token("globex", &["clerk"]);
+    let r = app.post(Some(&globex), "fixture/echo", json!({})).await;
+    assert_eq!(
+        r.status, 200,
+        "a new instance is made from the loaded copy too: {}",
+        r.body
+    );
+}
