@@ -243,6 +243,8 @@ impl Store for MemoryStore {
         after: &str,
         limit: u32,
     ) -> Result<StorePage, ProviderError> {
+        // The host's store pages 1 to 1000 keys at a time; so does this one.
+        let limit = limit.clamp(1, 1000);
         let guard = self.lock();
         let mut items: Vec<(String, StoreEntry)> = guard
             .1

@@ -257,6 +257,14 @@ impl RegistryBuilder {
         Ok(())
     }
 
+    /// Whether a builtin already offers `service`: a plugin may not take a builtin's name
+    /// (it would serve, and read the stores of, every tenant using the builtin).
+    pub fn has_builtin(&self, service: &str) -> bool {
+        self.by_service
+            .get(service)
+            .is_some_and(|versions| versions.iter().any(|f| f.kind() == Kind::Builtin))
+    }
+
     /// The registry.
     pub fn build(self) -> Registry {
         Registry {

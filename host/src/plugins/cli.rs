@@ -38,8 +38,10 @@ pub fn list(dirs: &[PathBuf]) -> String {
                 ),
                 Ok(c) => {
                     let verdict = match c.manifest.kind {
-                        PluginKind::Native => match native::open(&c.file) {
-                            Ok(_) => "hash ok, loadable".to_owned(),
+                        PluginKind::Native => match native::open(&c.file)
+                            .and_then(|lib| super::agrees(&c.manifest, &lib.descriptor))
+                        {
+                            Ok(()) => "hash ok, loadable".to_owned(),
                             Err(e) => format!("hash ok, refused: {e}"),
                         },
                         PluginKind::Wasm => {

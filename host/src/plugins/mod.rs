@@ -49,6 +49,13 @@ pub fn load(dirs: &[PathBuf], pool: &NativePool, registry: &mut RegistryBuilder)
             file: c.file.clone(),
             reason,
         };
+        if registry.has_builtin(&m.name) {
+            refused.push(refuse(format!(
+                "'{}' is the name of a builtin provider; a plugin cannot replace it",
+                m.name
+            )));
+            continue;
+        }
         let factory: Arc<dyn providers_core::Factory> = match m.kind {
             PluginKind::Native => match verified_copy(&c).and_then(|copy| copy.open()) {
                 Ok(lib) => match agrees(m, &lib.descriptor) {
@@ -133,7 +140,7 @@ impl Drop for VerifiedCopy {
 }
 
 /// The manifest and the library must tell the same story.
-fn agrees(m: &Manifest, d: &providers_core::Descriptor) -> Result<(), String> {
+pub(crate) fn agrees(m: &Manifest, d: &providers_core::Descriptor) -> Result<(), String> {
     if d.service != m.name || d.version != m.version {
         return Err(format!(
             "the manifest says {} {}, the library describes itself as {} {}",

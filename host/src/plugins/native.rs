@@ -7,6 +7,7 @@
 //! leaks the library (unloading Rust dylibs is unsound with thread-locals) and checks the
 //! layout of every type in the root module before the first call.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -36,6 +37,9 @@ type Instance = FfiInstance_TO<'static, RBox<()>>;
 #[derive(Debug, Clone)]
 pub struct NativePool {
     global: Arc<Semaphore>,
+    threads_total: usize,
+    /// Calls past their deadline still running, across every native provider.
+    overdue: Arc<AtomicUsize>,
     per_provider: usize,
     threads: super::threads::Threads,
 }
@@ -45,6 +49,8 @@ impl NativePool {
     pub fn new(threads: usize, per_provider: usize) -> Self {
         Self {
             global: Arc::new(Semaphore::new(threads)),
+            threads_total: threads,
+            overdue: Arc::new(AtomicUsize::new(0)),
             per_provider: per_provider.min(threads).max(1),
             threads: super::threads::Threads::default(),
         }
@@ -177,6 +183,16 @@ impl Factory for NativeFactory {
     }
 }
 
+/// Dropping the last handle on the library's instance runs plugin code (its `Drop`): on a
+/// pool thread, like every other call into it, never on a runtime worker.
+impl Drop for NativeProvider {
+    fn drop(&mut self) {
+        if let Some(instance) = self.instance.take() {
+            self.shared.pool.threads.spawn(move || drop(instance));
+        }
+    }
+}
+
 struct NativeProvider {
     descriptor: Descriptor,
     shared: Arc<Shared>,
@@ -194,26 +210,31 @@ const ABANDONED: u8 = 2;
 /// state moves RUNNING → ABANDONED (here) or RUNNING → DONE (the thread) exactly once.
 struct Watch {
     state: Arc<AtomicU8>,
-    /// The instance's count and the provider's.
-    counters: [Arc<AtomicUsize>; 2],
+    /// The instance's count, the provider's and the pool's.
+    counters: [Arc<AtomicUsize>; 3],
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
+        // Count first, then claim: a count is never taken back before it was made, so the
+        // counters cannot dip below zero while the pool thread finishes concurrently.
+        for c in &self.counters {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
         let abandoned = self
             .state
             .compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
-        if abandoned {
+        if !abandoned {
             for c in &self.counters {
-                c.fetch_add(1, Ordering::AcqRel);
+                c.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
 }
 
 /// Called by the pool thread when the plugin returned.
-fn finish(state: &AtomicU8, counters: &[Arc<AtomicUsize>; 2]) {
+fn finish(state: &AtomicU8, counters: &[Arc<AtomicUsize>; 3]) {
     if state.swap(DONE, Ordering::AcqRel) == ABANDONED {
         for c in counters {
             c.fetch_sub(1, Ordering::AcqRel);
@@ -246,13 +267,24 @@ impl NativeProvider {
                     .map_err(|_| closed())?
             }
         };
-        let global = shared
-            .pool
-            .global
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| closed())?;
+        let pool = &shared.pool;
+        let global = match pool.global.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Several hung providers together can hold the whole pool: say so at once.
+                if pool.overdue.load(Ordering::Acquire) >= pool.threads_total {
+                    return Err(ProviderError::unavailable(format!(
+                        "all {} native threads of this host are held by calls that ran past their deadline",
+                        pool.threads_total
+                    )));
+                }
+                pool.global
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| closed())?
+            }
+        };
         Ok([local, global])
     }
 
@@ -276,7 +308,11 @@ impl NativeProvider {
     ) -> Result<T, ProviderError> {
         let permits = self.permits().await?;
         let state = Arc::new(AtomicU8::new(RUNNING));
-        let counters = [self.overdue.clone(), self.shared.overdue.clone()];
+        let counters = [
+            self.overdue.clone(),
+            self.shared.overdue.clone(),
+            self.shared.pool.overdue.clone(),
+        ];
         let _watch = Watch {
             state: state.clone(),
             counters: counters.clone(),
@@ -373,10 +409,8 @@ impl Provider for NativeProvider {
         ctx: &CallContext,
     ) -> Result<Value, ProviderError> {
         let instance = self.instance()?;
-        let remaining_ms = ctx.deadline().map_or(u64::MAX, |d| {
-            d.saturating_duration_since(Instant::now()).as_millis() as u64
-        });
-        let call = FfiCall {
+        let deadline = ctx.deadline();
+        let mut call = FfiCall {
             tenant: ctx.tenant().into(),
             subject: ctx.subject().into(),
             roles: ctx
@@ -385,7 +419,7 @@ impl Provider for NativeProvider {
                 .map(|r| RString::from(r.as_str()))
                 .collect(),
             request_id: ctx.request_id().into(),
-            remaining_ms,
+            remaining_ms: u64::MAX,
             caller: FfiCaller_TO::from_value(
                 NestedCalls {
                     ctx: ctx.clone(),
@@ -397,6 +431,10 @@ impl Provider for NativeProvider {
         let action_name = action.to_owned();
         let action = action.to_owned();
         let out = self.run("execute", move || -> Result<Value, ProviderError> {
+            // Measured here, once the call has a thread: time spent queued is not the plugin's.
+            if let Some(d) = deadline {
+                call.remaining_ms = d.saturating_duration_since(Instant::now()).as_millis() as u64;
+            }
             let payload = payload.to_string();
             let out =
                 ffi(instance.execute(RStr::from_str(&action), RStr::from_str(&payload), call))?;
@@ -443,6 +481,17 @@ impl Provider for NativeProvider {
     }
 }
 
+/// Runs a capability's future from a pool thread. abi_stable's generated entries abort on an
+/// unwinding panic, and the runtime panics when asked to run anything after it shut down
+/// (a hung call that outlived shutdown, then touched its store): that becomes an error.
+fn block<T>(
+    handle: &Handle,
+    work: impl Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle.block_on(work)))
+        .unwrap_or_else(|_| Err(ProviderError::unavailable("the host is shutting down")))
+}
+
 /// The FFI face of the capabilities. Its methods run on pool threads, which may block on
 /// the runtime (they are not its workers).
 struct HostServices {
@@ -458,7 +507,7 @@ impl FfiHost for HostServices {
     }
 
     fn store_get(&self, key: RStr<'_>) -> RResult<ROption<FfiEntry>, FfiError> {
-        let out = self.handle.block_on(self.store.get_text(key.as_str()));
+        let out = block(&self.handle, self.store.get_text(key.as_str()));
         match out {
             Ok(Some((value, etag))) => RResult::ROk(ROption::RSome(FfiEntry {
                 value: value.into(),
@@ -487,21 +536,23 @@ impl FfiHost for HostServices {
                 }
             };
             let value = value.as_str().to_owned();
-            self.handle
-                .block_on(self.store.set_text(key.as_str(), value, expect))
+            block(
+                &self.handle,
+                self.store.set_text(key.as_str(), value, expect),
+            )
         })();
         result.map(RString::from).map_err(FfiError::from).into()
     }
 
     fn store_delete(&self, key: RStr<'_>, etag: ROption<RString>) -> RResult<bool, FfiError> {
         let etag = etag.into_option();
-        self.handle
-            .block_on(
-                self.store
-                    .delete(key.as_str(), etag.as_ref().map(|e| e.as_str())),
-            )
-            .map_err(FfiError::from)
-            .into()
+        block(
+            &self.handle,
+            self.store
+                .delete(key.as_str(), etag.as_ref().map(|e| e.as_str())),
+        )
+        .map_err(FfiError::from)
+        .into()
     }
 
     fn store_list(
@@ -510,18 +561,20 @@ impl FfiHost for HostServices {
         after: RStr<'_>,
         limit: u32,
     ) -> RResult<RString, FfiError> {
-        self.handle
-            .block_on(self.store.list(prefix.as_str(), after.as_str(), limit))
-            .map(|page| {
-                let items: Vec<Value> = page
-                    .items
-                    .into_iter()
-                    .map(|(key, e)| serde_json::json!({"key": key, "value": e.value, "etag": e.etag}))
-                    .collect();
-                RString::from(serde_json::json!({"items": items, "next": page.next}).to_string())
-            })
-            .map_err(FfiError::from)
-            .into()
+        block(
+            &self.handle,
+            self.store.list(prefix.as_str(), after.as_str(), limit),
+        )
+        .map(|page| {
+            let items: Vec<Value> = page
+                .items
+                .into_iter()
+                .map(|(key, e)| serde_json::json!({"key": key, "value": e.value, "etag": e.etag}))
+                .collect();
+            RString::from(serde_json::json!({"items": items, "next": page.next}).to_string())
+        })
+        .map_err(FfiError::from)
+        .into()
     }
 }
 
@@ -543,9 +596,10 @@ impl FfiCaller for NestedCalls {
             let payload: Value = serde_json::from_str(payload.as_str()).map_err(|e| {
                 ProviderError::validation(format!("nested call payload is not JSON: {e}"))
             })?;
-            let out =
-                self.handle
-                    .block_on(self.ctx.call(service.as_str(), action.as_str(), payload))?;
+            let out = block(
+                &self.handle,
+                self.ctx.call(service.as_str(), action.as_str(), payload),
+            )?;
             Ok::<_, ProviderError>(RString::from(out.to_string()))
         })();
         result.map_err(FfiError::from).into()

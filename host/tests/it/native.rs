@@ -613,6 +613,32 @@ fn the_manifest_and_the_library_must_agree() {
         loaded.refused[0].reason,
         "the manifest says fixture 1.0.0, the library describes itself as fixture 1.1.0"
     );
+    // A plugin may not take a builtin's name: it would serve every kv tenant, and read their stores.
+    let dir = tempfile::tempdir().unwrap();
+    stage(
+        dir.path(),
+        &built().file("fixture-1.0.0"),
+        "kv",
+        "9.0.0",
+        "1.0.0",
+        "kv.so",
+    );
+    let mut builder = builtins().to_builder();
+    let loaded = provider_host::plugins::load(
+        &[dir.path().to_owned()],
+        &provider_host::plugins::NativePool::new(4, 2),
+        &mut builder,
+    );
+    assert_eq!(loaded.refused.len(), 1);
+    assert_eq!(
+        loaded.refused[0].reason,
+        "'kv' is the name of a builtin provider; a plugin cannot replace it"
+    );
+    let registry = builder.build();
+    let kv = registry
+        .resolve("kv", &providers_core::semver::VersionReq::STAR)
+        .unwrap();
+    assert_eq!(kv.kind(), providers_core::Kind::Builtin);
     let _: Value = json!(null);
 }
 

@@ -97,7 +97,9 @@ pub fn create_with<P: Provider>(
 ) -> RResult<FfiInstance_TO<'static, RBox<()>>, FfiError> {
     guarded("create", || {
         Ok(FfiInstance_TO::from_value(
-            Glue { provider: make() },
+            Glue {
+                provider: Some(make()),
+            },
             TD_Opaque,
         ))
     })
@@ -117,8 +119,25 @@ pub fn module(
     .leak_into_prefix()
 }
 
+/// The provider behind the table. Optional only so that `Drop` can take it out and drop it
+/// under `catch_unwind`: abi_stable's generated destructor would abort on a panic.
 struct Glue<P> {
-    provider: P,
+    provider: Option<P>,
+}
+
+impl<P> Glue<P> {
+    fn provider(&self) -> &P {
+        self.provider
+            .as_ref()
+            .expect("the provider lives until the instance is dropped")
+    }
+}
+
+impl<P> Drop for Glue<P> {
+    fn drop(&mut self) {
+        let provider = self.provider.take();
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(provider)));
+    }
 }
 
 impl<P: Provider> FfiInstance for Glue<P> {
@@ -137,7 +156,11 @@ impl<P: Provider> FfiInstance for Glue<P> {
                 .with_service(service.as_str())
                 .with_store(Arc::new(HostStore(host.clone())))
                 .with_log(Logger::new(Arc::new(HostLog(host))));
-            block_on(self.provider.connect(&ctx))
+            let provider = self
+                .provider
+                .as_mut()
+                .ok_or_else(|| ProviderError::internal("instance already dropped"))?;
+            block_on(provider.connect(&ctx))
         })
     }
 
@@ -158,7 +181,7 @@ impl<P: Provider> FfiInstance for Glue<P> {
                 .with_roles(roles)
                 .with_deadline(deadline)
                 .with_caller(Arc::new(HostCaller(call.caller)));
-            let out = block_on(self.provider.execute(action.as_str(), payload, &ctx))?;
+            let out = block_on(self.provider().execute(action.as_str(), payload, &ctx))?;
             serde_json::to_string(&out)
                 .map(RString::from)
                 .map_err(|e| ProviderError::internal(format!("result is not JSON: {e}")))
@@ -166,7 +189,7 @@ impl<P: Provider> FfiInstance for Glue<P> {
     }
 
     fn status(&self) -> FfiStatus {
-        let status = catch_unwind(AssertUnwindSafe(|| block_on(self.provider.get_status())))
+        let status = catch_unwind(AssertUnwindSafe(|| block_on(self.provider().get_status())))
             .unwrap_or_else(|panic| {
                 Status::failed(format!(
                     "get_status panicked in the plugin: {}",
@@ -185,7 +208,7 @@ impl<P: Provider> FfiInstance for Glue<P> {
     }
 
     fn disconnect(&self) -> RResult<(), FfiError> {
-        guarded("disconnect", || block_on(self.provider.disconnect()))
+        guarded("disconnect", || block_on(self.provider().disconnect()))
     }
 }
 
