@@ -45,6 +45,33 @@ pub struct StorePage {
     pub next: Option<String>,
 }
 
+impl StorePage {
+    /// The page in the JSON form of `kv`'s `list` answer:
+    /// `{"items": [{"key", "value", "etag"}], "next": string | null}`.
+    pub fn to_json(&self) -> Value {
+        let items: Vec<Value> = self
+            .items
+            .iter()
+            .map(|(key, e)| serde_json::json!({"key": key, "value": e.value, "etag": e.etag}))
+            .collect();
+        serde_json::json!({"items": items, "next": self.next})
+    }
+
+    /// A page from that JSON form; `INTERNAL` if it is malformed (it comes from the host).
+    pub fn from_json(mut page: Value) -> Result<Self, ProviderError> {
+        let bad = || ProviderError::internal("malformed store page");
+        let mut items = Vec::new();
+        for item in page["items"].as_array_mut().ok_or_else(bad)? {
+            let key = item["key"].as_str().ok_or_else(bad)?.to_owned();
+            let etag = item["etag"].as_str().ok_or_else(bad)?.to_owned();
+            let value = item.get_mut("value").map(Value::take).ok_or_else(bad)?;
+            items.push((key, StoreEntry { value, etag }));
+        }
+        let next = page["next"].as_str().map(str::to_owned);
+        Ok(Self { items, next })
+    }
+}
+
 /// A key-value store scoped to one `(tenant, service)`: the plugin's own state.
 ///
 /// In the host it is the builtin `kv` store on the system database, with the same ETag

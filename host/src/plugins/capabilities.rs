@@ -44,33 +44,22 @@ impl PluginStore {
     }
 }
 
-fn etag_of(out: &Value) -> Result<String, ProviderError> {
-    out["etag"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| ProviderError::internal("store answer without an etag"))
-}
-
+/// Every operation goes to kv's own code; reads and writes through its text API, so values
+/// are parsed or serialised at most once on their way.
 #[providers_core::async_trait]
 impl Store for PluginStore {
     async fn get(&self, key: &str) -> Result<Option<StoreEntry>, ProviderError> {
-        match self.run("get", json!({"key": key})).await {
-            Ok(mut out) => Ok(Some(StoreEntry {
-                etag: etag_of(&out)?,
-                value: out["value"].take(),
-            })),
-            Err(e) if e.code == providers_core::ErrorCode::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        let Some((value, etag)) = self.kv.get_text(key).await? else {
+            return Ok(None);
+        };
+        let value = serde_json::from_str(&value).map_err(|e| {
+            ProviderError::internal(format!("stored value of '{key}' is not JSON: {e}"))
+        })?;
+        Ok(Some(StoreEntry { value, etag }))
     }
 
     async fn set(&self, key: &str, value: Value, expect: Expect) -> Result<String, ProviderError> {
-        let payload = match expect {
-            Expect::Any => json!({"key": key, "value": value}),
-            Expect::Etag(etag) => json!({"key": key, "value": value, "etag": etag}),
-            Expect::Absent => json!({"key": key, "value": value, "if_absent": true}),
-        };
-        etag_of(&self.run("set", payload).await?)
+        self.set_text(key, value.to_string(), expect).await
     }
 
     async fn get_text(&self, key: &str) -> Result<Option<(String, String)>, ProviderError> {
@@ -112,21 +101,7 @@ impl Store for PluginStore {
                 json!({"prefix": prefix, "after": after, "limit": limit}),
             )
             .await?;
-        let mut items = Vec::new();
-        for item in out["items"].as_array().into_iter().flatten() {
-            let key = item["key"].as_str().unwrap_or_default().to_owned();
-            items.push((
-                key,
-                StoreEntry {
-                    etag: etag_of(item)?,
-                    value: item["value"].clone(),
-                },
-            ));
-        }
-        Ok(StorePage {
-            items,
-            next: out["next"].as_str().map(str::to_owned),
-        })
+        StorePage::from_json(out)
     }
 }
 

@@ -565,14 +565,7 @@ impl FfiHost for HostServices {
             &self.handle,
             self.store.list(prefix.as_str(), after.as_str(), limit),
         )
-        .map(|page| {
-            let items: Vec<Value> = page
-                .items
-                .into_iter()
-                .map(|(key, e)| serde_json::json!({"key": key, "value": e.value, "etag": e.etag}))
-                .collect();
-            RString::from(serde_json::json!({"items": items, "next": page.next}).to_string())
-        })
+        .map(|page| RString::from(page.to_json().to_string()))
         .map_err(FfiError::from)
         .into()
     }

@@ -290,22 +290,8 @@ impl Store for HostStore {
             RStr::from_str(after),
             limit,
         ))?;
-        page_from_json(json(&page, "page")?)
+        StorePage::from_json(json(&page, "page")?)
     }
-}
-
-/// A `list` page from its JSON form (the shape of `kv`'s `list` answer).
-pub(crate) fn page_from_json(page: Value) -> Result<StorePage, ProviderError> {
-    let bad = || ProviderError::internal("the host sent a malformed store page");
-    let mut items = Vec::new();
-    for item in page["items"].as_array().ok_or_else(bad)? {
-        let key = item["key"].as_str().ok_or_else(bad)?.to_owned();
-        let etag = item["etag"].as_str().ok_or_else(bad)?.to_owned();
-        let value = item.get("value").cloned().ok_or_else(bad)?;
-        items.push((key, StoreEntry { value, etag }));
-    }
-    let next = page["next"].as_str().map(str::to_owned);
-    Ok(StorePage { items, next })
 }
 
 struct HostCaller(FfiCaller_TO<'static, RBox<()>>);
