@@ -57,6 +57,7 @@ impl Host {
                 connect_timeout: server.request_timeout,
                 backoff: server.connect_backoff,
                 backoff_max: server.connect_backoff_max,
+                http_max_body: config.plugins.http_max_response_bytes,
             },
         ));
         let openapi = crate::http::openapi::document(&config);

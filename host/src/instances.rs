@@ -7,13 +7,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use providers_core::{ConnectContext, Factory, Kind, Provider, ProviderError, Resources, Status};
+use providers_core::{
+    ConnectContext, Factory, Kind, Provider, ProviderError, Resources, SandboxLimits, Status,
+};
 use serde_json::Value;
 use tokio::sync::{Notify, OnceCell, Semaphore};
 
 use crate::config::{Limits, TenantService};
 use crate::guard::{self, Cancel};
-use crate::plugins::capabilities::PluginStore;
+use crate::plugins::capabilities::{HostHttp, PluginStore};
 use crate::storage::{InstanceEvent, Storage};
 
 /// How long one `disconnect` may take before the host gives up on it.
@@ -44,6 +46,8 @@ pub struct Settings {
     pub backoff: Duration,
     /// The longest wait between attempts.
     pub backoff_max: Duration,
+    /// Largest response body of a plugin's outbound HTTP request.
+    pub http_max_body: u64,
 }
 
 /// Why the last connect failed and when the next may be tried.
@@ -124,6 +128,8 @@ struct ConnectPlan {
     limits: Limits,
     /// kv config of a plugin's own store.
     store: Value,
+    /// Hosts a plugin's outbound HTTP may reach.
+    allowed_hosts: Arc<[String]>,
 }
 
 fn shutting_down() -> ProviderError {
@@ -244,6 +250,7 @@ impl Instances {
             config: plan.config.clone(),
             limits: plan.limits,
             store: plan.service.store.clone(),
+            allowed_hosts: plan.service.allowed_hosts.clone(),
         };
         let failures_seen = slot.attempts_failed.load(Ordering::Acquire);
         let task = tokio::spawn(async move {
@@ -276,11 +283,13 @@ impl Instances {
             config,
             limits,
             store,
+            allowed_hosts,
         } = plan;
         let version = factory.descriptor().version.to_string();
         let what = || format!("provider '{service}' connect for tenant '{tenant}'");
         let deadline = Instant::now() + self.settings.connect_timeout;
         let resources = &self.resources;
+        let http_max_body = self.settings.http_max_body;
         let (t, s) = (tenant.clone(), service.clone());
         let outcome = guard::run(what, deadline, &self.cancel, async move {
             let ctx = ConnectContext::new(t.clone(), config).with_service(s.clone());
@@ -289,8 +298,14 @@ impl Instances {
                 ctx.with_resources(resources.clone())
             } else {
                 let store = PluginStore::connect(resources, &t, &s, store).await?;
+                let http = HostHttp::new(&s, &allowed_hosts, http_max_body);
                 ctx.with_store(Arc::new(store))
                     .with_log(crate::plugins::capabilities::logger(&s, &t))
+                    .with_http(Arc::new(http))
+                    .with_limits(SandboxLimits {
+                        memory_bytes: limits.memory,
+                        fuel: limits.fuel,
+                    })
             };
             let mut provider = factory.create()?;
             provider.connect(&ctx).await?;

@@ -289,3 +289,47 @@ impl Store for MemoryStore {
         Ok(StorePage { items, next })
     }
 }
+
+/// An outbound HTTP request a plugin asks the host to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// An absolute `http://` URL.
+    pub url: String,
+    /// Header names and values, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body; empty for none.
+    pub body: Vec<u8>,
+    /// The calling provider call's deadline, which bounds the request.
+    pub deadline: Option<std::time::Instant>,
+}
+
+/// What came back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Header names and values.
+    pub headers: Vec<(String, String)>,
+    /// The body, up to the host's size limit.
+    pub body: Vec<u8>,
+}
+
+/// Outbound HTTP under the operator's rules: only to the hosts listed in the provider's
+/// `allowed_hosts`, none by default. A refused host is `FORBIDDEN`.
+#[async_trait]
+pub trait Http: Send + Sync {
+    /// Sends `request` and reads the response.
+    async fn send(&self, request: HttpRequest) -> Result<HttpResponse, ProviderError>;
+}
+
+/// What a sandboxed instance may use, resolved from the provider's and the tenant's limits.
+/// Engines that cannot enforce a limit ignore it (native code is not sandboxed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// Linear memory of one instance, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Fuel (roughly, wasm instructions) one call may burn.
+    pub fuel: Option<u64>,
+}

@@ -15,10 +15,12 @@ pub struct Descriptor {
     /// The contract version the provider was built against (normally [`crate::CONTRACT_VERSION`]).
     pub contract_version: Version,
     /// One line for humans.
+    #[serde(default)]
     pub description: String,
     /// The actions, in the order the provider lists them.
     pub actions: Vec<Action>,
     /// JSON Schema of the configuration `connect` receives (base config overlaid by tenant overrides).
+    #[serde(default = "object_schema")]
     pub config_schema: Value,
 }
 
@@ -63,6 +65,17 @@ impl Descriptor {
         self
     }
 
+    /// Fills what a descriptor read from JSON may leave out: an action naming no permission
+    /// needs `<service>.<action>`, as with [`action`](Self::action).
+    pub fn normalized(mut self) -> Self {
+        for action in &mut self.actions {
+            if action.permission.is_empty() {
+                action.permission = format!("{}.{}", self.service, action.name);
+            }
+        }
+        self
+    }
+
     /// The action named `name`, if the provider has one.
     pub fn find_action(&self, name: &str) -> Option<&Action> {
         self.actions.iter().find(|a| a.name == name)
@@ -76,18 +89,24 @@ pub struct Action {
     /// The name clients address: `/providers/<service>/<name>`.
     pub name: String,
     /// One line for humans.
+    #[serde(default)]
     pub description: String,
     /// JSON Schema the payload must satisfy; the host validates before the provider sees it.
+    #[serde(default = "object_schema")]
     pub input_schema: Value,
     /// JSON Schema of the result.
+    #[serde(default = "any_schema")]
     pub output_schema: Value,
     /// The permission a caller's roles must grant, e.g. `kv.write`: dot-separated segments
     /// of `a-z 0-9 _ -` (see [`is_valid_permission`]). [`Descriptor::action`] sets
     /// `<service>.<action>` when the action names none.
+    #[serde(default)]
     pub permission: String,
     /// Whether repeating the call with the same payload has no further effect.
+    #[serde(default)]
     pub idempotent: bool,
     /// The action that undoes this one, for workflows that compensate.
+    #[serde(default)]
     pub compensation: Option<String>,
 }
 
@@ -141,6 +160,14 @@ impl Action {
         self.compensation = Some(action.into());
         self
     }
+}
+
+fn object_schema() -> Value {
+    json!({"type": "object"})
+}
+
+fn any_schema() -> Value {
+    json!({})
 }
 
 /// Whether `name` is a valid service or action name: 1 to 64 of `a-z 0-9 _ -`, starting with a letter.

@@ -21,7 +21,10 @@ mod registry;
 pub mod testing;
 
 pub use async_trait::async_trait;
-pub use capabilities::{Expect, Level, Log, Logger, MemoryStore, Store, StoreEntry, StorePage};
+pub use capabilities::{
+    Expect, Http, HttpRequest, HttpResponse, Level, Log, Logger, MemoryStore, SandboxLimits, Store,
+    StoreEntry, StorePage,
+};
 pub use context::{CallContext, Caller, MAX_CALL_DEPTH};
 pub use descriptor::{Action, Descriptor, is_valid_name, is_valid_permission};
 pub use error::{ErrorCode, ProviderError};

@@ -196,6 +196,8 @@ pub struct ConnectContext {
     resources: Resources,
     store: Option<std::sync::Arc<dyn Store>>,
     log: Logger,
+    http: Option<std::sync::Arc<dyn crate::Http>>,
+    limits: crate::SandboxLimits,
 }
 
 impl ConnectContext {
@@ -208,6 +210,8 @@ impl ConnectContext {
             resources: Resources::default(),
             store: None,
             log: Logger::default(),
+            http: None,
+            limits: crate::SandboxLimits::default(),
         }
     }
 
@@ -266,6 +270,28 @@ impl ConnectContext {
     /// Keep a clone for later calls; it is cheap.
     pub fn log(&self) -> &Logger {
         &self.log
+    }
+
+    /// Gives the instance outbound HTTP.
+    pub fn with_http(mut self, http: std::sync::Arc<dyn crate::Http>) -> Self {
+        self.http = Some(http);
+        self
+    }
+
+    /// Outbound HTTP restricted to the provider's `allowed_hosts`; plugins get it.
+    pub fn http(&self) -> Option<&std::sync::Arc<dyn crate::Http>> {
+        self.http.as_ref()
+    }
+
+    /// Sets the sandbox limits.
+    pub fn with_limits(mut self, limits: crate::SandboxLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Memory and fuel limits of this tenant's instance, for engines that sandbox.
+    pub fn limits(&self) -> crate::SandboxLimits {
+        self.limits
     }
 }
 

@@ -64,6 +64,8 @@ pub struct ServicePlan {
     pub unavailable: Option<String>,
     /// kv config of a plugin's own store.
     pub store: Value,
+    /// Hosts the plugin's outbound HTTP may reach.
+    pub allowed_hosts: Arc<[String]>,
 }
 
 /// One tenant: its enabled services with their merged config and limits.
@@ -131,6 +133,7 @@ pub fn load_str(
         per_tenant: BTreeMap::new(),
         warnings: Vec::new(),
         plugin_dirs: Vec::new(),
+        wasm_memory: 0,
         loaded: plugins::Loaded::default(),
         pinned: BTreeMap::new(),
     };
@@ -156,6 +159,8 @@ struct Checker<'a> {
     per_tenant: BTreeMap<String, Vec<(Range<usize>, String)>>,
     warnings: Vec<String>,
     plugin_dirs: Vec<std::path::PathBuf>,
+    /// `[plugins] wasm_memory`: the ceiling of every `limits.memory`.
+    wasm_memory: u64,
     loaded: plugins::Loaded,
     /// Plans of versions tenants are pinned to, by (service, version).
     pinned: BTreeMap<(String, String), Arc<ServicePlan>>,
@@ -237,12 +242,27 @@ impl Checker<'_> {
                 "plugins.native_threads and plugins.native_threads_per_provider: must be at least 1",
             );
         }
+        if plugins.wasm_instances == 0 || plugins.wasm_instances_per_tenant == 0 {
+            self.at(
+                0..0,
+                "plugins.wasm_instances and plugins.wasm_instances_per_tenant: must be at least 1",
+            );
+        }
+        if plugins.wasm_memory < (1 << 20) {
+            self.at(0..0, "plugins.wasm_memory: must be at least 1MiB");
+        }
+        plugins.cache_dir = self.base_dir.join(&plugins.cache_dir);
+        self.wasm_memory = plugins.wasm_memory;
         let pool = NativePool::new(
             plugins.native_threads.max(1),
             plugins.native_threads_per_provider.max(1),
         );
+        // Fuel metering costs every wasm instruction, so the engine meters only when a limit asks.
+        let fuel = raw.providers.iter().any(|p| p.get_ref().limits.fuel.is_some())
+            || raw.tenants.values().any(|t| t.get_ref().limits.fuel.is_some());
+        let engines = plugins::Engines::new(&plugins, pool, fuel);
         let mut builder = builtins.to_builder();
-        let loaded_plugins = plugins::load(&plugins.dirs, &pool, &mut builder);
+        let loaded_plugins = plugins::load(&plugins.dirs, &engines, &mut builder);
         let registry = builder.build();
         let registry = &registry;
         self.plugin_dirs = plugins.dirs.clone();
@@ -424,6 +444,18 @@ impl Checker<'_> {
         if !is_valid_name(name) {
             self.at(span.clone(), format!("tenant '{name}': invalid name (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"));
         }
+        if let Some(memory) = tenant.limits.memory
+            && memory > self.wasm_memory
+        {
+            self.tenant_at(
+                span.clone(),
+                name,
+                format!(
+                    "tenant {TENANT}: limits.memory ({memory} bytes) exceeds plugins.wasm_memory ({} bytes), the size of an instance slot",
+                    self.wasm_memory
+                ),
+            );
+        }
         if tenant.limits.max_concurrency == Some(0) {
             self.tenant_at(
                 span.clone(),
@@ -576,6 +608,7 @@ impl Checker<'_> {
                         validators: HashMap::new(),
                         unavailable: Some(reason),
                         store,
+                        allowed_hosts: Arc::from(Vec::new()),
                     }),
                     plugin: plugin.get_ref().clone(),
                     base: Value::Object(Default::default()),
@@ -585,12 +618,14 @@ impl Checker<'_> {
             }
         };
         self.check_store(service, &entry.store, &store, factory.kind(), registry);
+        let allowed_hosts = self.allowed_hosts(service, &entry.allowed_hosts, factory.kind());
+        self.check_sandbox(span.clone(), service, &entry.limits, factory.kind());
         let plan = self.plan(
             span.clone(),
             service,
             factory.clone(),
             entry.required,
-            store,
+            (store, allowed_hosts),
         )?;
         let d = factory.descriptor();
         if entry.limits.max_concurrency == Some(0) {

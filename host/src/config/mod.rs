@@ -115,6 +115,22 @@ pub struct PluginsConfig {
     /// Threads one native provider version may occupy at once: a plugin whose calls hang
     /// holds at most this many, and the rest of the host keeps serving.
     pub native_threads_per_provider: usize,
+    /// The most linear memory any one wasm instance may have: the size of a slot in the
+    /// instance pool. A provider's or tenant's `limits.memory` can only be lower.
+    #[serde(with = "bytes")]
+    pub wasm_memory: u64,
+    /// Wasm instances that may exist at once across every tenant and provider (the pooling
+    /// allocator's slots, reserved as address space at start, touched only when used).
+    pub wasm_instances: u32,
+    /// Instances one tenant's wasm provider may run at once: its calls run in parallel up
+    /// to this many, then queue.
+    pub wasm_instances_per_tenant: u32,
+    /// Where compiled components are cached (keyed by component hash, wasmtime version and
+    /// engine settings); relative to the config file's folder. A restart does not recompile.
+    pub cache_dir: PathBuf,
+    /// The largest response body a plugin's outbound HTTP request may read.
+    #[serde(with = "bytes")]
+    pub http_max_response_bytes: u64,
 }
 
 impl Default for PluginsConfig {
@@ -123,6 +139,11 @@ impl Default for PluginsConfig {
             dirs: Vec::new(),
             native_threads: 64,
             native_threads_per_provider: 16,
+            wasm_memory: 64 << 20,
+            wasm_instances: 1000,
+            wasm_instances_per_tenant: 4,
+            cache_dir: PathBuf::from("data/plugin-cache"),
+            http_max_response_bytes: 4 << 20,
         }
     }
 }
@@ -230,6 +251,9 @@ pub(crate) struct RawProvider {
     /// kv config of a plugin's own store (`max_keys`, `max_total_bytes`, ...).
     #[serde(default = "empty_table")]
     pub store: Spanned<toml::Table>,
+    /// Hosts (`name` or `name:port`) a plugin's outbound HTTP may reach; none by default.
+    #[serde(default)]
+    pub allowed_hosts: Vec<Spanned<String>>,
 }
 
 fn empty_table() -> Spanned<toml::Table> {
@@ -263,6 +287,11 @@ pub struct Limits {
     pub timeout: Option<Duration>,
     /// Calls in flight at once on one instance; more are refused with `RATE_LIMITED`.
     pub max_concurrency: Option<u32>,
+    /// Linear memory of one wasm instance (`"64MiB"`); wasm components only.
+    #[serde(default, with = "opt_bytes")]
+    pub memory: Option<u64>,
+    /// Fuel one wasm call may burn (about one unit per instruction); wasm components only.
+    pub fuel: Option<u64>,
 }
 
 impl Limits {
@@ -277,6 +306,8 @@ impl Limits {
         Limits {
             timeout: min(self.timeout, other.timeout),
             max_concurrency: min(self.max_concurrency, other.max_concurrency),
+            memory: min(self.memory, other.memory),
+            fuel: min(self.fuel, other.fuel),
         }
     }
 }
@@ -300,6 +331,62 @@ mod duration {
             )));
         }
         Ok(value)
+    }
+}
+
+/// A byte size: an integer, or a string with a unit (`"512KiB"`, `"64MiB"`, `"1GiB"`, `"64MB"`).
+mod bytes {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Number(u64),
+        Text(String),
+    }
+
+    pub fn parse(text: &str) -> Result<u64, String> {
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "invalid size '{text}': unknown unit '{other}' (use B, KiB, MiB, GiB, KB, MB or GB)"
+                ));
+            }
+        };
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid size '{text}' (e.g. \"64MiB\")"))?;
+        n.checked_mul(scale)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| format!("size '{text}' is out of range (more than 0)"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Written::deserialize(d)? {
+            Written::Number(0) => Err(serde::de::Error::custom("a size must be more than 0")),
+            Written::Number(n) => Ok(n),
+            Written::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+mod opt_bytes {
+    use serde::Deserializer;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        super::bytes::deserialize(d).map(Some)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Plugins: providers loaded at run time from `[plugins] dirs`, native or wasm, through one
 //! path. `manifest` and `discovery` check what a file is before it is opened; `capabilities`
-//! is what every plugin gets from the host; each engine (`native`) only adapts those to its
-//! boundary and hands the registry a `Factory`. Nothing above this module knows an engine.
+//! is what every plugin gets from the host; each engine (`native`, `wasm`) only adapts those
+//! to its boundary and hands the registry a `Factory`. Nothing above this module knows an
+//! engine.
 
 pub mod capabilities;
 pub mod cli;
@@ -9,9 +10,10 @@ pub mod discovery;
 pub mod manifest;
 pub mod native;
 mod threads;
+pub mod wasm;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use providers_core::RegistryBuilder;
 
@@ -36,9 +38,48 @@ impl Loaded {
     }
 }
 
+/// The engines plugins run in. The wasm engine starts with the first wasm plugin: a host
+/// that loads none reserves no instance pool and runs no epoch ticker.
+pub struct Engines {
+    native: NativePool,
+    wasm_settings: wasm::WasmSettings,
+    wasm: OnceLock<Result<Arc<wasm::WasmEngine>, String>>,
+}
+
+impl Engines {
+    /// Engines from `[plugins]`; `fuel` when some limit meters fuel.
+    pub fn new(config: &crate::config::PluginsConfig, native: NativePool, fuel: bool) -> Self {
+        Self {
+            native,
+            wasm_settings: wasm::WasmSettings {
+                memory: config.wasm_memory,
+                instances: config.wasm_instances.max(1),
+                per_tenant: config.wasm_instances_per_tenant.max(1),
+                cache_dir: config.cache_dir.clone(),
+                http_max_body: config.http_max_response_bytes,
+                fuel,
+            },
+            wasm: OnceLock::new(),
+        }
+    }
+
+    /// The wasm engine, started on first use.
+    pub fn wasm(&self) -> Result<Arc<wasm::WasmEngine>, String> {
+        self.wasm
+            .get_or_init(|| wasm::WasmEngine::shared(&self.wasm_settings))
+            .clone()
+    }
+
+    /// `[plugins] http_max_response_bytes`.
+    pub fn http_max_body(&self) -> u64 {
+        self.wasm_settings.http_max_body
+    }
+}
+
 /// Discovers, verifies and loads every plugin in `dirs`, adding each accepted one to
 /// `registry`. A plugin that fails any check is refused, never half-loaded.
-pub fn load(dirs: &[PathBuf], pool: &NativePool, registry: &mut RegistryBuilder) -> Loaded {
+pub fn load(dirs: &[PathBuf], engines: &Engines, registry: &mut RegistryBuilder) -> Loaded {
+    let pool = &engines.native;
     let (candidates, mut refused) = discovery::discover(dirs);
     let mut accepted = Vec::new();
     for c in candidates {
@@ -70,12 +111,13 @@ pub fn load(dirs: &[PathBuf], pool: &NativePool, registry: &mut RegistryBuilder)
                     continue;
                 }
             },
-            PluginKind::Wasm => {
-                refused.push(refuse(
-                    "wasm components are not supported by this host yet".into(),
-                ));
-                continue;
-            }
+            PluginKind::Wasm => match load_wasm(&c, engines) {
+                Ok(factory) => Arc::new(factory),
+                Err(reason) => {
+                    refused.push(refuse(reason));
+                    continue;
+                }
+            },
         };
         match registry.add(factory) {
             Ok(()) => accepted.push((
@@ -91,6 +133,17 @@ pub fn load(dirs: &[PathBuf], pool: &NativePool, registry: &mut RegistryBuilder)
         tracing::warn!(plugin = %r.name, file = %r.file.display(), reason = ?r.reason, "plugin refused");
     }
     Loaded { accepted, refused }
+}
+
+/// Compiles (or takes from the cache) and links a wasm candidate, from a verified copy.
+fn load_wasm(c: &Candidate, engines: &Engines) -> Result<wasm::WasmFactory, String> {
+    let engine = engines.wasm()?;
+    let copy = verified_copy(c)?;
+    let (component, origin) = engine.component(&copy.file, &c.manifest.sha256)?;
+    tracing::debug!(plugin = %c.manifest.name, ?origin, "wasm component ready");
+    let prepared = engine.prepare_blocking(&component)?;
+    agrees(&c.manifest, &prepared.descriptor)?;
+    Ok(wasm::WasmFactory::new(c, engine, prepared))
 }
 
 /// A host-private copy of a candidate's file whose hash was checked again after copying:

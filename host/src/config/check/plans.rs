@@ -21,7 +21,7 @@ impl Checker<'_> {
         service: &str,
         factory: Arc<dyn Factory>,
         required: bool,
-        store: Value,
+        (store, allowed_hosts): (Value, Arc<[String]>),
     ) -> Option<Arc<ServicePlan>> {
         let d = factory.descriptor();
         let mut validators = HashMap::new();
@@ -43,6 +43,7 @@ impl Checker<'_> {
             validators,
             unavailable: None,
             store,
+            allowed_hosts,
         }))
     }
 
@@ -122,10 +123,68 @@ impl Checker<'_> {
             service,
             factory.clone(),
             p.plan.required,
-            p.plan.store.clone(),
+            (p.plan.store.clone(), p.plan.allowed_hosts.clone()),
         )?;
         self.pinned.insert(key, plan.clone());
         Some((plan, schema))
+    }
+
+    /// `allowed_hosts`: `name` or `name:port` each, for plugins only.
+    pub(super) fn allowed_hosts(
+        &mut self,
+        service: &str,
+        written: &[Spanned<String>],
+        kind: providers_core::Kind,
+    ) -> Arc<[String]> {
+        let mut hosts = Vec::new();
+        for entry in written {
+            let host = entry.get_ref().trim().to_ascii_lowercase();
+            if kind == providers_core::Kind::Builtin {
+                self.at(
+                    entry.span(),
+                    format!("service '{service}': `allowed_hosts` governs a plugin's outbound HTTP; builtin providers have none"),
+                );
+                return Arc::from(hosts);
+            }
+            if plugins::capabilities::AllowedHost::parse(&host).is_none() {
+                self.at(
+                    entry.span(),
+                    format!("service '{service}': allowed_hosts entry '{}' is not a host or host:port (no scheme, path or wildcard)", entry.get_ref()),
+                );
+                continue;
+            }
+            hosts.push(host);
+        }
+        Arc::from(hosts)
+    }
+
+    /// `limits.memory` and `limits.fuel` are enforced by the wasm sandbox only.
+    pub(super) fn check_sandbox(
+        &mut self,
+        span: Range<usize>,
+        service: &str,
+        limits: &crate::config::Limits,
+        kind: providers_core::Kind,
+    ) {
+        if (limits.memory.is_some() || limits.fuel.is_some())
+            && kind != providers_core::Kind::Wasm
+        {
+            self.at(
+                span.clone(),
+                format!("service '{service}': limits.memory and limits.fuel apply to wasm components only ({} code is not sandboxed)", format!("{kind:?}").to_lowercase()),
+            );
+        }
+        if let Some(memory) = limits.memory
+            && memory > self.wasm_memory
+        {
+            self.at(
+                span,
+                format!(
+                    "service '{service}': limits.memory ({memory} bytes) exceeds plugins.wasm_memory ({} bytes), the size of an instance slot",
+                    self.wasm_memory
+                ),
+            );
+        }
     }
 
     /// A plugin's `store` table is kv config: checked against kv's own config schema here,
