@@ -73,8 +73,16 @@ impl Guest for Pricing {
     fn get_status() -> Status {
         let connected = LIST.with(|l| l.borrow().is_some());
         Status {
-            state: if connected { State::Ready } else { State::Failed },
-            detail: if connected { String::new() } else { "not connected".into() },
+            state: if connected {
+                State::Ready
+            } else {
+                State::Failed
+            },
+            detail: if connected {
+                String::new()
+            } else {
+                "not connected".into()
+            },
         }
     }
 }

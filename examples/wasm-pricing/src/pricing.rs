@@ -55,7 +55,11 @@ fn decimal(value: &Value, at: &str) -> Result<Decimal, Failure> {
     let text = match value {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
-        _ => return Err(invalid(format!("{at}: expected a decimal number, as a string or a number"))),
+        _ => {
+            return Err(invalid(format!(
+                "{at}: expected a decimal number, as a string or a number"
+            )));
+        }
     };
     Decimal::from_str(text.trim())
         .or_else(|_| Decimal::from_scientific(text.trim()))
@@ -93,7 +97,9 @@ impl PriceList {
             None => Decimal::ZERO,
         };
         if tax_rate < Decimal::ZERO || tax_rate > Decimal::ONE {
-            return Err(invalid("config.tax_rate: must be between 0 and 1 (0.19 for 19%)"));
+            return Err(invalid(
+                "config.tax_rate: must be between 0 and 1 (0.19 for 19%)",
+            ));
         }
         let mut prices = BTreeMap::new();
         if let Some(table) = config.get("prices") {
@@ -125,7 +131,10 @@ impl PriceList {
                 if percent < Decimal::ZERO || percent > Decimal::ONE_HUNDRED {
                     return Err(invalid(format!("{at}.percent: must be between 0 and 100")));
                 }
-                tiers.push(Tier { min_quantity, percent });
+                tiers.push(Tier {
+                    min_quantity,
+                    percent,
+                });
             }
         }
         tiers.sort_by(|a, b| b.min_quantity.cmp(&a.min_quantity));
@@ -332,20 +341,36 @@ mod tests {
     fn bad_lines_name_where() {
         let l = list();
         let err = |p: Value| l.quote(&p).expect_err("refused").to_string();
-        assert_eq!(err(json!({"lines": []})), "lines: an order needs at least one line");
+        assert_eq!(
+            err(json!({"lines": []})),
+            "lines: an order needs at least one line"
+        );
         assert_eq!(
             err(json!({"lines": [{"sku": "BOLT", "quantity": 1}, {"sku": "NUT", "quantity": 1}]})),
             "lines[1].sku: 'NUT' is not in this price list"
         );
-        assert!(err(json!({"lines": [{"sku": "BOLT", "quantity": "-1"}]})).starts_with("lines[0].quantity: -1.000 is out of range"));
-        assert!(err(json!({"lines": [{"sku": "BOLT", "quantity": "x"}]})).starts_with("lines[0].quantity: 'x' is not a decimal number"));
+        assert!(
+            err(json!({"lines": [{"sku": "BOLT", "quantity": "-1"}]}))
+                .starts_with("lines[0].quantity: -1.000 is out of range")
+        );
+        assert!(
+            err(json!({"lines": [{"sku": "BOLT", "quantity": "x"}]}))
+                .starts_with("lines[0].quantity: 'x' is not a decimal number")
+        );
     }
 
     #[test]
     fn bad_config_names_the_field() {
         let err = PriceList::from_config(&json!({"prices": {"A": "-1"}})).expect_err("refused");
-        assert_eq!(err.to_string(), "config.prices.A: a price cannot be negative");
-        let err = PriceList::from_config(&json!({"discounts": [{"percent": 5}]})).expect_err("refused");
-        assert_eq!(err.to_string(), "config.discounts[0].min_quantity is required");
+        assert_eq!(
+            err.to_string(),
+            "config.prices.A: a price cannot be negative"
+        );
+        let err =
+            PriceList::from_config(&json!({"discounts": [{"percent": 5}]})).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "config.discounts[0].min_quantity is required"
+        );
     }
 }

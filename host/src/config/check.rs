@@ -258,8 +258,14 @@ impl Checker<'_> {
             plugins.native_threads_per_provider.max(1),
         );
         // Fuel metering costs every wasm instruction, so the engine meters only when a limit asks.
-        let fuel = raw.providers.iter().any(|p| p.get_ref().limits.fuel.is_some())
-            || raw.tenants.values().any(|t| t.get_ref().limits.fuel.is_some());
+        let fuel = raw
+            .providers
+            .iter()
+            .any(|p| p.get_ref().limits.fuel.is_some())
+            || raw
+                .tenants
+                .values()
+                .any(|t| t.get_ref().limits.fuel.is_some());
         let engines = plugins::Engines::new(&plugins, pool, fuel);
         let mut builder = builtins.to_builder();
         let loaded_plugins = plugins::load(&plugins.dirs, &engines, &mut builder);

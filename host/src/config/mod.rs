@@ -347,9 +347,7 @@ mod bytes {
 
     pub fn parse(text: &str) -> Result<u64, String> {
         let t = text.trim();
-        let split = t
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(t.len());
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (digits, unit) = t.split_at(split);
         let scale: u64 = match unit.trim() {
             "" | "B" => 1,

@@ -202,7 +202,10 @@ impl HostHttp {
             .build()
             .unwrap_or_default();
         Self {
-            allowed: allowed.iter().filter_map(|h| AllowedHost::parse(h)).collect(),
+            allowed: allowed
+                .iter()
+                .filter_map(|h| AllowedHost::parse(h))
+                .collect(),
             client,
             max_body,
             service: service.to_owned(),
@@ -241,7 +244,8 @@ impl Http for HostHttp {
             builder = builder.header(name.as_str(), value.as_str());
         }
         if let Some(deadline) = request.deadline {
-            builder = builder.timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+            builder =
+                builder.timeout(deadline.saturating_duration_since(std::time::Instant::now()));
         }
         let failed = |e: reqwest::Error| {
             let code = if e.is_timeout() {
@@ -256,7 +260,12 @@ impl Http for HostHttp {
         let headers = response
             .headers()
             .iter()
-            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect();
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(failed)? {

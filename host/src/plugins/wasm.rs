@@ -22,8 +22,8 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig,
-    ResourceLimiter, Store, Trap, UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig, ResourceLimiter,
+    Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -39,7 +39,9 @@ mod bindings {
     });
 }
 
-use bindings::erp::provider::{http as whttp, log as wlog, providers as wproviders, store as wstore, types as wtypes};
+use bindings::erp::provider::{
+    http as whttp, log as wlog, providers as wproviders, store as wstore, types as wtypes,
+};
 
 /// How often the epoch advances: the granularity of deadlines and of the guest's yields to
 /// the async runtime.
@@ -130,12 +132,14 @@ impl WasmEngine {
             .max_wasm_stack(512 << 10)
             .async_stack_size(1 << 20)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| format!("cannot start the wasm engine: {e}"))?;
+        let engine =
+            Engine::new(&config).map_err(|e| format!("cannot start the wasm engine: {e}"))?;
         let mut linker = Linker::new(&engine);
-        // What Rust's std imports and is harmless: clocks, random, stdio (stdout to nothing,
-        // stderr to a small buffer). Filesystem, environment, exit and sockets are not linked:
-        // each component's remaining imports trap if called.
-        wasmtime_wasi::p2::add_to_linker_proxy_interfaces_async(&mut linker)
+        // All of WASI p2 is linked, so a guest's std finds what it imports, but a store's
+        // WASI context grants nothing: no preopened folder, an empty environment, no
+        // sockets, no name lookup; stdout goes nowhere and stderr to a small buffer. Imports
+        // beyond WASI and the contract trap if called.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| format!("cannot link WASI: {e}"))?;
         bindings::Provider::add_to_linker::<Guest, HasSelf<Guest>>(&mut linker, |g| g)
             .map_err(|e| format!("cannot link the host capabilities: {e}"))?;
@@ -196,15 +200,13 @@ impl WasmEngine {
 
     /// Links `component` and reads its descriptor (one throwaway instance, no capabilities).
     pub async fn prepare(self: &Arc<Self>, component: &Component) -> Result<Prepared, String> {
-        let mut linker = self.linker.clone();
-        linker
-            .define_unknown_imports_as_traps(component)
-            .map_err(|e| format!("cannot link: {e:#}"))?;
-        let pre = linker
+        let pre = self
+            .linker
             .instantiate_pre(component)
             .map_err(|e| format!("the component does not fit this host's contract: {e:#}"))?;
-        let pre = bindings::ProviderPre::new(pre)
-            .map_err(|e| format!("the component does not export the provider world of erp:provider@1: {e:#}"))?;
+        let pre = bindings::ProviderPre::new(pre).map_err(|e| {
+            format!("the component does not export the provider world of erp:provider@1: {e:#}")
+        })?;
         let caps = Arc::new(Caps::none());
         let limits = SandboxLimits::default();
         let mut warm = instantiate(self, &pre, caps, limits)
@@ -252,11 +254,17 @@ mod cache {
     use wasmtime::component::Component;
 
     pub fn path(dir: &Path, sha256: &str, compat: &str) -> PathBuf {
-        dir.join(format!("{}-{compat}.cwasm", sha256.trim().to_ascii_lowercase()))
+        dir.join(format!(
+            "{}-{compat}.cwasm",
+            sha256.trim().to_ascii_lowercase()
+        ))
     }
 
     fn digest(bytes: &[u8]) -> String {
-        Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+        Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The cached component, if the artifact is whole and this engine accepts it.
@@ -272,7 +280,10 @@ mod cache {
             .ok()
     }
 
-    #[allow(unsafe_code, reason = "wasmtime's only way to load machine code it compiled earlier")]
+    #[allow(
+        unsafe_code,
+        reason = "wasmtime's only way to load machine code it compiled earlier"
+    )]
     fn deserialize(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
         // SAFETY: the bytes are an artifact this host wrote with `Component::serialize` into
         // its own 0700 cache folder, whole (their SHA-256 matches the digest written beside
@@ -380,7 +391,12 @@ async fn instantiate(
     limits: SandboxLimits,
 ) -> Result<Warm, ProviderError> {
     let stderr = MemoryOutputPipe::new(STDERR_KEPT);
-    let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
+    let wasi = WasiCtx::builder()
+        .stderr(stderr.clone())
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build();
     let memory = limits
         .memory_bytes
         .unwrap_or(engine.settings.memory)
@@ -414,7 +430,9 @@ async fn instantiate(
             .map_err(|e| ProviderError::internal(format!("cannot set fuel: {e}")))?;
     }
     let bindings = pre.instantiate_async(&mut store).await.map_err(|e| {
-        if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+        if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            .is_some()
+        {
             ProviderError::unavailable(format!(
                 "every wasm instance slot of this host is in use (plugins.wasm_instances = {})",
                 engine.settings.instances
@@ -444,6 +462,13 @@ fn trapped(store: &Store<Guest>, e: &wasmtime::Error) -> ProviderError {
                 "the component overflowed its stack (unbounded recursion?) and was stopped",
             );
         }
+        // A Rust or C guest keeps its stack in linear memory: overflowing it runs below
+        // address 0, which wasm reports as an out-of-bounds access.
+        Some(Trap::MemoryOutOfBounds) => {
+            return ProviderError::provider(
+                "the component accessed memory out of bounds (an overflow of its own stack, such as unbounded recursion, ends this way) and was stopped",
+            );
+        }
         _ => {}
     }
     if data.limiter.exceeded {
@@ -454,7 +479,12 @@ fn trapped(store: &Store<Guest>, e: &wasmtime::Error) -> ProviderError {
     }
     let stderr = data.stderr.contents();
     let said = String::from_utf8_lossy(&stderr);
-    let last = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    // The last thing it said, skipping Rust's "note: run with RUST_BACKTRACE" line.
+    let last = said
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.starts_with("note: "))
+        .unwrap_or_default();
     let mut detail = format!("the component trapped: {}", e.root_cause());
     if !last.is_empty() {
         detail.push_str(&format!("; it said: {}", last.trim()));
@@ -702,7 +732,11 @@ impl WasmProvider {
     }
 
     /// A fresh instance of the tenant's pool, connected with the tenant's config.
-    async fn fresh(&self, pool: &TenantPool, deadline: Option<Instant>) -> Result<Warm, ProviderError> {
+    async fn fresh(
+        &self,
+        pool: &TenantPool,
+        deadline: Option<Instant>,
+    ) -> Result<Warm, ProviderError> {
         let mut warm = instantiate(
             &self.shared.engine,
             &self.shared.pre,
@@ -755,7 +789,8 @@ impl Provider for WasmProvider {
     async fn disconnect(&self) -> Result<(), ProviderError> {
         let pool = self.pool()?;
         pool.slots.close();
-        let idle: Vec<Warm> = std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        let idle: Vec<Warm> =
+            std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|p| p.into_inner()));
         let mut first_error = None;
         for mut warm in idle {
             warm.store.data_mut().deadline = Some(Instant::now() + DESCRIBE_TIMEOUT);
@@ -778,12 +813,9 @@ impl Provider for WasmProvider {
         ctx: &CallContext,
     ) -> Result<Value, ProviderError> {
         let pool = self.pool()?;
-        let _slot = pool
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ProviderError::unavailable(format!("'{}' is disconnecting", self.shared.service)))?;
+        let _slot = pool.slots.clone().acquire_owned().await.map_err(|_| {
+            ProviderError::unavailable(format!("'{}' is disconnecting", self.shared.service))
+        })?;
         let mut warm = match pool.take_idle() {
             Some(warm) => warm,
             None => self.fresh(pool, ctx.deadline()).await?,

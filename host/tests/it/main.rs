@@ -17,3 +17,4 @@ mod routes;
 mod serving;
 mod storage;
 mod support;
+mod wasm;

@@ -604,7 +604,11 @@ fn the_manifest_and_the_library_must_agree() {
     let mut builder = builtins().to_builder();
     let loaded = provider_host::plugins::load(
         &[dir.path().to_owned()],
-        &provider_host::plugins::NativePool::new(4, 2),
+        &provider_host::plugins::Engines::new(
+            &Default::default(),
+            provider_host::plugins::NativePool::new(4, 2),
+            false,
+        ),
         &mut builder,
     );
     assert!(loaded.accepted.is_empty());
@@ -626,7 +630,11 @@ fn the_manifest_and_the_library_must_agree() {
     let mut builder = builtins().to_builder();
     let loaded = provider_host::plugins::load(
         &[dir.path().to_owned()],
-        &provider_host::plugins::NativePool::new(4, 2),
+        &provider_host::plugins::Engines::new(
+            &Default::default(),
+            provider_host::plugins::NativePool::new(4, 2),
+            false,
+        ),
         &mut builder,
     );
     assert_eq!(loaded.refused.len(), 1);

@@ -170,3 +170,55 @@ pub fn standard(dir: &Path) {
         "fixture-1.1.0.so",
     );
 }
+
+/// The wasm guests (`wasm-fixture`, `wasm-pricing`), built once per test process for
+/// `wasm32-wasip2` with the `guest` profile `cargo xtask plugins` uses.
+pub fn wasm_built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = target_dir().join("test-plugins-wasm");
+        std::fs::create_dir_all(&dir).unwrap();
+        cargo(
+            &[
+                "build",
+                "--quiet",
+                "--profile",
+                "guest",
+                "--target",
+                "wasm32-wasip2",
+                "-p",
+                "wasm-fixture",
+                "-p",
+                "wasm-pricing",
+            ],
+            &[],
+        );
+        let out = target_dir().join("wasm32-wasip2").join("guest");
+        for (from, to) in [("wasm_fixture", "fixture"), ("wasm_pricing", "pricing")] {
+            let dest = dir.join(format!("{to}.wasm"));
+            let _ = std::fs::remove_file(&dest);
+            std::fs::copy(out.join(format!("{from}.wasm")), &dest).unwrap();
+        }
+        Built { dir }
+    })
+}
+
+/// Stages a wasm component with its manifest; returns the manifest path.
+pub fn stage_wasm(dir: &Path, file: &Path, name: &str, version: &str, stage_as: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let dest = dir.join(stage_as);
+    std::fs::copy(file, &dest).unwrap();
+    let sha = provider_host::plugins::manifest::sha256_file(&dest).unwrap();
+    let manifest = dir.join(format!(
+        "{}.plugin.toml",
+        stage_as.trim_end_matches(".wasm")
+    ));
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"{name}\"\nversion = \"{version}\"\nkind = \"wasm\"\nfile = \"{stage_as}\"\nsha256 = \"{sha}\"\ncontract = \"1.0.0\"\n"
+        ),
+    )
+    .unwrap();
+    manifest
+}

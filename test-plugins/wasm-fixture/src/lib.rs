@@ -2,8 +2,14 @@
 //! `wasm32-wasip2` by the tests themselves.
 
 // The bindings wit-bindgen generates export functions by name, and `scan` reads raw memory.
-#![allow(unsafe_code, reason = "generated bindings and a deliberate raw memory scan")]
-#![allow(missing_docs, reason = "wit-bindgen generates the bindings undocumented")]
+#![allow(
+    unsafe_code,
+    reason = "generated bindings and a deliberate raw memory scan"
+)]
+#![allow(
+    missing_docs,
+    reason = "wit-bindgen generates the bindings undocumented"
+)]
 
 use std::cell::RefCell;
 
@@ -43,7 +49,10 @@ fn text(payload: &Value, key: &str) -> Result<String, Error> {
 }
 
 #[inline(never)]
-#[allow(unconditional_recursion, reason = "unbounded recursion is what this action tests")]
+#[allow(
+    unconditional_recursion,
+    reason = "unbounded recursion is what this action tests"
+)]
 fn recurse(n: u64, pad: &mut [u8; 256]) -> u64 {
     pad[(n % 256) as usize] = n as u8;
     let mut local = *pad;
@@ -75,7 +84,8 @@ fn scan(marker: &[u8]) -> Vec<String> {
 
 impl Guest for Fixture {
     fn describe() -> String {
-        let action = |name: &str| json!({"name": name, "description": format!("fixture action {name}")});
+        let action =
+            |name: &str| json!({"name": name, "description": format!("fixture action {name}")});
         let actions: Vec<Value> = [
             "ping", "echo", "spin", "busy", "grow", "recurse", "trap", "panic", "remember", "scan",
             "put", "get", "call", "fetch", "log",
@@ -97,7 +107,10 @@ impl Guest for Fixture {
         let config: Value = serde_json::from_str(&config)
             .map_err(|e| error(ErrorCode::ValidationError, e.to_string()))?;
         if config.get("fail_connect").and_then(Value::as_bool) == Some(true) {
-            return Err(error(ErrorCode::ProviderUnavailable, "told to fail connect"));
+            return Err(error(
+                ErrorCode::ProviderUnavailable,
+                "told to fail connect",
+            ));
         }
         CONFIG.with(|c| *c.borrow_mut() = config);
         Ok(())
@@ -140,7 +153,10 @@ impl Guest for Fixture {
                 json!({"busy_ms": ms})
             }
             "grow" => {
-                let mb = payload.get("mb").and_then(Value::as_u64).unwrap_or(u64::MAX);
+                let mb = payload
+                    .get("mb")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(u64::MAX);
                 for _ in 0..mb {
                     HOARD.with(|h| h.borrow_mut().push(vec![1u8; 1 << 20]));
                 }
@@ -176,7 +192,9 @@ impl Guest for Fixture {
             "get" => {
                 let key = text(&payload, "key")?;
                 match store::get(&key)? {
-                    Some(e) => json!({"value": serde_json::from_str::<Value>(&e.value).unwrap_or(Value::Null), "etag": e.etag}),
+                    Some(e) => {
+                        json!({"value": serde_json::from_str::<Value>(&e.value).unwrap_or(Value::Null), "etag": e.etag})
+                    }
                     None => json!({"value": null}),
                 }
             }
@@ -206,7 +224,10 @@ impl Guest for Fixture {
                 json!({"logged": true})
             }
             other => {
-                return Err(error(ErrorCode::NotFound, format!("unknown action '{other}'")));
+                return Err(error(
+                    ErrorCode::NotFound,
+                    format!("unknown action '{other}'"),
+                ));
             }
         };
         Ok(out.to_string())

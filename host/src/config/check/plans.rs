@@ -166,8 +166,7 @@ impl Checker<'_> {
         limits: &crate::config::Limits,
         kind: providers_core::Kind,
     ) {
-        if (limits.memory.is_some() || limits.fuel.is_some())
-            && kind != providers_core::Kind::Wasm
+        if (limits.memory.is_some() || limits.fuel.is_some()) && kind != providers_core::Kind::Wasm
         {
             self.at(
                 span.clone(),
