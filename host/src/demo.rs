@@ -32,8 +32,14 @@ pub fn ensure_secret(base: &Path) -> anyhow::Result<()> {
 }
 
 /// The tour printed at start: how to call the demo with a token for each tenant.
-/// `inventory` is why the native inventory plugin is unavailable, if it is.
-pub fn banner(addr: &str, acme: &str, globex: &str, inventory: Option<&str>) -> String {
+/// `inventory` and `pricing` say why those plugins are unavailable, if they are.
+pub fn banner(
+    addr: &str,
+    acme: &str,
+    globex: &str,
+    inventory: Option<&str>,
+    pricing: Option<&str>,
+) -> String {
     let inventory = match inventory {
         None => format!(
             "  # inventory is a native plugin (examples/native-inventory), loaded from ./plugins:
@@ -48,6 +54,19 @@ pub fn banner(addr: &str, acme: &str, globex: &str, inventory: Option<&str>) -> 
 "
         ),
     };
+    let pricing = match pricing {
+        None => format!(
+            "  # pricing is a sandboxed WebAssembly component (examples/wasm-pricing); globex has its own bolt price:
+  curl -s -X POST http://{addr}/providers/pricing/quote -H \"Authorization: Bearer $ACME\" -d '{{\"lines\":[{{\"sku\":\"BOLT-M8\",\"quantity\":120}},{{\"sku\":\"PANEL-A4\",\"quantity\":\"2.5\"}}]}}'
+  curl -s -X POST http://{addr}/providers/pricing/quote -H \"Authorization: Bearer $GLOBEX\" -d '{{\"lines\":[{{\"sku\":\"BOLT-M8\",\"quantity\":120}}]}}'
+"
+        ),
+        Some(reason) => format!(
+            "  # pricing (a wasm component) is not loaded: {reason}
+  # Stage it and restart with: cargo xtask demo
+"
+        ),
+    };
     format!(
         "\
 ERP Provider Layer demo on http://{addr}  (tenants: acme, globex; storage: sqlite://data/host.db)
@@ -58,7 +77,7 @@ ERP Provider Layer demo on http://{addr}  (tenants: acme, globex; storage: sqlit
   curl -s -X POST http://{addr}/providers/kv/set -H \"Authorization: Bearer $ACME\" -d '{{\"key\":\"greeting\",\"value\":\"hello\"}}'
   curl -s -X POST http://{addr}/providers/kv/get -H \"Authorization: Bearer $ACME\" -d '{{\"key\":\"greeting\"}}'
   curl -s -X POST http://{addr}/providers/kv/get -H \"Authorization: Bearer $GLOBEX\" -d '{{\"key\":\"greeting\"}}'   # NOT_FOUND: globex has its own store
-{inventory}  curl -s http://{addr}/providers -H \"Authorization: Bearer $ACME\"
+{inventory}{pricing}  curl -s http://{addr}/providers -H \"Authorization: Bearer $ACME\"
   curl -s http://{addr}/openapi.json
 
 Tokens are valid for 24 hours; mint more with: provider-host token --tenant acme --roles clerk

@@ -247,10 +247,16 @@ fn plugins(command: PluginsCommand) -> anyhow::Result<ExitCode> {
                     for f in files {
                         println!("wrote {}", f.display());
                     }
-                    println!(
-                        "build it with: cd {} && cargo build --release",
-                        dir.display()
-                    );
+                    match kind {
+                        PluginKind::Native => println!(
+                            "build it with: cd {} && cargo build --release",
+                            dir.display()
+                        ),
+                        PluginKind::Wasm => println!(
+                            "build it with: cd {} && cargo build --release --target wasm32-wasip2 (rustup target add wasm32-wasip2 once)",
+                            dir.display()
+                        ),
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
@@ -319,6 +325,10 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<Ex
         .services
         .get("inventory")
         .and_then(|s| s.unavailable.clone());
+    let pricing = config
+        .services
+        .get("pricing")
+        .and_then(|s| s.unavailable.clone());
     runtime.block_on(async move {
         let addr = config.server.listen;
         let issuer = if is_demo {
@@ -341,6 +351,7 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<Ex
                     &issuer.mint("demo-user", "acme", &["clerk".into()], day)?,
                     &issuer.mint("demo-user", "globex", &["clerk".into()], day)?,
                     inventory.as_deref(),
+                    pricing.as_deref(),
                 ))
             }
             None => None,

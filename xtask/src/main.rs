@@ -98,37 +98,83 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-/// Builds every example plugin and writes it, with its manifest, into `out`.
+/// The WebAssembly target guests are built for, added with rustup when missing.
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+fn ensure_wasm_target() -> Result<(), String> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == WASM_TARGET)
+        })
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    eprintln!("adding the {WASM_TARGET} target (once)");
+    run(Command::new("rustup").args(["target", "add", WASM_TARGET]))
+}
+
+/// Builds every example plugin and writes it, with its manifest, into `out`: native ones
+/// with the host's profile, wasm ones for `wasm32-wasip2` with the `guest` profile.
 fn plugins(out: &Path, release: bool) -> Result<(), String> {
     let root = root();
     let examples = examples(&root)?;
-    let mut build = cargo();
-    build.current_dir(&root).arg("build").arg("--locked");
-    if release {
-        build.arg("--release");
-    }
-    for e in &examples {
-        if e.meta.kind == "native" {
+    let of_kind =
+        |kind: &str| -> Vec<&Example> { examples.iter().filter(|e| e.meta.kind == kind).collect() };
+    let (native, wasm) = (of_kind("native"), of_kind("wasm"));
+    if !native.is_empty() {
+        let mut build = cargo();
+        build.current_dir(&root).arg("build").arg("--locked");
+        if release {
+            build.arg("--release");
+        }
+        for e in &native {
             build.arg("-p").arg(&e.crate_name);
         }
+        run(&mut build)?;
     }
-    run(&mut build)?;
+    if !wasm.is_empty() {
+        ensure_wasm_target()?;
+        let mut build = cargo();
+        build.current_dir(&root).args([
+            "build",
+            "--locked",
+            "--profile",
+            "guest",
+            "--target",
+            WASM_TARGET,
+        ]);
+        for e in &wasm {
+            build.arg("-p").arg(&e.crate_name);
+        }
+        run(&mut build)?;
+    }
     std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
     let profile = if release { "release" } else { "debug" };
     for e in &examples {
-        let lib = format!(
-            "{}{}{}",
-            std::env::consts::DLL_PREFIX,
-            e.crate_name.replace('-', "_"),
-            std::env::consts::DLL_SUFFIX
-        );
-        let built = target_dir(&root).join(profile).join(&lib);
-        let file = format!(
-            "{}-{}{}",
-            e.meta.name,
-            e.version,
-            std::env::consts::DLL_SUFFIX
-        );
+        let (built, suffix) = match e.meta.kind.as_str() {
+            "wasm" => (
+                target_dir(&root)
+                    .join(WASM_TARGET)
+                    .join("guest")
+                    .join(format!("{}.wasm", e.crate_name.replace('-', "_"))),
+                ".wasm",
+            ),
+            _ => (
+                target_dir(&root).join(profile).join(format!(
+                    "{}{}{}",
+                    std::env::consts::DLL_PREFIX,
+                    e.crate_name.replace('-', "_"),
+                    std::env::consts::DLL_SUFFIX
+                )),
+                std::env::consts::DLL_SUFFIX,
+            ),
+        };
+        let file = format!("{}-{}{suffix}", e.meta.name, e.version);
         let staged = out.join(&file);
         // Replace rather than overwrite in place: a running host may have the old file mapped.
         let _ = std::fs::remove_file(&staged);

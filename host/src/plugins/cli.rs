@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use providers_core::is_valid_name;
 
-use super::{PluginKind, discovery, manifest, native};
+use super::{PluginKind, discovery, manifest, native, wasm};
 
 /// One line per manifest in `dirs`: name, version, kind, file, whether the hash matches,
 /// and whether it would load (running only the checks and `describe`).
@@ -44,10 +44,12 @@ pub fn list(dirs: &[PathBuf]) -> String {
                             Ok(()) => "hash ok, loadable".to_owned(),
                             Err(e) => format!("hash ok, refused: {e}"),
                         },
-                        PluginKind::Wasm => {
-                            "hash ok, refused: wasm components are not supported by this host yet"
-                                .to_owned()
-                        }
+                        PluginKind::Wasm => match describe_wasm(&c.file)
+                            .and_then(|(d, _)| super::agrees(&c.manifest, &d))
+                        {
+                            Ok(()) => "hash ok, loadable".to_owned(),
+                            Err(e) => format!("hash ok, refused: {e}"),
+                        },
                     };
                     format!(
                         "{:<16} {:<9} {:<7} {}  {verdict}",
@@ -68,8 +70,50 @@ pub fn list(dirs: &[PathBuf]) -> String {
     out
 }
 
-/// The build facts and descriptor of the native library at `file`, as pretty JSON.
+/// An engine for looking at components outside a running host: a small pool, no cache
+/// folder shared with one (compiled artifacts go to a private temporary folder).
+fn inspection_engine() -> Result<std::sync::Arc<wasm::WasmEngine>, String> {
+    wasm::WasmEngine::shared(&wasm::WasmSettings {
+        memory: 64 << 20,
+        instances: 4,
+        per_tenant: 1,
+        cache_dir: std::env::temp_dir()
+            .join(format!("provider-host-inspect-{}", std::process::id())),
+        http_max_body: 0,
+        fuel: false,
+    })
+}
+
+/// Compiles and describes the component at `file`; also its imports.
+fn describe_wasm(file: &Path) -> Result<(providers_core::Descriptor, Vec<String>), String> {
+    let engine = inspection_engine()?;
+    let (component, imports) = engine.compile_uncached(file)?;
+    let prepared = engine.prepare_blocking(&component)?;
+    Ok((prepared.descriptor, imports))
+}
+
+fn is_wasm(file: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(file)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == b"\0asm"
+}
+
+/// The build facts and descriptor of the native library at `file`, or the descriptor and
+/// imports of the wasm component at `file`, as pretty JSON.
 pub fn inspect(file: &Path) -> Result<String, String> {
+    if is_wasm(file) {
+        let (descriptor, imports) = describe_wasm(file)?;
+        let report = serde_json::json!({
+            "file": file.display().to_string(),
+            "sha256": manifest::sha256_file(file).map_err(|e| e.to_string())?,
+            "kind": "wasm",
+            "imports": imports,
+            "descriptor": descriptor,
+        });
+        return serde_json::to_string_pretty(&report).map_err(|e| e.to_string());
+    }
     let loaded = native::open(file)?;
     let f = &loaded.facts;
     let report = serde_json::json!({
@@ -97,9 +141,6 @@ pub fn new(kind: PluginKind, name: &str, dir: &Path, core: &str) -> Result<Vec<P
             "invalid name '{name}' (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"
         ));
     }
-    if kind != PluginKind::Native {
-        return Err("only --kind native has a template in this host".into());
-    }
     if dir.exists() {
         return Err(format!("{} already exists", dir.display()));
     }
@@ -121,17 +162,36 @@ pub fn new(kind: PluginKind, name: &str, dir: &Path, core: &str) -> Result<Vec<P
             .replace("{type_name}", &type_name)
             .replace("{core}", core)
     };
-    let files = [
-        (
-            dir.join("Cargo.toml"),
-            fill(include_str!("template/native.Cargo.toml")),
-        ),
-        (
-            dir.join("src/lib.rs"),
-            fill(include_str!("template/native.lib.rs")),
-        ),
-    ];
-    std::fs::create_dir_all(dir.join("src")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let files = match kind {
+        PluginKind::Native => vec![
+            (
+                dir.join("Cargo.toml"),
+                fill(include_str!("template/native.Cargo.toml")),
+            ),
+            (
+                dir.join("src/lib.rs"),
+                fill(include_str!("template/native.lib.rs")),
+            ),
+        ],
+        // The component carries its own copy of the contract it was built against.
+        PluginKind::Wasm => vec![
+            (
+                dir.join("Cargo.toml"),
+                fill(include_str!("template/wasm.Cargo.toml")),
+            ),
+            (
+                dir.join("src/lib.rs"),
+                fill(include_str!("template/wasm.lib.rs")),
+            ),
+            (
+                dir.join("wit/provider.wit"),
+                include_str!("../../../providers-core/wit/provider.wit").to_owned(),
+            ),
+        ],
+    };
+    for sub in ["src", "wit"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     for (path, text) in &files {
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }

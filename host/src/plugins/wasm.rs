@@ -182,6 +182,19 @@ impl WasmEngine {
         Ok((component, Origin::Compiled))
     }
 
+    /// Compiles `file` without the cache; also names its imports.
+    pub fn compile_uncached(&self, file: &Path) -> Result<(Component, Vec<String>), String> {
+        let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
+        let component = Component::from_binary(&self.engine, &bytes)
+            .map_err(|e| format!("not a valid component for this host: {e:#}"))?;
+        let imports = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        Ok((component, imports))
+    }
+
     /// [`prepare`](Self::prepare) from synchronous code (config loading), on a thread of its own.
     pub fn prepare_blocking(self: &Arc<Self>, component: &Component) -> Result<Prepared, String> {
         std::thread::scope(|scope| {

@@ -230,6 +230,14 @@ async fn the_demo_serves_native_inventory_and_the_plugins_commands_report_it() {
         "1.0.0",
         "inventory.so",
     );
+    let wasm = crate::plugins::wasm_built();
+    crate::plugins::stage_wasm(
+        &plugins,
+        &wasm.dir.join("pricing.wasm"),
+        "pricing",
+        "1.0.0",
+        "pricing.wasm",
+    );
     // A second, tampered plugin: listed as refused, and the demo serves on without it.
     crate::plugins::stage(
         &plugins,
@@ -253,7 +261,41 @@ async fn the_demo_serves_native_inventory_and_the_plugins_commands_report_it() {
     assert!(out.status.success());
     let list = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = list.lines().collect();
-    assert_eq!(lines.len(), 2, "{list}");
+    assert_eq!(lines.len(), 3, "{list}");
+    assert!(
+        lines[2].starts_with("pricing          1.0.0     wasm    "),
+        "{list}"
+    );
+    assert!(
+        lines[2].ends_with("pricing.wasm  hash ok, loadable"),
+        "{list}"
+    );
+    let out = Command::new(BIN)
+        .args(["plugins", "inspect"])
+        .arg(plugins.join("pricing.wasm"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["kind"], "wasm");
+    assert_eq!(report["descriptor"]["service"], "pricing");
+    let imports: Vec<String> = serde_json::from_value(report["imports"].clone()).unwrap();
+    // What it can reach is what it imports: the contract's types, std's stdio plumbing,
+    // and no filesystem, socket or store.
+    assert!(
+        imports.contains(&"erp:provider/types@1.0.0".to_owned()),
+        "{imports:?}"
+    );
+    assert!(
+        !imports.iter().any(|i| i.starts_with("wasi:filesystem")
+            || i.starts_with("wasi:sockets")
+            || i.starts_with("erp:provider/store")),
+        "{imports:?}"
+    );
     assert!(
         lines[0].starts_with("fixture          1.0.0     native  "),
         "{list}"
@@ -355,6 +397,32 @@ async fn the_demo_serves_native_inventory_and_the_plugins_commands_report_it() {
         .await
         .unwrap();
     assert_eq!(r["data"]["available"], 20, "{r}");
+    // The wasm component, as the tour shows it: globex's bolt price is its own.
+    assert!(
+        tour.contains(&format!(
+            "curl -s -X POST http://{addr}/providers/pricing/quote"
+        )),
+        "{tour}"
+    );
+    let globex = tour
+        .lines()
+        .find(|l| l.contains("export GLOBEX="))
+        .and_then(|l| l.split('\'').nth(1))
+        .unwrap()
+        .to_owned();
+    for (token, net) in [(&acme, "39.90"), (&globex, "34.20")] {
+        let r: serde_json::Value = client
+            .post(format!("http://{addr}/providers/pricing/quote"))
+            .bearer_auth(token)
+            .json(&json!({"lines": [{"sku": "BOLT-M8", "quantity": 120}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["data"]["lines"][0]["net"], net, "{r}");
+    }
     let status = terminate(&mut child);
     assert!(status.success(), "exit status {status:?}");
     let logs = logs.join().unwrap();

@@ -786,3 +786,68 @@ async fn fuel_limits_stop_a_call_that_burns_too_much() {
     assert_eq!(r.status, 200, "{}", r.body);
     stop(&app).await;
 }
+
+/// What docs/wasm-plugins.md tells a third party to do, from `plugins new --kind wasm` to a
+/// call: the generated crate builds on its own and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wasm_template_builds_and_serves() {
+    let work = tempfile::tempdir().unwrap();
+    let crate_dir = work.path().join("greeter");
+    provider_host::plugins::cli::new(
+        provider_host::plugins::PluginKind::Wasm,
+        "greeter",
+        &crate_dir,
+        "",
+    )
+    .unwrap();
+    // The shared target folder: its wasm dependencies are built once per machine.
+    let target = std::env::current_exe()
+        .unwrap()
+        .ancestors()
+        .nth(3)
+        .unwrap()
+        .join("template");
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&crate_dir)
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .status()
+            .unwrap();
+    assert!(status.success(), "the template builds");
+    let plugins = work.path().join("plugins");
+    stage_wasm(
+        &plugins,
+        &target.join("wasm32-wasip2/release/greeter_provider.wasm"),
+        "greeter",
+        "0.1.0",
+        "greeter.wasm",
+    );
+    let db = providers_database::testing::TestDatabase::sqlite();
+    let text = format!(
+        "[storage]\nurl = \"{}\"\n[plugins]\ndirs = [\"{}\"]\ncache_dir = \"{}\"\nwasm_instances = 8\n[security]\nissuer = \"test-issuer\"\naudience = \"providers\"\n[[security.keys]]\nalgorithm = \"HS256\"\nsecret = \"${{env:TEST_JWT_SECRET}}\"\n[security.roles]\nuser = [\"greeter.*\"]\n[[providers]]\nservice = \"kv\"\n[[providers]]\nservice = \"greeter\"\nconfig = {{ greeting = \"Hej\" }}\n[tenants.acme]\nservices = [\"kv\", \"greeter\"]\n",
+        db.url,
+        plugins.display(),
+        work.path().join("cache").display()
+    );
+    let app = app(db, &text).await;
+    let t = app.token("acme", &["user"]);
+    for count in 1..=2 {
+        let r = app
+            .post(Some(&t), "greeter/hello", json!({"name": "Ada"}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(
+            r.body["data"],
+            json!({"message": "Hej, Ada!", "count": count})
+        );
+    }
+    stop(&app).await;
+}
