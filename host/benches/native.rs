@@ -201,7 +201,11 @@ fn main() {
     let mut builder = Registry::builder();
     let loaded = provider_host::plugins::load(
         &[dir.path().to_owned()],
-        &provider_host::plugins::NativePool::new(4, 4),
+        &provider_host::plugins::Engines::new(
+            &Default::default(),
+            provider_host::plugins::NativePool::new(4, 4),
+            false,
+        ),
         &mut builder,
     );
     assert!(loaded.refused.is_empty(), "{:?}", loaded.refused);

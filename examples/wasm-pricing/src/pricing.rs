@@ -137,7 +137,7 @@ impl PriceList {
                 });
             }
         }
-        tiers.sort_by(|a, b| b.min_quantity.cmp(&a.min_quantity));
+        tiers.sort_by_key(|t| std::cmp::Reverse(t.min_quantity));
         Ok(Self {
             currency,
             tax_rate,
