@@ -2,6 +2,10 @@
 
 // wit-bindgen's generated glue exports functions by name; this module holds nothing else.
 #![allow(unsafe_code, reason = "the bindings wit-bindgen generates")]
+#![allow(
+    clippy::too_many_arguments,
+    reason = "wit-bindgen lowers records into flat arguments"
+)]
 
 use std::cell::RefCell;
 

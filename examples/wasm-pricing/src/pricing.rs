@@ -349,9 +349,9 @@ mod tests {
             err(json!({"lines": [{"sku": "BOLT", "quantity": 1}, {"sku": "NUT", "quantity": 1}]})),
             "lines[1].sku: 'NUT' is not in this price list"
         );
-        assert!(
-            err(json!({"lines": [{"sku": "BOLT", "quantity": "-1"}]}))
-                .starts_with("lines[0].quantity: -1.000 is out of range")
+        assert_eq!(
+            err(json!({"lines": [{"sku": "BOLT", "quantity": "-1"}]})),
+            "lines[0].quantity: -1 is out of range (more than 0, at most 1000000000)"
         );
         assert!(
             err(json!({"lines": [{"sku": "BOLT", "quantity": "x"}]}))

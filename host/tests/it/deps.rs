@@ -108,6 +108,26 @@ fn the_crate_graph_keeps_its_invariants() {
             "{plugin} depends on providers-core only"
         );
     }
+    // Wasm guests share nothing with the host but the WIT file: no workspace crate, no runtime.
+    for guest in ["examples/wasm-pricing", "test-plugins/wasm-fixture"] {
+        let deps = dependencies(guest, true);
+        assert!(
+            deps.iter().all(|d| !workspace.contains(&d.as_str())),
+            "{guest} depends on no workspace crate, has {deps:?}"
+        );
+        let reach = closure(&deps);
+        for heavy in ["tokio", "wasmtime", "providers-core"] {
+            assert!(!reach.contains(heavy), "{guest} pulls {heavy}");
+        }
+    }
+    // The wasm engine is the host's alone.
+    for crate_dir in ["providers-core", "providers-security", "providers-database"] {
+        assert!(
+            !closure(&dependencies(crate_dir, true)).contains("wasmtime"),
+            "{crate_dir} must not pull wasmtime"
+        );
+    }
+    assert!(direct("host").contains("wasmtime"));
     // abi_stable stays behind providers-core's `native` feature and the host's native engine.
     for crate_dir in ["providers-security", "providers-database"] {
         let text = std::fs::read_to_string(root().join(crate_dir).join("Cargo.toml")).unwrap();

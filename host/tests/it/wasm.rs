@@ -851,3 +851,41 @@ async fn the_wasm_template_builds_and_serves() {
     }
     stop(&app).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_calls_run_side_by_side_and_nested_calls_exist_only_in_a_call() {
+    let s = staged();
+    let db = providers_database::testing::TestDatabase::sqlite();
+    let text = text(&db.url, &s, "", "").replace(
+        "[tenants.globex.providers.pricing]",
+        "[tenants.globex.providers.patient]\ncall_in_connect = true\n\n[tenants.globex.providers.pricing]",
+    );
+    let app = Arc::new(app(db, &text).await);
+    let acme = app.token("acme", &["clerk"]);
+    // One instance busy for a second; a second call of the same tenant gets its own instance
+    // (wasm_instances_per_tenant = 2) and returns while the first still runs.
+    let busy = {
+        let (app, acme) = (app.clone(), acme.clone());
+        tokio::spawn(async move {
+            app.post(Some(&acme), "patient/busy", json!({"ms": 1000}))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = app.post(Some(&acme), "patient/echo", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        !busy.is_finished(),
+        "the second call did not wait for the first"
+    );
+    assert_eq!(busy.await.unwrap().status, 200);
+    // Outside a call (here, in connect) the nested-call import is refused.
+    let globex = app.token("globex", &["clerk"]);
+    let r = app.post(Some(&globex), "patient/echo", json!({})).await;
+    let detail = assert_error(&r, 503, ErrorCode::ProviderUnavailable);
+    assert!(
+        detail.contains("connect: call-provider is only available during execute"),
+        "{detail}"
+    );
+    stop(&app).await;
+}

@@ -1,10 +1,15 @@
 //! A component that misbehaves on request, for the host's containment tests. Built for
-//! `wasm32-wasip2` by the tests themselves.
+//! `wasm32-wasip2` by the tests themselves; on any other target the crate is empty.
 
+#![cfg(target_arch = "wasm32")]
 // The bindings wit-bindgen generates export functions by name, and `scan` reads raw memory.
 #![allow(
     unsafe_code,
     reason = "generated bindings and a deliberate raw memory scan"
+)]
+#![allow(
+    clippy::too_many_arguments,
+    reason = "wit-bindgen lowers records into flat arguments"
 )]
 #![allow(
     missing_docs,
@@ -110,6 +115,16 @@ impl Guest for Fixture {
             return Err(error(
                 ErrorCode::ProviderUnavailable,
                 "told to fail connect",
+            ));
+        }
+        // Nested calls belong to a call: from connect the host must refuse them.
+        if config.get("call_in_connect").and_then(Value::as_bool) == Some(true) {
+            let refused = providers::call("kv", "list", "{}")
+                .err()
+                .map_or("the nested call was allowed".to_owned(), |e| e.message);
+            return Err(error(
+                ErrorCode::ProviderUnavailable,
+                format!("connect: {refused}"),
             ));
         }
         CONFIG.with(|c| *c.borrow_mut() = config);
