@@ -17,6 +17,4 @@ pg_start "$pg_dir"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
-# The wasm guests' component glue only exists on their own target.
-cargo clippy --target wasm32-wasip2 -p wasm-fixture -p wasm-pricing --locked -- -D warnings
 cargo test --workspace --all-features --locked

@@ -307,11 +307,17 @@ services = ["kv", "pricing", "compiled"]
 
     // Through the router.
     let body = Bytes::from(order().to_string());
+    let empty = Bytes::from_static(b"{}");
     let request = |path: &'static str| {
+        let payload = if path.ends_with("/prices") {
+            empty.clone()
+        } else {
+            body.clone()
+        };
         let req = Request::post(path)
             .header("content-type", "application/json")
             .header("authorization", format!("Bearer {token}"))
-            .body(Body::from(body.clone()))
+            .body(Body::from(payload))
             .unwrap();
         let router = router.clone();
         async move {
@@ -322,6 +328,8 @@ services = ["kv", "pricing", "compiled"]
     };
     let http_compiled = measure(&rt, || request("/providers/compiled/quote"));
     let http_wasm = measure(&rt, || request("/providers/pricing/quote"));
+    let http_compiled_small = measure(&rt, || request("/providers/compiled/prices"));
+    let http_wasm_small = measure(&rt, || request("/providers/pricing/prices"));
 
     // A new tenant's first call, against wasmtime alone doing the same.
     let engine = WasmEngine::shared(&settings).unwrap();
@@ -389,6 +397,7 @@ services = ["kv", "pricing", "compiled"]
 | `execute` of `prices` (next to no work: the boundary) | {:.2} µs | compiled in: {:.2} µs | {:+.2} µs | |\n\
 | `Host::call` of `quote` (no HTTP) | {:.2} µs | compiled-in provider: {:.2} µs | {:+.2} µs | |\n\
 | host router in process, `POST /providers/pricing/quote` | {:.2} µs | compiled-in provider on the same router: {:.2} µs | {:.2}× throughput | ≥ 0.90× |\n\
+| host router in process, `POST /providers/pricing/prices` (the boundary) | {:.2} µs | compiled-in provider on the same router: {:.2} µs | {:.2}× throughput | |\n\
 | first call of a new tenant (instantiate, connect, execute `prices`; mean of {first_n}) | {:.1} µs | wasmtime alone, instantiate + connect + execute: {:.1} µs | {:.2}× | ≤ 70 µs |\n\
 | loading the component: compile cache | {:.2} ms | compiling it (Cranelift, median of 3): {:.1} ms | {:.0}× faster | ≥ 10× |\n\
 | resident memory per tenant instance (10,000 tenants) | {:.0} KiB | total {:.0} MiB for 10,000 | | ≤ 1 GiB total |\n\
@@ -405,6 +414,9 @@ services = ["kv", "pricing", "compiled"]
         us(http_wasm),
         us(http_compiled),
         http_compiled / http_wasm,
+        us(http_wasm_small),
+        us(http_compiled_small),
+        http_compiled_small / http_wasm_small,
         us(first),
         us(raw),
         first / raw,

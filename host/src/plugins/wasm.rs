@@ -138,13 +138,14 @@ impl WasmEngine {
         let mut linker = Linker::new(&engine);
         // All of WASI p2 is linked, so a guest's std finds what it imports, but a store's
         // WASI context grants nothing: no preopened folder, an empty environment, no
-        // sockets, no name lookup; stdout goes nowhere and stderr to a small buffer. Imports
-        // beyond WASI and the contract trap if called.
+        // sockets, no name lookup; stdout goes nowhere and stderr to a small buffer. A component
+        // importing anything beyond WASI and the contract fails to link and is refused.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| format!("cannot link WASI: {e}"))?;
         bindings::Provider::add_to_linker::<Guest, HasSelf<Guest>>(&mut linker, |g| g)
             .map_err(|e| format!("cannot link the host capabilities: {e}"))?;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        // SHA-256 rather than std's hasher, whose output may change between Rust releases.
+        let mut hasher = cache::Sha256Hasher::default();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let compat = format!("{:016x}", hasher.finish());
         // The ticker holds the engine weakly: it stops when the engine goes.
@@ -170,11 +171,11 @@ impl WasmEngine {
     /// The compiled component of `file` (whose sha256 the manifest gave and the loader
     /// checked): from the cache when present, else compiled and cached.
     pub fn component(&self, file: &Path, sha256: &str) -> Result<(Component, Origin), String> {
-        let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
         let cached = cache::path(&self.settings.cache_dir, sha256, &self.compat);
         if let Some(component) = cache::load(&self.engine, &cached) {
             return Ok((component, Origin::Cache));
         }
+        let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
         let component = Component::from_binary(&self.engine, &bytes)
             .map_err(|e| format!("not a valid component for this host: {e:#}"))?;
         if let Err(e) = cache::store(&cached, &component) {
@@ -266,6 +267,20 @@ mod cache {
     use sha2::{Digest, Sha256};
     use wasmtime::Engine;
     use wasmtime::component::Component;
+
+    /// A `Hasher` over SHA-256, for wasmtime's engine compatibility hash.
+    #[derive(Default)]
+    pub struct Sha256Hasher(Sha256);
+
+    impl std::hash::Hasher for Sha256Hasher {
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+        fn finish(&self) -> u64 {
+            let digest = self.0.clone().finalize();
+            u64::from_be_bytes(digest[..8].try_into().unwrap_or_default())
+        }
+    }
 
     pub fn path(dir: &Path, sha256: &str, compat: &str) -> PathBuf {
         dir.join(format!(

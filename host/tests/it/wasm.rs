@@ -22,7 +22,31 @@ fn builtins() -> Registry {
 /// A plugin folder with the pricing example and the fixture, and a cache folder.
 struct Staged {
     dir: tempfile::TempDir,
-    cache: tempfile::TempDir,
+    cache: Cache,
+}
+
+/// The compile cache the tests share (each component is compiled once per test run), or
+/// a test's own.
+enum Cache {
+    Shared(std::path::PathBuf),
+    Own(tempfile::TempDir),
+}
+
+impl Cache {
+    fn path(&self) -> &Path {
+        match self {
+            Cache::Shared(p) => p,
+            Cache::Own(t) => t.path(),
+        }
+    }
+}
+
+/// Staged with a compile cache of its own.
+fn staged_alone() -> Staged {
+    Staged {
+        cache: Cache::Own(tempfile::tempdir().unwrap()),
+        ..staged()
+    }
 }
 
 fn staged() -> Staged {
@@ -44,7 +68,7 @@ fn staged() -> Staged {
     );
     Staged {
         dir,
-        cache: tempfile::tempdir().unwrap(),
+        cache: Cache::Shared(b.dir.join("cache")),
     }
 }
 
@@ -690,7 +714,7 @@ async fn components_are_refused_when_they_do_not_check_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_components_are_cached_and_a_bad_cache_entry_is_compiled_again() {
-    let s = staged();
+    let s = staged_alone();
     let db = providers_database::testing::TestDatabase::sqlite();
     let config = load(&text(&db.url, &s, "", "")).unwrap_or_else(|e| panic!("{e:?}"));
     assert!(config.loaded_plugins.refused.is_empty());
