@@ -175,20 +175,22 @@ impl WasmEngine {
         if let Some(component) = cache::load(&self.engine, &cached) {
             return Ok((component, Origin::Cache));
         }
-        let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
-        let component = Component::from_binary(&self.engine, &bytes)
-            .map_err(|e| format!("not a valid component for this host: {e:#}"))?;
+        let component = self.compile(file)?;
         if let Err(e) = cache::store(&cached, &component) {
             tracing::warn!(file = %file.display(), cache = %cached.display(), error = %e, "cannot cache the compiled component; it will be compiled again at the next start");
         }
         Ok((component, Origin::Compiled))
     }
 
+    fn compile(&self, file: &Path) -> Result<Component, String> {
+        let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
+        Component::from_binary(&self.engine, &bytes)
+            .map_err(|e| format!("not a valid component for this host: {e:#}"))
+    }
+
     /// Compiles `file` without the cache; also names its imports.
     pub fn compile_uncached(&self, file: &Path) -> Result<(Component, Vec<String>), String> {
-        let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
-        let component = Component::from_binary(&self.engine, &bytes)
-            .map_err(|e| format!("not a valid component for this host: {e:#}"))?;
+        let component = self.compile(file)?;
         let imports = component
             .component_type()
             .imports(&self.engine)

@@ -115,10 +115,23 @@ pub fn built() -> &'static Built {
     })
 }
 
-/// Copies `file` into `dir` as `stage_as` and writes its manifest; returns the manifest path.
+/// Copies `file` into `dir` as `stage_as` and writes its native manifest; returns the manifest path.
 pub fn stage(
     dir: &Path,
     file: &Path,
+    name: &str,
+    version: &str,
+    contract: &str,
+    stage_as: &str,
+) -> PathBuf {
+    stage_kind(dir, file, "native", name, version, contract, stage_as)
+}
+
+/// [`stage`] for any kind: the manifest `cargo xtask plugins` would write.
+fn stage_kind(
+    dir: &Path,
+    file: &Path,
+    kind: &str,
     name: &str,
     version: &str,
     contract: &str,
@@ -128,14 +141,12 @@ pub fn stage(
     let dest = dir.join(stage_as);
     std::fs::copy(file, &dest).unwrap();
     let sha = provider_host::plugins::manifest::sha256_file(&dest).unwrap();
-    let manifest = dir.join(format!(
-        "{}.plugin.toml",
-        stage_as.trim_end_matches(std::env::consts::DLL_SUFFIX)
-    ));
+    let stem = Path::new(stage_as).file_stem().unwrap().to_string_lossy();
+    let manifest = dir.join(format!("{stem}.plugin.toml"));
     std::fs::write(
         &manifest,
         format!(
-            "name = \"{name}\"\nversion = \"{version}\"\nkind = \"native\"\nfile = \"{stage_as}\"\nsha256 = \"{sha}\"\ncontract = \"{contract}\"\n"
+            "name = \"{name}\"\nversion = \"{version}\"\nkind = \"{kind}\"\nfile = \"{stage_as}\"\nsha256 = \"{sha}\"\ncontract = \"{contract}\"\n"
         ),
     )
     .unwrap();
@@ -205,20 +216,5 @@ pub fn wasm_built() -> &'static Built {
 
 /// Stages a wasm component with its manifest; returns the manifest path.
 pub fn stage_wasm(dir: &Path, file: &Path, name: &str, version: &str, stage_as: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let dest = dir.join(stage_as);
-    std::fs::copy(file, &dest).unwrap();
-    let sha = provider_host::plugins::manifest::sha256_file(&dest).unwrap();
-    let manifest = dir.join(format!(
-        "{}.plugin.toml",
-        stage_as.trim_end_matches(".wasm")
-    ));
-    std::fs::write(
-        &manifest,
-        format!(
-            "name = \"{name}\"\nversion = \"{version}\"\nkind = \"wasm\"\nfile = \"{stage_as}\"\nsha256 = \"{sha}\"\ncontract = \"1.0.0\"\n"
-        ),
-    )
-    .unwrap();
-    manifest
+    stage_kind(dir, file, "wasm", name, version, "1.0.0", stage_as)
 }
