@@ -207,6 +207,7 @@ fn main() {
             false,
         ),
         &mut builder,
+        None,
     );
     assert!(loaded.refused.is_empty(), "{:?}", loaded.refused);
     let registry = builder.build();

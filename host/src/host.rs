@@ -1,94 +1,152 @@
 //! The host: checked config, storage, token verification and tenant instances, composed.
+//!
+//! What a request runs against is one [`Generation`]: the configuration, its token verifier,
+//! its OpenAPI document and the operators' controls, swapped whole on reload. A request takes
+//! the current generation once and keeps it, and so do the nested calls it makes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use providers_core::{CallContext, Caller, ErrorCode, ProviderError, Resources, async_trait};
 use providers_security::{Identity, TokenVerifier};
 use serde_json::Value;
 
-use crate::config::{Config, TenantPlan};
+use crate::config::{Config, TenantPlan, TenantService};
 use crate::guard;
 use crate::instances::{Instances, Settings};
 use crate::storage::Storage;
 
+mod admin;
+pub mod reload;
+
+pub use admin::{Admin, AdminScope};
+pub use reload::{ConfigSource, Origin, ReloadReport};
+
 /// One running host. Cheap to share: handlers and nested calls hold an `Arc`.
 pub struct Host {
     me: Weak<Host>,
-    config: Config,
+    current: ArcSwap<Generation>,
     storage: Storage,
     instances: Arc<Instances>,
-    verifier: TokenVerifier,
-    openapi: Value,
     readiness: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
+    /// Where the configuration comes from, for reloads; none for a host started from a value.
+    source: Option<Arc<ConfigSource>>,
+    /// One reload or control change at a time.
+    changing: tokio::sync::Mutex<()>,
+    /// Set when shutdown begins: `/ready` says 503 while requests are still served.
+    draining: AtomicBool,
+    generations: AtomicU64,
 }
 
-/// Whether this replica should receive traffic, with reasons a public probe may see.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Readiness {
-    /// Ready to serve.
-    pub ready: bool,
-    /// Why not, in generic terms: no tenant names, no error text from providers or storage.
-    pub reasons: Vec<String>,
-    /// Services that are not required and cannot be served here (their plugin was refused or
-    /// is missing): the replica serves everything else. Names only; the reasons are in the log
-    /// and in each tenant's `GET /providers`.
-    pub unavailable: Vec<String>,
+/// Everything a request runs against, swapped whole when the configuration or a control changes.
+pub struct Generation {
+    /// Counts configurations applied since start (1 is the first); controls do not count.
+    pub number: u64,
+    /// The configuration.
+    pub config: Arc<Config>,
+    verifier: Arc<TokenVerifier>,
+    /// Identifies the keys and token settings the verifier was built from.
+    keys: [u8; 32],
+    openapi: Arc<Value>,
+    /// Pauses and disabled services, from the system database.
+    pub controls: Arc<Controls>,
 }
 
-impl Host {
-    /// Opens storage (the system pool and the builtin providers' own pool), prepares the
-    /// builtin providers' tables, and prepares everything else; connects no provider yet.
-    pub async fn start(config: Config) -> anyhow::Result<Arc<Host>> {
-        let storage = Storage::open(&config.storage).await?;
-        let verifier = TokenVerifier::new(&config.keys, config.token.clone())?;
-        let mut resources = Resources::default();
-        resources.insert(storage.builtin_pool().clone());
-        // Once here rather than on every instance's first connect.
-        providers_database::prepare(storage.builtin_pool())
-            .await
-            .map_err(|e| anyhow::anyhow!("preparing the kv tables: {e}"))?;
-        let server = &config.server;
-        let instances = Arc::new(Instances::new(
-            storage.clone(),
-            resources,
-            Settings {
-                connect_timeout: server.request_timeout,
-                backoff: server.connect_backoff,
-                backoff_max: server.connect_backoff_max,
-                http_max_body: config.plugins.http_max_response_bytes,
-            },
-        ));
-        let openapi = crate::http::openapi::document(&config);
-        Ok(Arc::new_cyclic(|me: &Weak<Host>| Host {
-            me: me.clone(),
-            config,
-            storage,
-            instances,
-            verifier,
-            openapi,
-            readiness: tokio::sync::Mutex::new(None),
-        }))
+/// Operators' switches, kept in the system database so they survive restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Controls {
+    /// Paused services by tenant; tenant `*` means every tenant.
+    pub paused: HashMap<String, HashSet<String>>,
+    /// Services disabled for a tenant.
+    pub disabled: HashMap<String, HashSet<String>>,
+}
+
+/// The stored name of a pause that applies to every tenant.
+pub const ALL_TENANTS: &str = "*";
+
+impl Controls {
+    fn from_rows(rows: Vec<(String, String, String)>) -> Self {
+        let mut c = Controls::default();
+        for (tenant, service, control) in rows {
+            let map = match control.as_str() {
+                "paused" => &mut c.paused,
+                "disabled" => &mut c.disabled,
+                other => {
+                    tracing::warn!(control = other, "unknown service control ignored");
+                    continue;
+                }
+            };
+            map.entry(tenant).or_default().insert(service);
+        }
+        c
     }
 
-    /// The configuration it runs.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// Who paused `tenant`'s `service`: `Some(true)` for all tenants, `Some(false)` for this one.
+    pub fn paused(&self, tenant: &str, service: &str) -> Option<bool> {
+        if self.paused.is_empty() {
+            return None;
+        }
+        let has = |t: &str| self.paused.get(t).is_some_and(|s| s.contains(service));
+        if has(ALL_TENANTS) {
+            Some(true)
+        } else if has(tenant) {
+            Some(false)
+        } else {
+            None
+        }
     }
 
-    /// The system database.
-    pub fn storage(&self) -> &Storage {
-        &self.storage
+    /// Whether an operator disabled `tenant`'s `service`.
+    pub fn disabled(&self, tenant: &str, service: &str) -> bool {
+        !self.disabled.is_empty()
+            && self
+                .disabled
+                .get(tenant)
+                .is_some_and(|s| s.contains(service))
+    }
+}
+
+impl Generation {
+    /// The tenant's plan, or `FORBIDDEN` if the verified tenant is not configured here.
+    pub fn tenant(&self, tenant: &str) -> Result<&TenantPlan, ProviderError> {
+        self.config.tenants.get(tenant).ok_or_else(|| {
+            ProviderError::forbidden(format!("tenant {tenant:?} is not configured on this host"))
+        })
     }
 
-    /// The tenant instances.
-    pub fn instances(&self) -> &Arc<Instances> {
-        &self.instances
+    /// `tenant`'s enabled services, less those an operator disabled.
+    pub fn services_of<'a>(
+        &'a self,
+        tenant: &'a str,
+        plan: &'a TenantPlan,
+    ) -> impl Iterator<Item = (&'a String, &'a TenantService)> + 'a {
+        plan.services
+            .iter()
+            .filter(move |(s, _)| !self.controls.disabled(tenant, s))
     }
 
-    /// The OpenAPI document of the configured services.
-    pub fn openapi(&self) -> &Value {
+    /// `tenant`'s `service`, if enabled and not disabled.
+    pub fn service<'a>(
+        &'a self,
+        tenant: &str,
+        plan: &'a TenantPlan,
+        service: &str,
+    ) -> Result<&'a TenantService, ProviderError> {
+        plan.services
+            .get(service)
+            .filter(|_| !self.controls.disabled(tenant, service))
+            .ok_or_else(|| {
+                ProviderError::not_found(format!(
+                    "no service '{service}' is available to tenant '{tenant}'"
+                ))
+            })
+    }
+
+    /// The OpenAPI document of its configured services.
+    pub fn openapi(&self) -> &Arc<Value> {
         &self.openapi
     }
 
@@ -115,12 +173,102 @@ impl Host {
             .verify(token.trim())
             .map_err(|e| ProviderError::new(ErrorCode::Unauthenticated, e.to_string()))
     }
+}
 
-    /// The tenant's plan, or `FORBIDDEN` if the verified tenant is not configured here.
-    pub fn tenant(&self, tenant: &str) -> Result<&TenantPlan, ProviderError> {
-        self.config.tenants.get(tenant).ok_or_else(|| {
-            ProviderError::forbidden(format!("tenant {tenant:?} is not configured on this host"))
-        })
+/// Whether this replica should receive traffic, with reasons a public probe may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// Ready to serve.
+    pub ready: bool,
+    /// Why not, in generic terms: no tenant names, no error text from providers or storage.
+    pub reasons: Vec<String>,
+    /// Services that are not required and cannot be served here (their plugin was refused or
+    /// is missing): the replica serves everything else. Names only; the reasons are in the log
+    /// and in each tenant's `GET /providers`.
+    pub unavailable: Vec<String>,
+}
+
+impl Host {
+    /// Opens storage (the system pool and the builtin providers' own pool), prepares the
+    /// builtin providers' tables, and prepares everything else; connects no provider yet.
+    /// This host cannot reload: it has no source to read a configuration from again.
+    pub async fn start(config: Config) -> anyhow::Result<Arc<Host>> {
+        Self::start_with(config, None).await
+    }
+
+    /// [`Host::start`] with the source `config` was read from, so that it can reload.
+    pub async fn start_with(
+        config: Config,
+        source: Option<ConfigSource>,
+    ) -> anyhow::Result<Arc<Host>> {
+        let storage = Storage::open(&config.storage).await?;
+        let verifier = TokenVerifier::new(&config.keys, config.token.clone())?;
+        let keys = reload::keys_fingerprint(&config);
+        let controls = storage
+            .controls()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the service controls: {e}"))?;
+        let mut resources = Resources::default();
+        resources.insert(storage.builtin_pool().clone());
+        // Once here rather than on every instance's first connect.
+        providers_database::prepare(storage.builtin_pool())
+            .await
+            .map_err(|e| anyhow::anyhow!("preparing the kv tables: {e}"))?;
+        let instances = Arc::new(Instances::new(
+            storage.clone(),
+            resources,
+            settings_of(&config),
+        ));
+        let openapi = Arc::new(crate::http::openapi::document(&config));
+        let generation = Generation {
+            number: 1,
+            config: Arc::new(config),
+            verifier: Arc::new(verifier),
+            keys,
+            openapi,
+            controls: Arc::new(Controls::from_rows(controls)),
+        };
+        Ok(Arc::new_cyclic(|me: &Weak<Host>| Host {
+            me: me.clone(),
+            current: ArcSwap::from_pointee(generation),
+            storage,
+            instances,
+            readiness: tokio::sync::Mutex::new(None),
+            source: source.map(Arc::new),
+            changing: tokio::sync::Mutex::new(()),
+            draining: AtomicBool::new(false),
+            generations: AtomicU64::new(1),
+        }))
+    }
+
+    /// What requests run against now.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// The configuration it runs now.
+    pub fn config(&self) -> Arc<Config> {
+        self.current.load().config.clone()
+    }
+
+    /// The system database.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The tenant instances.
+    pub fn instances(&self) -> &Arc<Instances> {
+        &self.instances
+    }
+
+    /// The OpenAPI document of the configured services.
+    pub fn openapi(&self) -> Arc<Value> {
+        self.current.load().openapi.clone()
+    }
+
+    /// Verifies an `Authorization` header value against the current generation.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, ProviderError> {
+        self.current.load().authenticate(authorization)
     }
 
     /// A context for a client's call. [`Host::call`] gives it the means to call other
@@ -131,9 +279,7 @@ impl Host {
             .with_roles(identity.roles)
     }
 
-    /// Runs `service`/`action` for the context's tenant: checks the service is enabled for it,
-    /// the roles grant the permission and the payload fits the schema, then calls the tenant's
-    /// instance under the deadline.
+    /// Runs `service`/`action` for the context's tenant on the current generation.
     pub async fn call(
         &self,
         ctx: CallContext,
@@ -141,13 +287,35 @@ impl Host {
         action: &str,
         payload: Value,
     ) -> Result<Value, ProviderError> {
-        let tenant = self.tenant(ctx.tenant())?;
-        let Some(enabled) = tenant.services.get(service) else {
-            return Err(ProviderError::not_found(format!(
-                "no service '{service}' is available to tenant '{}'",
-                ctx.tenant()
+        let generation = self.generation();
+        self.call_in(&generation, ctx, service, action, payload)
+            .await
+    }
+
+    /// Runs `service`/`action` for the context's tenant: checks the service is enabled for it
+    /// and not paused, the roles grant the permission and the payload fits the schema, then
+    /// calls the tenant's instance under the deadline. Nested calls stay on `generation`.
+    pub async fn call_in(
+        &self,
+        generation: &Arc<Generation>,
+        ctx: CallContext,
+        service: &str,
+        action: &str,
+        payload: Value,
+    ) -> Result<Value, ProviderError> {
+        let config = &generation.config;
+        let tenant = generation.tenant(ctx.tenant())?;
+        let enabled = generation.service(ctx.tenant(), tenant, service)?;
+        if let Some(all) = generation.controls.paused(ctx.tenant(), service) {
+            let whom = if all {
+                "for every tenant".to_owned()
+            } else {
+                format!("for tenant '{}'", ctx.tenant())
+            };
+            return Err(ProviderError::unavailable(format!(
+                "service '{service}' is paused {whom} by an administrator; calls resume when it is resumed"
             )));
-        };
+        }
         if let Some(reason) = &enabled.service.unavailable {
             return Err(ProviderError::unavailable(reason.clone()));
         }
@@ -157,11 +325,7 @@ impl Host {
                 "service '{service}' has no action '{action}'"
             )));
         };
-        if !self
-            .config
-            .permissions
-            .allows(ctx.roles(), &spec.permission)
-        {
+        if !config.permissions.allows(ctx.roles(), &spec.permission) {
             return Err(ProviderError::forbidden(format!(
                 "action '{service}/{action}' needs permission '{}', which roles {:?} do not grant",
                 spec.permission,
@@ -175,12 +339,11 @@ impl Host {
             let at = if at.is_empty() { "/" } else { at };
             return Err(ProviderError::validation(format!("payload at '{at}': {e}")));
         }
+        let request_timeout = config.server.request_timeout;
         let timeout = enabled
             .limits
             .timeout
-            .map_or(self.config.server.request_timeout, |t| {
-                t.min(self.config.server.request_timeout)
-            });
+            .map_or(request_timeout, |t| t.min(request_timeout));
         let mut deadline = Instant::now() + timeout;
         if let Some(outer) = ctx.deadline() {
             deadline = deadline.min(outer);
@@ -189,6 +352,7 @@ impl Host {
         // a provider that keeps a copy of its context cannot call as this user afterwards.
         let scope = Arc::new(CallScope {
             host: self.me.clone(),
+            generation: generation.clone(),
             open: AtomicBool::new(true),
         });
         let _close = CloseScope(scope.clone());
@@ -227,11 +391,14 @@ impl Host {
     /// Periodic upkeep: disconnects idle instances and prunes old instance events. Returns
     /// how many instances were disconnected.
     pub async fn maintain(&self) -> usize {
-        let evicted = self
-            .instances
-            .evict_idle(self.config.server.idle_timeout)
-            .await;
-        let storage = &self.config.storage;
+        let generation = self.generation();
+        let config = &generation.config;
+        // A call begun before a reload may have brought back a slot the reload removed.
+        self.instances.retire_where(|tenant, service, revision| {
+            reload::keeps(&generation, tenant, service, revision)
+        });
+        let evicted = self.instances.evict_idle(config.server.idle_timeout).await;
+        let storage = &config.storage;
         match self
             .storage
             .prune_events(storage.events_retention, storage.events_max_rows)
@@ -250,9 +417,16 @@ impl Host {
     /// `GET /providers`). The answer is reused for `server.ready_cache`, and concurrent probes
     /// share one computation.
     pub async fn readiness(&self) -> Readiness {
+        if self.draining.load(Ordering::Acquire) {
+            return Readiness {
+                ready: false,
+                reasons: vec!["shutting down".into()],
+                unavailable: Vec::new(),
+            };
+        }
         let mut cached = self.readiness.lock().await;
         if let Some((at, readiness)) = cached.as_ref()
-            && at.elapsed() < self.config.server.ready_cache
+            && at.elapsed() < self.config().server.ready_cache
         {
             return readiness.clone();
         }
@@ -269,7 +443,8 @@ impl Host {
                 unavailable: Vec::new(),
             };
         }
-        let deadline = Instant::now() + self.config.server.ready_timeout;
+        let config = self.config();
+        let deadline = Instant::now() + config.server.ready_timeout;
         let storage = async {
             match tokio::time::timeout_at(deadline.into(), self.storage.ping()).await {
                 Ok(Ok(())) => None,
@@ -287,16 +462,14 @@ impl Host {
         // provider loaded). One tenant's failed connect or failing status never takes the
         // replica out: a replica out of rotation gets no call that could clear it, and a
         // backend shared by every replica would take them all out at once.
-        let required: Vec<String> = self
-            .config
+        let required: Vec<String> = config
             .services
             .values()
             .filter(|s| s.required && s.unavailable.is_some())
             .map(|s| format!("required service '{}' is unavailable", s.service))
             .collect();
         let reasons: Vec<String> = storage.await.into_iter().chain(required).collect();
-        let unavailable = self
-            .config
+        let unavailable = config
             .services
             .values()
             .filter(|s| !s.required && s.unavailable.is_some())
@@ -309,6 +482,11 @@ impl Host {
         }
     }
 
+    /// Marks the replica as leaving: `/ready` answers 503 from now on, requests are still served.
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
     /// Refuses new calls, lets in-flight ones finish until `deadline` (cancelling those that
     /// do not), disconnects every instance, then closes storage.
     pub async fn shutdown(&self, deadline: Instant) {
@@ -318,13 +496,27 @@ impl Host {
 
     /// Period of the upkeep sweep: a quarter of the idle timeout, between 1 s and 60 s.
     pub fn eviction_period(&self) -> Duration {
-        (self.config.server.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        (self.config().server.idle_timeout / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+}
+
+/// How instances connect, from `[server]` and `[plugins]`.
+fn settings_of(config: &Config) -> Settings {
+    let server = &config.server;
+    Settings {
+        connect_timeout: server.request_timeout,
+        backoff: server.connect_backoff,
+        backoff_max: server.connect_backoff_max,
+        http_max_body: config.plugins.http_max_response_bytes,
     }
 }
 
 /// The nested-call handle of one call; closed when the call ends.
 struct CallScope {
     host: Weak<Host>,
+    /// The generation of the call this scope belongs to: nested calls stay on it.
+    generation: Arc<Generation>,
     open: AtomicBool,
 }
 
@@ -355,6 +547,7 @@ impl Caller for CallScope {
             .host
             .upgrade()
             .ok_or_else(|| ProviderError::unavailable("the host is shutting down"))?;
-        host.call(ctx.nested()?, service, action, payload).await
+        host.call_in(&self.generation, ctx.nested()?, service, action, payload)
+            .await
     }
 }

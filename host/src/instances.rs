@@ -1,5 +1,6 @@
 //! Tenant-scoped provider instances: created lazily, connected once, backed off after a
-//! failed connect, evicted when idle, drained at shutdown.
+//! failed connect, evicted when idle, replaced when their plan changes (the new instance
+//! connected first, the old one retired once its calls finish), drained at shutdown.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -63,6 +64,8 @@ struct Failure {
 /// flight; the count is raised under the map's read lock and eviction removes under its
 /// write lock, so an instance is never disconnected while a call that found it still runs.
 struct Slot {
+    /// The revision of the plan it was made for.
+    revision: u64,
     cell: OnceCell<Arc<Live>>,
     inflight: AtomicUsize,
     drained: Notify,
@@ -72,9 +75,30 @@ struct Slot {
     /// Failed connects so far. A caller that queued behind an attempt which then failed
     /// takes that failure instead of trying again itself: one attempt per burst, not one per caller.
     attempts_failed: AtomicU64,
+    /// Set by whoever disconnects its instance (eviction, retirement, shutdown), so only one does.
+    released: AtomicBool,
 }
 
 impl Slot {
+    fn new(revision: u64, now_ms: u64) -> Self {
+        Slot {
+            revision,
+            cell: OnceCell::new(),
+            inflight: AtomicUsize::new(0),
+            drained: Notify::new(),
+            last_used_ms: AtomicU64::new(now_ms),
+            failure: Mutex::new(None),
+            attempts_failed: AtomicU64::new(0),
+            released: AtomicBool::new(false),
+        }
+    }
+
+    /// The connected instance, to the one caller that will disconnect it.
+    fn release(&self) -> Option<Arc<Live>> {
+        let live = self.cell.get()?;
+        (!self.released.swap(true, Ordering::AcqRel)).then(|| live.clone())
+    }
+
     fn failure(&self) -> Option<Failure> {
         self.failure
             .lock()
@@ -106,6 +130,23 @@ impl Drop for Lease {
 
 type Map = HashMap<String, HashMap<String, Arc<Slot>>>;
 
+/// One instance as [`Instances::snapshot`] sees it.
+#[derive(Debug, Clone)]
+pub struct InstanceInfo {
+    /// The tenant.
+    pub tenant: String,
+    /// The service.
+    pub service: String,
+    /// `connected`, `failed` (its last connect) or `connecting`.
+    pub state: &'static str,
+    /// The connected version.
+    pub version: Option<String>,
+    /// Calls in flight.
+    pub inflight: usize,
+    /// The revision of its plan.
+    pub revision: u64,
+}
+
 /// Every instance of every tenant.
 pub struct Instances {
     slots: RwLock<Map>,
@@ -116,7 +157,9 @@ pub struct Instances {
     resources: Resources,
     storage: Storage,
     epoch: Instant,
-    settings: Settings,
+    settings: Mutex<Settings>,
+    /// Replaced or removed slots whose calls are finishing, until they are disconnected.
+    retiring: Mutex<Vec<(String, String, Arc<Slot>)>>,
 }
 
 /// What connecting one instance needs, owned so that the connect can outlive its first caller.
@@ -130,6 +173,20 @@ struct ConnectPlan {
     store: Value,
     /// Hosts a plugin's outbound HTTP may reach.
     allowed_hosts: Arc<[String]>,
+}
+
+impl ConnectPlan {
+    fn of(tenant: &str, service: &str, plan: &TenantService) -> Self {
+        ConnectPlan {
+            tenant: tenant.to_owned(),
+            service: service.to_owned(),
+            factory: plan.service.factory.clone(),
+            config: plan.config.clone(),
+            limits: plan.limits,
+            store: plan.service.store.clone(),
+            allowed_hosts: plan.service.allowed_hosts.clone(),
+        }
+    }
 }
 
 fn shutting_down() -> ProviderError {
@@ -146,8 +203,18 @@ impl Instances {
             resources,
             storage,
             epoch: Instant::now(),
-            settings,
+            settings: Mutex::new(settings),
+            retiring: Mutex::new(Vec::new()),
         }
+    }
+
+    fn settings(&self) -> Settings {
+        *self.settings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies new settings to connects from now on (a reload).
+    pub fn set_settings(&self, settings: Settings) {
+        *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings;
     }
 
     /// Whether shutdown has begun.
@@ -186,13 +253,24 @@ impl Instances {
         Some((self.lease(slot, false), slot.clone()))
     }
 
-    fn enter(&self, tenant: &str, service: &str) -> Result<(Lease, Arc<Slot>), ProviderError> {
+    /// A lease on the slot of `tenant`'s `service`, made for `revision` or a newer one. A
+    /// slot of an older revision is replaced (and retired): the first call under a new plan
+    /// gets a new instance. A caller holding an older plan (a nested call begun before a
+    /// reload) uses the newer slot rather than bring the old plan back.
+    fn enter(
+        self: &Arc<Self>,
+        tenant: &str,
+        service: &str,
+        revision: u64,
+    ) -> Result<(Lease, Arc<Slot>), ProviderError> {
         {
             let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
             if self.closing.load(Ordering::Acquire) {
                 return Err(shutting_down());
             }
-            if let Some(slot) = map.get(tenant).and_then(|s| s.get(service)) {
+            if let Some(slot) = map.get(tenant).and_then(|s| s.get(service))
+                && slot.revision >= revision
+            {
                 return Ok((self.lease(slot, true), slot.clone()));
             }
         }
@@ -201,22 +279,20 @@ impl Instances {
             return Err(shutting_down());
         }
         let now = self.now_ms();
-        let slot = map
-            .entry(tenant.to_owned())
-            .or_default()
-            .entry(service.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Slot {
-                    cell: OnceCell::new(),
-                    inflight: AtomicUsize::new(0),
-                    drained: Notify::new(),
-                    last_used_ms: AtomicU64::new(now),
-                    failure: Mutex::new(None),
-                    attempts_failed: AtomicU64::new(0),
-                })
-            })
-            .clone();
-        Ok((self.lease(&slot, true), slot))
+        let services = map.entry(tenant.to_owned()).or_default();
+        if let Some(slot) = services.get(service)
+            && slot.revision >= revision
+        {
+            return Ok((self.lease(slot, true), slot.clone()));
+        }
+        let slot = Arc::new(Slot::new(revision, now));
+        let old = services.insert(service.to_owned(), slot.clone());
+        let lease = self.lease(&slot, true);
+        drop(map);
+        if let Some(old) = old {
+            self.retire(tenant, service, old, "replaced");
+        }
+        Ok((lease, slot))
     }
 
     /// The connected instance for `tenant`'s `service`, connecting it on first use.
@@ -231,7 +307,7 @@ impl Instances {
         service: &str,
         plan: &TenantService,
     ) -> Result<(Lease, Arc<Live>), ProviderError> {
-        let (lease, slot) = self.enter(tenant, service)?;
+        let (lease, slot) = self.enter(tenant, service, plan.revision)?;
         if let Some(live) = slot.cell.get() {
             return Ok((lease, live.clone()));
         }
@@ -241,17 +317,10 @@ impl Instances {
                 return Err(backing_off(service, &failure, now));
             }
         }
-        let (connecting, _) = self.enter(tenant, service)?;
+        // Safe outside the map's lock: the lease above keeps the slot from being evicted.
+        let connecting = self.lease(&slot, true);
         let me = self.clone();
-        let owned = ConnectPlan {
-            tenant: tenant.to_owned(),
-            service: service.to_owned(),
-            factory: plan.service.factory.clone(),
-            config: plan.config.clone(),
-            limits: plan.limits,
-            store: plan.service.store.clone(),
-            allowed_hosts: plan.service.allowed_hosts.clone(),
-        };
+        let owned = ConnectPlan::of(tenant, service, plan);
         let failures_seen = slot.attempts_failed.load(Ordering::Acquire);
         let task = tokio::spawn(async move {
             // The task holds its own lease, so eviction cannot drop the slot under it.
@@ -275,6 +344,201 @@ impl Instances {
         Ok((lease, live))
     }
 
+    /// Connects a new instance for `plan` and only then puts it in place of the current one,
+    /// which is retired: calls already on it finish there, then it is disconnected. New calls
+    /// never wait for the connect. When `only_if_live` and nothing is connected, nothing is
+    /// connected ahead: the next call connects under the new plan. If the new instance cannot
+    /// connect, the current one stays when its plan is the same (a restart), and gives way to
+    /// the failure otherwise (its plan is no longer the configuration).
+    pub async fn replace(
+        self: &Arc<Self>,
+        tenant: &str,
+        service: &str,
+        plan: &TenantService,
+        only_if_live: bool,
+    ) -> Result<bool, ProviderError> {
+        let current = self.existing(tenant, service);
+        let live = current
+            .as_ref()
+            .is_some_and(|(_, slot)| slot.cell.get().is_some());
+        let same_plan = current
+            .as_ref()
+            .is_some_and(|(_, slot)| slot.revision == plan.revision);
+        drop(current);
+        if only_if_live && !live {
+            self.remove_older(tenant, service, plan.revision);
+            return Ok(false);
+        }
+        if self.closing.load(Ordering::Acquire) {
+            return Err(shutting_down());
+        }
+        let slot = Arc::new(Slot::new(plan.revision, self.now_ms()));
+        let connecting = self.lease(&slot, true);
+        let owned = ConnectPlan::of(tenant, service, plan);
+        let outcome = slot
+            .cell
+            .get_or_try_init(|| self.connect(&slot, owned))
+            .await
+            .cloned();
+        drop(connecting);
+        if let Err(e) = &outcome
+            && same_plan
+        {
+            return Err(e.clone());
+        }
+        let old = {
+            let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            if self.closing.load(Ordering::Acquire) {
+                None
+            } else {
+                let services = map.entry(tenant.to_owned()).or_default();
+                match services.get(service) {
+                    // A newer plan got there first; this instance is not needed.
+                    Some(existing) if existing.revision > plan.revision => Some(slot.clone()),
+                    _ => services.insert(service.to_owned(), slot.clone()),
+                }
+            }
+        };
+        if let Some(old) = old {
+            self.retire(tenant, service, old, "replaced");
+        } else if self.closing.load(Ordering::Acquire) {
+            self.retire(tenant, service, slot, "shutdown");
+        }
+        outcome.map(|_| true)
+    }
+
+    /// Drops the slot of `tenant`'s `service` if it was made for a revision older than `revision`.
+    fn remove_older(self: &Arc<Self>, tenant: &str, service: &str, revision: u64) {
+        let old = {
+            let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            let Some(services) = map.get_mut(tenant) else {
+                return;
+            };
+            let old = services
+                .get(service)
+                .filter(|s| s.revision < revision)
+                .is_some()
+                .then(|| services.remove(service))
+                .flatten();
+            if services.is_empty() {
+                map.remove(tenant);
+            }
+            old
+        };
+        if let Some(old) = old {
+            self.retire(tenant, service, old, "replaced");
+        }
+    }
+
+    /// Removes and retires every slot `keep` says no to (given tenant, service, revision).
+    /// Returns how many went.
+    pub fn retire_where(self: &Arc<Self>, keep: impl Fn(&str, &str, u64) -> bool) -> usize {
+        let mut gone = Vec::new();
+        {
+            let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            for (tenant, services) in map.iter_mut() {
+                services.retain(|service, slot| {
+                    let k = keep(tenant, service, slot.revision);
+                    if !k {
+                        gone.push((tenant.clone(), service.clone(), slot.clone()));
+                    }
+                    k
+                });
+            }
+            map.retain(|_, services| !services.is_empty());
+        }
+        let count = gone.len();
+        for (tenant, service, slot) in gone {
+            self.retire(&tenant, &service, slot, "removed");
+        }
+        count
+    }
+
+    /// Lets the calls on a slot no longer in the map finish (within the connect timeout and
+    /// the cancel wait: every call has a deadline), then disconnects its instance.
+    fn retire(self: &Arc<Self>, tenant: &str, service: &str, slot: Arc<Slot>, why: &'static str) {
+        self.retiring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((tenant.to_owned(), service.to_owned(), slot.clone()));
+        let me = self.clone();
+        let (tenant, service) = (tenant.to_owned(), service.to_owned());
+        tokio::spawn(async move {
+            let until = Instant::now() + me.settings().connect_timeout + CANCEL_WAIT;
+            let drained = drain(&slot, until).await;
+            me.retiring
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(_, _, s)| !Arc::ptr_eq(s, &slot));
+            if !drained {
+                tracing::error!(
+                    tenant,
+                    service,
+                    "calls on a retired instance did not finish; it is left connected"
+                );
+                return;
+            }
+            if let Some(live) = slot.release() {
+                me.disconnect(&tenant, &service, &live, why).await;
+            }
+        });
+    }
+
+    /// Replaces the instance of `tenant`'s `service` (every tenant's when `None`) with a new
+    /// one on the same plans, connected before it takes over. Returns the tenants restarted
+    /// and the failures, by tenant.
+    pub async fn restart(
+        self: &Arc<Self>,
+        service: &str,
+        plans: Vec<(String, &TenantService)>,
+    ) -> (Vec<String>, Vec<(String, String)>) {
+        let results = futures_util::future::join_all(plans.into_iter().map(|(tenant, plan)| {
+            let me = self.clone();
+            async move {
+                let r = me.replace(&tenant, service, plan, true).await;
+                (tenant, r)
+            }
+        }))
+        .await;
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        for (tenant, r) in results {
+            match r {
+                Ok(true) => done.push(tenant),
+                Ok(false) => {}
+                Err(e) => failed.push((tenant, e.detail)),
+            }
+        }
+        (done, failed)
+    }
+
+    /// Every slot: tenant, service, state, version, calls in flight, revision.
+    pub fn snapshot(&self) -> Vec<InstanceInfo> {
+        let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<InstanceInfo> = map
+            .iter()
+            .flat_map(|(tenant, services)| {
+                services.iter().map(move |(service, slot)| {
+                    let live = slot.cell.get();
+                    InstanceInfo {
+                        tenant: tenant.clone(),
+                        service: service.clone(),
+                        state: match live {
+                            Some(_) => "connected",
+                            None if slot.failure().is_some() => "failed",
+                            None => "connecting",
+                        },
+                        version: live.map(|l| l.version.clone()),
+                        inflight: slot.inflight.load(Ordering::Acquire),
+                        revision: slot.revision,
+                    }
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| (&a.tenant, &a.service).cmp(&(&b.tenant, &b.service)));
+        all
+    }
+
     async fn connect(&self, slot: &Slot, plan: ConnectPlan) -> Result<Arc<Live>, ProviderError> {
         let ConnectPlan {
             tenant,
@@ -287,9 +551,10 @@ impl Instances {
         } = plan;
         let version = factory.descriptor().version.to_string();
         let what = || format!("provider '{service}' connect for tenant '{tenant}'");
-        let deadline = Instant::now() + self.settings.connect_timeout;
+        let settings = self.settings();
+        let deadline = Instant::now() + settings.connect_timeout;
         let resources = &self.resources;
-        let http_max_body = self.settings.http_max_body;
+        let http_max_body = settings.http_max_body;
         let (t, s) = (tenant.clone(), service.clone());
         let outcome = guard::run(what, deadline, &self.cancel, async move {
             let ctx = ConnectContext::new(t.clone(), config).with_service(s.clone());
@@ -375,7 +640,7 @@ impl Instances {
             backoff,
             backoff_max,
             ..
-        } = self.settings;
+        } = self.settings();
         let full = backoff
             .saturating_mul(1u32 << count.saturating_sub(1).min(20))
             .min(backoff_max);
@@ -435,8 +700,8 @@ impl Instances {
                 services.retain(|service, slot| {
                     let idle = slot.inflight.load(Ordering::Acquire) == 0
                         && slot.last_used_ms.load(Ordering::Relaxed) <= cutoff;
-                    if idle && let Some(live) = slot.cell.get() {
-                        gone.push((tenant.clone(), service.clone(), live.clone()));
+                    if idle && let Some(live) = slot.release() {
+                        gone.push((tenant.clone(), service.clone(), live));
                     }
                     !idle
                 });
@@ -462,6 +727,8 @@ impl Instances {
             self.closing.store(true, Ordering::Release);
             std::mem::take(&mut *map)
         };
+        let retiring =
+            std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|p| p.into_inner()));
         let slots: Vec<(String, String, Arc<Slot>)> = all
             .into_iter()
             .flat_map(|(tenant, services)| {
@@ -469,6 +736,7 @@ impl Instances {
                     .into_iter()
                     .map(move |(service, slot)| (tenant.clone(), service, slot))
             })
+            .chain(retiring)
             .collect();
         let drained = |until: Instant| {
             let slots = &slots;
@@ -491,7 +759,9 @@ impl Instances {
         }
         futures_util::stream::iter(slots)
             .for_each_concurrent(DISCONNECTS_AT_ONCE, |(tenant, service, slot)| async move {
-                let Some(live) = slot.cell.get() else { return };
+                if slot.cell.get().is_none() {
+                    return;
+                }
                 if slot.inflight.load(Ordering::Acquire) > 0 {
                     tracing::error!(
                         tenant,
@@ -500,7 +770,9 @@ impl Instances {
                     );
                     return;
                 }
-                self.disconnect(&tenant, &service, live, "shutdown").await;
+                if let Some(live) = slot.release() {
+                    self.disconnect(&tenant, &service, &live, "shutdown").await;
+                }
             })
             .await;
     }

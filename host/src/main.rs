@@ -9,8 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use provider_host::config::{self, Config, ConfigError};
+use provider_host::host::{ConfigSource, Origin};
 use provider_host::{Host, builtin_registry, demo, http};
 use providers_security::TokenIssuer;
+
+mod admin_cli;
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +70,8 @@ enum Command {
         #[command(subcommand)]
         command: PluginsCommand,
     },
+    /// Talks to a running host's admin API: status, validate, reload, pause, resume, restart.
+    Admin(admin_cli::AdminArgs),
 }
 
 #[derive(Subcommand)]
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
             count,
         } => token(config, &tenant, &roles, &subject, ttl, count),
         Command::Plugins { command } => plugins(command),
+        Command::Admin(args) => admin_cli::run(args),
     };
     match result {
         Ok(code) => code,
@@ -156,16 +162,28 @@ fn print_errors(errors: &[ConfigError]) {
 
 /// The configuration at `path`, or the demo's (creating its secret) when there is none.
 fn load(path: Option<&Path>) -> anyhow::Result<Result<Config, Vec<ConfigError>>> {
-    let registry = builtin_registry()?;
-    Ok(match path {
-        Some(path) => config::load(path, &registry),
+    let source = source(path)?;
+    Ok(source.load(None))
+}
+
+/// Where the configuration comes from: the file, or the embedded demo against the working directory.
+fn source(path: Option<&Path>) -> anyhow::Result<ConfigSource> {
+    let origin = match path {
+        Some(path) => Origin::File(path.to_path_buf()),
         None => {
             let cwd = std::env::current_dir().context("reading the working directory")?;
             demo::ensure_secret(&cwd)?;
-            config::load_str(config::DEMO, "<demo>", &cwd, &registry, &|n| {
-                std::env::var(n).ok()
-            })
+            Origin::Text {
+                text: config::DEMO.to_owned(),
+                name: "<demo>".into(),
+                base: cwd,
+            }
         }
+    };
+    Ok(ConfigSource {
+        registry: builtin_registry()?,
+        origin,
+        env: Box::new(|n| std::env::var(n).ok()),
     })
 }
 
@@ -283,7 +301,8 @@ fn token(
             return Ok(ExitCode::from(2));
         }
     };
-    if !config.tenants.contains_key(tenant) {
+    let platform = config.admin.platform_tenant.as_deref() == Some(tenant);
+    if !config.tenants.contains_key(tenant) && !platform {
         bail!("tenant '{tenant}' is not configured in {}", config.source);
     }
     let roles: Vec<String> = roles.iter().filter(|r| !r.is_empty()).cloned().collect();
@@ -304,7 +323,8 @@ fn token(
 
 fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
     let is_demo = path.is_none();
-    let mut config = match load(path.as_deref())? {
+    let source = source(path.as_deref())?;
+    let mut config = match source.load(None) {
         Ok(c) => c,
         Err(errors) => {
             print_errors(&errors);
@@ -338,7 +358,12 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<Ex
         };
         // Storage first: a host that cannot reach its database never opens its port, so a
         // load balancer never sees it half-started.
-        let host = Host::start(config).await?;
+        let watch = config.server.watch_config.then(|| path.clone()).flatten();
+        let host = Host::start_with(config, Some(source)).await?;
+        reload_on_signal(&host);
+        if let Some(file) = watch {
+            reload_on_change(&host, file);
+        }
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
@@ -368,6 +393,70 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<Ex
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// SIGHUP reloads the configuration; a refused one is logged and the running one stays.
+fn reload_on_signal(host: &std::sync::Arc<Host>) {
+    #[cfg(unix)]
+    {
+        let host = std::sync::Arc::downgrade(host);
+        tokio::spawn(async move {
+            let kind = tokio::signal::unix::SignalKind::hangup();
+            let Ok(mut hup) = tokio::signal::unix::signal(kind) else {
+                tracing::warn!("cannot listen for SIGHUP; reload over /admin/config/reload");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let Some(host) = host.upgrade() else { return };
+                tracing::info!("SIGHUP: reloading the configuration");
+                log_reload(host.reload().await);
+            }
+        });
+    }
+}
+
+fn log_reload(
+    result: Result<provider_host::host::ReloadReport, provider_host::host::reload::ReloadError>,
+) {
+    match result {
+        Ok(report) => {
+            for change in &report.changes {
+                tracing::info!(generation = report.generation, "{change}");
+            }
+            for failure in &report.connect_failures {
+                tracing::warn!("after reload: {failure}");
+            }
+        }
+        // The errors themselves were logged, one per line, by the reload.
+        Err(e) => tracing::warn!("reload refused: {e}"),
+    }
+}
+
+/// `[server] watch_config`: reloads when the file's modification time or size changes,
+/// checked every second (a polling loop needs no platform watcher and sees edits made by
+/// replacing the file as well as in place).
+fn reload_on_change(host: &std::sync::Arc<Host>, file: PathBuf) {
+    let host = std::sync::Arc::downgrade(host);
+    tokio::spawn(async move {
+        let stamp = |f: &Path| {
+            std::fs::metadata(f)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        };
+        let mut last = stamp(&file);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = stamp(&file);
+            if now == last || now.is_none() {
+                continue;
+            }
+            last = now;
+            let Some(host) = host.upgrade() else { return };
+            tracing::info!(file = %file.display(), "configuration file changed: reloading");
+            log_reload(host.reload().await);
+        }
+    });
 }
 
 async fn shutdown_signal() {

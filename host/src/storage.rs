@@ -41,13 +41,24 @@ impl InstanceEvent {
 }
 
 fn migrator() -> Migrator {
-    let mut m = Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("instance events"),
-        MigrationType::Simple,
-        sqlx::AssertSqlSafe(include_str!("../migrations/0001_instance_events.sql")).into_sql_str(),
-        false,
-    )]);
+    let mut m = Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            Cow::Borrowed("instance events"),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(include_str!("../migrations/0001_instance_events.sql"))
+                .into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            Cow::Borrowed("service controls"),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(include_str!("../migrations/0002_service_controls.sql"))
+                .into_sql_str(),
+            false,
+        ),
+    ]);
     // Provider crates keep their own migration tables; this one is the host's.
     m.dangerous_set_table_name("_host_migrations");
     m
@@ -234,6 +245,53 @@ impl Storage {
             .fetch_one(&self.pool)
             .await?
             .try_get(0)
+    }
+
+    /// Every stored control, as `(tenant, service, control)`.
+    pub async fn controls(&self) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+        use sqlx::Row;
+        let rows = sqlx::query(
+            "SELECT tenant, service, control FROM service_controls ORDER BY tenant, service, control",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
+    /// Sets (`on`) or clears a control; whether anything changed.
+    pub async fn set_control(
+        &self,
+        tenant: &str,
+        service: &str,
+        control: &str,
+        on: bool,
+        by: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = if on {
+            sqlx::query(
+                "INSERT INTO service_controls (tenant, service, control, set_by, at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, service, control) DO NOTHING",
+            )
+            .bind(tenant)
+            .bind(service)
+            .bind(control)
+            .bind(by)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?
+        } else {
+            sqlx::query(
+                "DELETE FROM service_controls WHERE tenant = $1 AND service = $2 AND control = $3",
+            )
+            .bind(tenant)
+            .bind(service)
+            .bind(control)
+            .execute(&self.pool)
+            .await?
+        };
+        Ok(done.rows_affected() > 0)
     }
 
     /// Closes both pools.

@@ -43,10 +43,31 @@ pub struct Config {
     pub keys: Vec<KeyMaterial>,
     /// `[security.roles]`.
     pub permissions: Permissions,
+    /// Who may use `/admin`.
+    pub admin: AdminSettings,
+    /// The threads native plugins run on, kept by a reload whose settings match.
+    pub native_pool: NativePool,
     /// Configured services, by name.
     pub services: BTreeMap<String, Arc<ServicePlan>>,
     /// Configured tenants, by name.
     pub tenants: BTreeMap<String, TenantPlan>,
+}
+
+/// `[security] admin_role` and `platform_tenant`: who administers what.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// The role that makes a token an administrator of its own tenant; no admin API without it.
+    pub role: Option<String>,
+    /// The tenant whose administrators are platform operators: every tenant and the config.
+    pub platform_tenant: Option<String>,
+}
+
+/// Revisions of tenant services: a new one for every plan a load makes, so a slot made for
+/// an older plan is told from one made for a newer.
+static REVISIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_revision() -> u64 {
+    REVISIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// One `[[providers]]` entry, resolved to a factory.
@@ -82,11 +103,39 @@ pub struct TenantService {
     pub config: Value,
     /// The tighter of the provider's and the tenant's limits.
     pub limits: Limits,
+    /// Which plan this is: a reload keeps the revision of a plan that did not change, and
+    /// gives a changed one a higher revision, whose instance replaces the older one's.
+    pub revision: u64,
 }
 
-/// Reads and checks the file at `path`. Key files resolve against its folder; a relative
-/// SQLite path in `storage.url` resolves against the working directory, like any sqlx URL.
+impl TenantService {
+    /// Whether `other` would run the same instance: the same factory, config, limits, store
+    /// and allowed hosts. Builtin factories come from one registry and plugins keep their
+    /// factory across loads while their file is unchanged, so factories compare by identity.
+    pub fn same_plan(&self, other: &TenantService) -> bool {
+        Arc::ptr_eq(&self.service.factory, &other.service.factory)
+            && self.config == other.config
+            && self.limits == other.limits
+            && self.service.store == other.service.store
+            && self.service.allowed_hosts == other.service.allowed_hosts
+            && self.service.unavailable == other.service.unavailable
+    }
+}
+
+/// Reads and checks the file at `path`. Every relative path in it (a SQLite file in
+/// `storage.url`, key files, plugin folders, the compile cache) resolves against its folder.
 pub fn load(path: &Path, registry: &Registry) -> Result<Config, Vec<ConfigError>> {
+    load_file(path, registry, &|n| std::env::var(n).ok(), None)
+}
+
+/// [`load`] with references read through `env`, keeping what `previous` loaded where it
+/// did not change (see [`load_with`]).
+pub fn load_file(
+    path: &Path,
+    registry: &Registry,
+    env: &dyn Fn(&str) -> Option<String>,
+    previous: Option<&Config>,
+) -> Result<Config, Vec<ConfigError>> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError {
@@ -97,7 +146,7 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Config, Vec<ConfigError>
         }]
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    load_str(&text, &name, &base, registry, &|n| std::env::var(n).ok())
+    load_with(&text, &name, &base, registry, env, previous)
 }
 
 /// Checks configuration `text` named `name`, with files relative to `base_dir` and
@@ -108,6 +157,20 @@ pub fn load_str(
     base_dir: &Path,
     registry: &Registry,
     env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, Vec<ConfigError>> {
+    load_with(text, name, base_dir, registry, env, None)
+}
+
+/// [`load_str`] for a reload: plugins whose file, hash and engine settings are unchanged
+/// keep the factory `previous` loaded, the native pool is kept when its settings are, and
+/// tenant services whose plan did not change keep their revision (and so their instance).
+pub fn load_with(
+    text: &str,
+    name: &str,
+    base_dir: &Path,
+    registry: &Registry,
+    env: &dyn Fn(&str) -> Option<String>,
+    previous: Option<&Config>,
 ) -> Result<Config, Vec<ConfigError>> {
     let src = Source::new(name, text);
     let errors = src.check_references(env);
@@ -136,6 +199,7 @@ pub fn load_str(
         wasm_memory: 0,
         loaded: plugins::Loaded::default(),
         pinned: BTreeMap::new(),
+        previous,
     };
     let config = checker.check(raw, registry);
     let errors = checker.finish();
@@ -144,6 +208,25 @@ pub fn load_str(
     } else {
         Err(errors)
     }
+}
+
+/// A SQLite URL whose file path is relative, made relative to `base` (the config file's
+/// folder) instead of the working directory; any other URL as it is.
+fn relative_sqlite(url: &str, base: &Path) -> String {
+    let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        return url.to_owned();
+    };
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, format!("?{q}")),
+        None => (rest, String::new()),
+    };
+    if path.is_empty() || path == ":memory:" || Path::new(path).is_absolute() {
+        return url.to_owned();
+    }
+    format!("sqlite://{}{query}", base.join(path).display())
 }
 
 /// Placeholder for the tenant's name in per-tenant messages, so the same mistake made in
@@ -164,6 +247,8 @@ struct Checker<'a> {
     loaded: plugins::Loaded,
     /// Plans of versions tenants are pinned to, by (service, version).
     pinned: BTreeMap<(String, String), Arc<ServicePlan>>,
+    /// The configuration this one replaces, if any.
+    previous: Option<&'a Config>,
 }
 
 /// A `[[providers]]` entry that checked: its plan, its base config resolved, and its limits.
@@ -178,7 +263,7 @@ struct Provided {
     config_schema: Option<jsonschema::Validator>,
 }
 
-impl Checker<'_> {
+impl<'a> Checker<'a> {
     fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let e = self.src.error_at(span, message);
         self.errors.push(e);
@@ -253,10 +338,15 @@ impl Checker<'_> {
         }
         plugins.cache_dir = self.base_dir.join(&plugins.cache_dir);
         self.wasm_memory = plugins.wasm_memory;
-        let pool = NativePool::new(
+        let fresh = NativePool::new(
             plugins.native_threads.max(1),
             plugins.native_threads_per_provider.max(1),
         );
+        // One pool while its settings hold: its bounds are global only if every factory shares it.
+        let pool = match self.previous {
+            Some(p) if p.native_pool.settings() == fresh.settings() => p.native_pool.clone(),
+            _ => fresh,
+        };
         // Fuel metering costs every wasm instruction, so the engine meters only when a limit asks.
         let fuel = raw
             .providers
@@ -266,14 +356,20 @@ impl Checker<'_> {
                 .tenants
                 .values()
                 .any(|t| t.get_ref().limits.fuel.is_some());
-        let engines = plugins::Engines::new(&plugins, pool, fuel);
+        let engines = plugins::Engines::new(&plugins, pool.clone(), fuel);
         let mut builder = builtins.to_builder();
-        let loaded_plugins = plugins::load(&plugins.dirs, &engines, &mut builder);
+        let previous = self.previous;
+        let loaded_plugins = plugins::load(
+            &plugins.dirs,
+            &engines,
+            &mut builder,
+            previous.map(|p| &p.loaded_plugins),
+        );
         let registry = builder.build();
         let registry = &registry;
         self.plugin_dirs = plugins.dirs.clone();
         self.loaded = loaded_plugins.clone();
-        let (token, keys, permissions) = self.security(raw.security);
+        let (token, keys, permissions, admin) = self.security(raw.security);
         let declared: BTreeSet<String> = raw
             .providers
             .iter()
@@ -310,6 +406,29 @@ impl Checker<'_> {
             );
             tenants.insert(name, plan);
         }
+        if let Some(platform) = &admin.platform_tenant
+            && tenants.contains_key(platform)
+        {
+            self.at(
+                0..0,
+                format!("security.platform_tenant: '{platform}' is also a configured tenant; the platform tenant administers the others and serves no providers of its own"),
+            );
+        }
+        // A plan that did not change keeps its revision, so its instance keeps serving.
+        if let Some(previous) = previous {
+            for (name, plan) in &mut tenants {
+                let Some(old) = previous.tenants.get(name) else {
+                    continue;
+                };
+                for (service, ts) in &mut plan.services {
+                    if let Some(o) = old.services.get(service)
+                        && o.same_plan(ts)
+                    {
+                        ts.revision = o.revision;
+                    }
+                }
+            }
+        }
         let registry = registry.clone();
         Config {
             source: self.src.name.to_owned(),
@@ -322,6 +441,8 @@ impl Checker<'_> {
             token,
             keys,
             permissions,
+            admin,
+            native_pool: pool,
             services: provided
                 .into_iter()
                 .map(|(name, p)| (name, p.plan))
@@ -350,6 +471,10 @@ impl Checker<'_> {
             events_retention: raw.events_retention,
             events_max_rows: raw.events_max_rows,
         };
+        let storage = StorageConfig {
+            url: relative_sqlite(&storage.url, self.base_dir),
+            ..storage
+        };
         if !(storage.url.starts_with("sqlite:")
             || storage.url.starts_with("postgres://")
             || storage.url.starts_with("postgresql://"))
@@ -376,7 +501,7 @@ impl Checker<'_> {
     fn security(
         &mut self,
         raw: Spanned<RawSecurity>,
-    ) -> (TokenSettings, Vec<KeyMaterial>, Permissions) {
+    ) -> (TokenSettings, Vec<KeyMaterial>, Permissions, AdminSettings) {
         let span = raw.span();
         let security = raw.into_inner();
         let leeway = *security.leeway_seconds.get_ref();
@@ -435,7 +560,40 @@ impl Checker<'_> {
                 );
             }
         }
-        (token, keys, Permissions::new(security.roles))
+        let mut admin = AdminSettings::default();
+        if let Some(role) = &security.admin_role {
+            if role.get_ref().is_empty() {
+                self.at(role.span(), "security.admin_role: must not be empty");
+            } else if !security.roles.contains_key(role.get_ref()) {
+                self.at(
+                    role.span(),
+                    format!(
+                        "security.admin_role: '{}' is not a role in [security.roles]",
+                        role.get_ref()
+                    ),
+                );
+            }
+            admin.role = Some(role.get_ref().clone());
+        }
+        if let Some(platform) = &security.platform_tenant {
+            if !is_valid_name(platform.get_ref()) {
+                self.at(
+                    platform.span(),
+                    format!(
+                        "security.platform_tenant: invalid tenant name '{}'",
+                        platform.get_ref()
+                    ),
+                );
+            }
+            if admin.role.is_none() {
+                self.at(
+                    platform.span(),
+                    "security.platform_tenant: needs security.admin_role (platform operators are that role's holders in this tenant)",
+                );
+            }
+            admin.platform_tenant = Some(platform.get_ref().clone());
+        }
+        (token, keys, Permissions::new(security.roles), admin)
     }
 
     fn tenant(
@@ -518,6 +676,7 @@ impl Checker<'_> {
                     service: plan,
                     config,
                     limits,
+                    revision: next_revision(),
                 },
             );
         }

@@ -11,7 +11,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use check::{Config, ServicePlan, TenantPlan, TenantService, load, load_str};
+pub use check::{
+    AdminSettings, Config, ServicePlan, TenantPlan, TenantService, load, load_file, load_str,
+    load_with,
+};
 pub use unavailable::Unavailable;
 
 mod unavailable;
@@ -80,6 +83,12 @@ pub struct ServerConfig {
     /// Bound on one readiness check, all its probes together.
     #[serde(with = "duration")]
     pub ready_timeout: Duration,
+    /// At shutdown, `/ready` answers 503 for this long while requests are still served, so
+    /// a load balancer stops sending before the listener closes. None by default.
+    #[serde(default, with = "opt_duration")]
+    pub shutdown_delay: Option<Duration>,
+    /// Reload the configuration when its file changes (checked every second). Off by default.
+    pub watch_config: bool,
 }
 
 impl Default for ServerConfig {
@@ -99,6 +108,8 @@ impl Default for ServerConfig {
             connect_backoff_max: Duration::from_secs(300),
             ready_cache: Duration::from_secs(1),
             ready_timeout: Duration::from_secs(2),
+            shutdown_delay: None,
+            watch_config: false,
         }
     }
 }
@@ -214,6 +225,12 @@ pub(crate) struct RawSecurity {
     pub keys: Vec<Spanned<RawKey>>,
     #[serde(default)]
     pub roles: BTreeMap<String, Vec<String>>,
+    /// The role that makes a token's holder an administrator of its own tenant.
+    #[serde(default)]
+    pub admin_role: Option<Spanned<String>>,
+    /// The tenant whose administrators are platform operators (every tenant, the config).
+    #[serde(default)]
+    pub platform_tenant: Option<Spanned<String>>,
 }
 
 fn default_leeway() -> Spanned<u64> {

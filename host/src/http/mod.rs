@@ -1,5 +1,6 @@
 //! HTTP: the router, the request-id middleware and serving with graceful shutdown.
 
+mod admin;
 mod error;
 pub mod openapi;
 mod routes;
@@ -73,6 +74,21 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/openapi.json", get(routes::openapi))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
+        .route("/admin/providers", get(admin::providers))
+        .route("/admin/config/validate", post(admin::validate))
+        .route("/admin/config/reload", post(admin::reload))
+        .route("/admin/plugins/reload", post(admin::reload))
+        .route("/admin/providers/{service}/pause", post(admin::pause))
+        .route("/admin/providers/{service}/resume", post(admin::resume))
+        .route("/admin/providers/{service}/restart", post(admin::restart))
+        .route(
+            "/admin/tenants/{tenant}/services/{service}/enable",
+            post(admin::enable),
+        )
+        .route(
+            "/admin/tenants/{tenant}/services/{service}/disable",
+            post(admin::disable),
+        )
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(CatchPanicLayer::custom(panic_response))
@@ -104,8 +120,24 @@ pub async fn serve(
         })
     };
     let mut connections = serve::Connections::new(ConnectionLimits::of(&host.config().server));
+    // `/ready` turns 503 first; the listener stays open for `server.shutdown_delay`, so a
+    // load balancer that polls it stops sending before any connection is refused.
+    let stop = {
+        let host = host.clone();
+        async move {
+            shutdown.await;
+            host.begin_draining();
+            if let Some(delay) = host.config().server.shutdown_delay {
+                tracing::info!(
+                    delay = %humantime::format_duration(delay),
+                    "shutdown requested; /ready answers 503 while requests are still served"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
     connections
-        .accept(&listener, &router(host.clone()), shutdown)
+        .accept(&listener, &router(host.clone()), stop)
         .await;
     drop(listener);
     tracing::info!("shutdown requested; finishing in-flight requests");

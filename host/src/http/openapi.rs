@@ -55,6 +55,7 @@ pub fn document(config: &Config) -> Value {
         "/ready".into(),
         plain("Storage is reachable and required providers are not failed."),
     );
+    admin_paths(&mut paths);
     let codes: Vec<&str> = providers_core::ErrorCode::ALL
         .iter()
         .map(|c| c.as_str())
@@ -82,4 +83,88 @@ pub fn document(config: &Config) -> Value {
             "responses": {"Error": {"description": "An error in the one error shape.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}
         }
     })
+}
+
+/// The `/admin` routes: platform operators and tenant administrators (`[security] admin_role`).
+fn admin_paths(paths: &mut Map<String, Value>) {
+    let param = |name: &str| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}});
+    let op = |method: &str, id: &str, summary: &str, params: Vec<Value>, body: Option<Value>| {
+        let mut o = json!({
+            "operationId": id,
+            "tags": ["admin"],
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "parameters": params,
+            "responses": {
+                "200": {"description": "Done.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                "default": {"$ref": "#/components/responses/Error"}
+            }
+        });
+        if let Some(b) = body {
+            o["requestBody"] = b;
+        }
+        json!({ method: o })
+    };
+    let target = json!({"required": false, "content": {"application/json": {"schema": {
+        "type": "object",
+        "properties": {"tenant": {"type": "string", "description": "One tenant; absent: every tenant (platform operator) or your own (tenant administrator)."}},
+        "additionalProperties": false
+    }}}});
+    paths.insert(
+        "/admin/providers".into(),
+        op("get", "admin.providers", "Every configured provider: version, kind, and per tenant its state, pause and instance.", vec![], None),
+    );
+    paths.insert(
+        "/admin/config/validate".into(),
+        op("post", "admin.config.validate", "Checks a whole configuration (TOML body) and lists every error with line and column; applies nothing. Platform operators only.", vec![],
+            Some(json!({"required": true, "content": {"application/toml": {"schema": {"type": "string"}}}}))),
+    );
+    paths.insert(
+        "/admin/config/reload".into(),
+        op("post", "admin.config.reload", "Reads the configuration and plugin folders again and applies only the difference; an invalid configuration is refused whole (422). Platform operators only.", vec![], None),
+    );
+    paths.insert(
+        "/admin/plugins/reload".into(),
+        op("post", "admin.plugins.reload", "The same as /admin/config/reload: plugins whose file changed are loaded again, their instances replaced.", vec![], None),
+    );
+    for (verb, summary) in [
+        (
+            "pause",
+            "Pauses a provider for one tenant or all: calls answer 503 until resumed. Kept across restarts.",
+        ),
+        ("resume", "Resumes a paused provider."),
+        (
+            "restart",
+            "Restarts a provider's instances: each new one connects before it takes over.",
+        ),
+    ] {
+        paths.insert(
+            format!("/admin/providers/{{service}}/{verb}"),
+            op(
+                "post",
+                &format!("admin.providers.{verb}"),
+                summary,
+                vec![param("service")],
+                Some(target.clone()),
+            ),
+        );
+    }
+    for (verb, summary) in [
+        ("enable", "Enables a tenant's service again after disable."),
+        (
+            "disable",
+            "Hides a service from a tenant (404 as if not enabled). Kept across restarts.",
+        ),
+    ] {
+        paths.insert(
+            format!("/admin/tenants/{{tenant}}/services/{{service}}/{verb}"),
+            op(
+                "post",
+                &format!("admin.tenants.{verb}"),
+                summary,
+                vec![param("tenant"), param("service")],
+                None,
+            ),
+        );
+    }
 }

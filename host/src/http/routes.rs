@@ -15,14 +15,14 @@ use serde_json::{Value, json};
 use super::{ApiError, RequestId};
 use crate::host::Host;
 
-fn bad_path(rejection: PathRejection) -> ApiError {
+pub(super) fn bad_path(rejection: PathRejection) -> ApiError {
     ApiError::new(
         ErrorCode::ValidationError,
         format!("invalid path: {}", rejection.body_text()),
     )
 }
 
-fn authorization(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -40,9 +40,11 @@ pub async fn call(
 ) -> Result<Json<Value>, ApiError> {
     let Path((service, action)) = path.map_err(bad_path)?;
     let (parts, body) = request.into_parts();
-    let identity = host.authenticate(authorization(&parts.headers))?;
-    host.tenant(&identity.tenant)?;
-    let server = &host.config().server;
+    // One generation for the whole request, and for the nested calls it makes.
+    let generation = host.generation();
+    let identity = generation.authenticate(authorization(&parts.headers))?;
+    generation.tenant(&identity.tenant)?;
+    let server = &generation.config.server;
     let limit = server.body_limit_bytes;
     // A body that trickles in is cut off: within the body timeout and the call's own deadline.
     let read_for = server.body_read_timeout.min(server.request_timeout);
@@ -86,7 +88,9 @@ pub async fn call(
         })?
     };
     let ctx = host.context(identity, &request_id);
-    let data = host.call(ctx, &service, &action, payload).await?;
+    let data = host
+        .call_in(&generation, ctx, &service, &action, payload)
+        .await?;
     // Built by hand: `json!` would copy `data` through `to_value`, a second copy of a large result.
     let mut body = serde_json::Map::new();
     body.insert("data".into(), data);
@@ -99,20 +103,25 @@ pub async fn list(
     State(host): State<Arc<Host>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let identity = host.authenticate(authorization(&headers))?;
-    let tenant = host.tenant(&identity.tenant)?;
-    let deadline = Instant::now() + host.config().server.ready_timeout;
+    let generation = host.generation();
+    let identity = generation.authenticate(authorization(&headers))?;
+    let tenant = generation.tenant(&identity.tenant)?;
+    let deadline = Instant::now() + generation.config.server.ready_timeout;
+    let services: Vec<_> = generation.services_of(&identity.tenant, tenant).collect();
     // Every service's status at once, under one bound.
-    let statuses = futures_util::future::join_all(
-        tenant
-            .services
-            .iter()
-            .map(|(name, enabled)| status(&host, &identity.tenant, name, enabled, deadline)),
-    )
+    let statuses = futures_util::future::join_all(services.iter().map(|(name, enabled)| {
+        status(
+            &host,
+            &generation,
+            &identity.tenant,
+            name,
+            enabled,
+            deadline,
+        )
+    }))
     .await;
-    let services: Vec<Value> = tenant
-        .services
-        .iter()
+    let services: Vec<Value> = services
+        .into_iter()
         .zip(statuses)
         .map(|((name, enabled), status)| {
             let factory = &enabled.service.factory;
@@ -139,6 +148,7 @@ pub async fn list(
 
 async fn status(
     host: &Host,
+    generation: &crate::host::Generation,
     tenant: &str,
     service: &str,
     enabled: &crate::config::TenantService,
@@ -146,6 +156,9 @@ async fn status(
 ) -> Value {
     if let Some(reason) = &enabled.service.unavailable {
         return json!({"state": "unavailable", "detail": reason});
+    }
+    if generation.controls.paused(tenant, service).is_some() {
+        return json!({"state": "paused", "detail": "paused by an administrator"});
     }
     match host.instances().status(tenant, service, deadline).await {
         Some(s) => json!({"state": s.state, "detail": s.detail}),
@@ -162,24 +175,20 @@ pub async fn describe(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let Path(service) = path.map_err(bad_path)?;
-    let identity = host.authenticate(authorization(&headers))?;
-    let tenant = host.tenant(&identity.tenant)?;
-    let enabled = tenant.services.get(&service).ok_or_else(|| {
-        ProviderError::not_found(format!(
-            "no service '{service}' is available to tenant '{}'",
-            identity.tenant
-        ))
-    })?;
+    let generation = host.generation();
+    let identity = generation.authenticate(authorization(&headers))?;
+    let tenant = generation.tenant(&identity.tenant)?;
+    let enabled = generation.service(&identity.tenant, tenant, &service)?;
     let factory = &enabled.service.factory;
     let d = factory.descriptor();
-    let deadline = Instant::now() + host.config().server.ready_timeout;
+    let deadline = Instant::now() + generation.config.server.ready_timeout;
     Ok(Json(json!({
         "service": service,
         "version": d.version.to_string(),
         "contract_version": d.contract_version.to_string(),
         "description": d.description,
         "kind": factory.kind(),
-        "status": status(&host, &identity.tenant, &service, enabled, deadline).await,
+        "status": status(&host, &generation, &identity.tenant, &service, enabled, deadline).await,
         "actions": d.actions,
         "limits": {
             "timeout_ms": enabled.limits.timeout.map(|t| t.as_millis() as u64),
@@ -190,7 +199,7 @@ pub async fn describe(
 
 /// `GET /openapi.json`.
 pub async fn openapi(State(host): State<Arc<Host>>) -> Json<Value> {
-    Json(host.openapi().clone())
+    Json(Value::clone(&host.openapi()))
 }
 
 /// `GET /health`: the process is alive.

@@ -12,6 +12,7 @@ pub mod native;
 mod threads;
 pub mod wasm;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -22,13 +23,25 @@ pub use manifest::{Manifest, PluginKind};
 pub use native::NativePool;
 
 /// What loading the plugin folders gave: every plugin accepted into the registry, every
-/// one refused with its reason.
-#[derive(Debug, Default, Clone)]
+/// one refused with its reason, and the factories by [`Engines::key`], so that loading the
+/// same folders again (a reload) keeps the factory of every file that did not change.
+#[derive(Default, Clone)]
 pub struct Loaded {
     /// Accepted: service, version, kind, file.
     pub accepted: Vec<(String, String, PluginKind, PathBuf)>,
     /// Refused, with why.
     pub refused: Vec<Refusal>,
+    /// The accepted factories, by file, hash and engine settings.
+    pub factories: HashMap<String, Arc<dyn providers_core::Factory>>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("accepted", &self.accepted)
+            .field("refused", &self.refused)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Loaded {
@@ -74,14 +87,42 @@ impl Engines {
     pub fn http_max_body(&self) -> u64 {
         self.wasm_settings.http_max_body
     }
+
+    /// The native pool.
+    pub fn native(&self) -> &NativePool {
+        &self.native
+    }
+
+    /// What identifies a loaded plugin across loads: its file, its hash and the settings of
+    /// the engine it runs in. Equal keys mean the factory already loaded can serve again.
+    fn key(&self, c: &Candidate) -> String {
+        let engine = match c.manifest.kind {
+            PluginKind::Native => format!("{:?}", self.native.settings()),
+            PluginKind::Wasm => format!("{:?}", self.wasm_settings),
+        };
+        format!(
+            "{:?}|{}|{}|{engine}",
+            c.manifest.kind,
+            c.file.display(),
+            c.manifest.sha256.trim().to_ascii_lowercase()
+        )
+    }
 }
 
 /// Discovers, verifies and loads every plugin in `dirs`, adding each accepted one to
-/// `registry`. A plugin that fails any check is refused, never half-loaded.
-pub fn load(dirs: &[PathBuf], engines: &Engines, registry: &mut RegistryBuilder) -> Loaded {
+/// `registry`. A plugin that fails any check is refused, never half-loaded. A plugin whose
+/// file, hash and engine settings match one in `previous` reuses that factory: a reload
+/// neither maps a native library again nor restarts the instances of an unchanged plugin.
+pub fn load(
+    dirs: &[PathBuf],
+    engines: &Engines,
+    registry: &mut RegistryBuilder,
+    previous: Option<&Loaded>,
+) -> Loaded {
     let pool = &engines.native;
     let (candidates, mut refused) = discovery::discover(dirs);
     let mut accepted = Vec::new();
+    let mut factories = HashMap::new();
     for c in candidates {
         let m = &c.manifest;
         let refuse = |reason: String| Refusal {
@@ -97,8 +138,11 @@ pub fn load(dirs: &[PathBuf], engines: &Engines, registry: &mut RegistryBuilder)
             )));
             continue;
         }
-        let factory: Arc<dyn providers_core::Factory> = match m.kind {
-            PluginKind::Native => match verified_copy(&c).and_then(|copy| copy.open()) {
+        let key = engines.key(&c);
+        let kept = previous.and_then(|p| p.factories.get(&key)).cloned();
+        let factory: Arc<dyn providers_core::Factory> = match (kept, m.kind) {
+            (Some(factory), _) => factory,
+            (None, PluginKind::Native) => match verified_copy(&c).and_then(|copy| copy.open()) {
                 Ok(lib) => match agrees(m, &lib.descriptor) {
                     Ok(()) => Arc::new(native::NativeFactory::new(&c, lib, pool.clone())),
                     Err(reason) => {
@@ -111,7 +155,7 @@ pub fn load(dirs: &[PathBuf], engines: &Engines, registry: &mut RegistryBuilder)
                     continue;
                 }
             },
-            PluginKind::Wasm => match load_wasm(&c, engines) {
+            (None, PluginKind::Wasm) => match load_wasm(&c, engines) {
                 Ok(factory) => Arc::new(factory),
                 Err(reason) => {
                     refused.push(refuse(reason));
@@ -119,20 +163,27 @@ pub fn load(dirs: &[PathBuf], engines: &Engines, registry: &mut RegistryBuilder)
                 }
             },
         };
-        match registry.add(factory) {
-            Ok(()) => accepted.push((
-                m.name.clone(),
-                m.version.to_string(),
-                m.kind,
-                c.file.clone(),
-            )),
+        match registry.add(factory.clone()) {
+            Ok(()) => {
+                factories.insert(key, factory);
+                accepted.push((
+                    m.name.clone(),
+                    m.version.to_string(),
+                    m.kind,
+                    c.file.clone(),
+                ));
+            }
             Err(e) => refused.push(refuse(e.to_string())),
         }
     }
     for r in &refused {
         tracing::warn!(plugin = %r.name, file = %r.file.display(), reason = ?r.reason, "plugin refused");
     }
-    Loaded { accepted, refused }
+    Loaded {
+        accepted,
+        refused,
+        factories,
+    }
 }
 
 /// Compiles (or takes from the cache) and links a wasm candidate, from a verified copy.

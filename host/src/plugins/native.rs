@@ -55,6 +55,11 @@ impl NativePool {
             threads: super::threads::Threads::default(),
         }
     }
+
+    /// `(threads, per_provider)`, for telling whether a reload may keep this pool.
+    pub fn settings(&self) -> (usize, usize) {
+        (self.threads_total, self.per_provider)
+    }
 }
 
 /// What the library says of itself, after the host's checks.

@@ -610,6 +610,7 @@ fn the_manifest_and_the_library_must_agree() {
             false,
         ),
         &mut builder,
+        None,
     );
     assert!(loaded.accepted.is_empty());
     assert_eq!(loaded.refused.len(), 1);
@@ -636,6 +637,7 @@ fn the_manifest_and_the_library_must_agree() {
             false,
         ),
         &mut builder,
+        None,
     );
     assert_eq!(loaded.refused.len(), 1);
     assert_eq!(

@@ -1,0 +1,353 @@
+//! `/admin`: the providers' lifecycle and the host's configuration, for platform operators
+//! (every tenant, the configuration) and tenant administrators (their own tenant).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, body::Bytes};
+use providers_core::{ErrorCode, ProviderError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::routes::{authorization, bad_path};
+use super::{ApiError, RequestId};
+use crate::config::ConfigError;
+use crate::host::{ALL_TENANTS, Admin, AdminScope, Generation, Host, reload::ReloadError};
+
+fn admin(host: &Host, headers: &HeaderMap) -> Result<(Arc<Generation>, Admin), ApiError> {
+    let generation = host.generation();
+    let admin = generation.admin(authorization(headers))?;
+    Ok((generation, admin))
+}
+
+fn error_json(e: &ConfigError) -> Value {
+    json!({"file": e.file, "line": e.line, "column": e.column, "message": e.message})
+}
+
+/// 422 in the one error shape, with every configuration error listed under `errors`.
+fn invalid(request_id: &str, errors: &[ConfigError]) -> Response {
+    let body = json!({
+        "error_code": ErrorCode::ValidationError.as_str(),
+        "detail": format!(
+            "the configuration has {} error(s); nothing was applied, the running configuration stays in force",
+            errors.len()
+        ),
+        "errors": errors.iter().map(error_json).collect::<Vec<_>>(),
+        "request_id": request_id,
+        "timestamp": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+    });
+    (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
+}
+
+fn reload_error(request_id: &str, e: ReloadError) -> Response {
+    match e {
+        ReloadError::Invalid(errors) => invalid(request_id, &errors),
+        ReloadError::NoSource => ApiError::new(ErrorCode::Conflict, e.to_string()).into_response(),
+        ReloadError::Failed(why) => {
+            ApiError::new(ErrorCode::ProviderUnavailable, why).into_response()
+        }
+    }
+}
+
+/// `GET /admin/providers`: every configured service with its version, kind and state per
+/// tenant (a tenant administrator sees their own tenant only).
+pub async fn providers(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let (generation, admin) = admin(&host, &headers)?;
+    let config = &generation.config;
+    let instances = host.instances().snapshot();
+    let mut services = Vec::new();
+    for (name, plan) in &config.services {
+        let d = plan.factory.descriptor();
+        let mut tenants = Vec::new();
+        for (tenant, tplan) in &config.tenants {
+            if !admin.may(tenant) {
+                continue;
+            }
+            let Some(ts) = tplan.services.get(name) else {
+                continue;
+            };
+            let instance = instances
+                .iter()
+                .find(|i| &i.tenant == tenant && &i.service == name);
+            tenants.push(json!({
+                "tenant": tenant,
+                "version": ts.service.factory.descriptor().version.to_string(),
+                "enabled": !generation.controls.disabled(tenant, name),
+                "paused": generation.controls.paused(tenant, name).is_some(),
+                "instance": instance.map(|i| json!({
+                    "state": i.state,
+                    "version": i.version,
+                    "calls_in_flight": i.inflight,
+                    "current": i.revision == ts.revision,
+                })),
+            }));
+        }
+        services.push(json!({
+            "service": name,
+            "version": d.version.to_string(),
+            "kind": plan.factory.kind(),
+            "origin": plan.factory.origin(),
+            "required": plan.required,
+            "unavailable": plan.unavailable,
+            "paused_for_all": generation.controls.paused.get(ALL_TENANTS).is_some_and(|s| s.contains(name)),
+            "tenants": tenants,
+        }));
+    }
+    let scope = match &admin.scope {
+        AdminScope::Platform => json!("platform"),
+        AdminScope::Tenant(t) => json!({"tenant": t}),
+    };
+    Ok(Json(json!({
+        "generation": generation.number,
+        "source": config.source,
+        "scope": scope,
+        "services": services,
+    })))
+}
+
+/// `POST /admin/config/validate`: a whole configuration (TOML) checked, nothing applied.
+pub async fn validate(
+    State(host): State<Arc<Host>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (_, admin) = admin(&host, &headers)?;
+    admin.platform("validating the configuration")?;
+    let text = String::from_utf8(body.to_vec()).map_err(|e| {
+        ApiError::new(
+            ErrorCode::ValidationError,
+            format!("the body is not UTF-8 text: {e}"),
+        )
+    })?;
+    if text.trim().is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::ValidationError,
+            "the body must be a whole configuration in TOML",
+        ));
+    }
+    match host.validate(text).await {
+        Ok(Ok((services, tenants, warnings))) => Ok(Json(json!({
+            "valid": true,
+            "services": services,
+            "tenants": tenants,
+            "warnings": warnings,
+        }))
+        .into_response()),
+        Ok(Err(errors)) => Ok(invalid(&request_id, &errors)),
+        Err(e) => Ok(reload_error(&request_id, e)),
+    }
+}
+
+/// `POST /admin/config/reload` (and `/admin/plugins/reload`): reads the configuration and
+/// the plugin folders again and applies the difference.
+pub async fn reload(
+    State(host): State<Arc<Host>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (_, admin) = admin(&host, &headers)?;
+    admin.platform("reloading the configuration")?;
+    tracing::info!(by = %admin.by(), "reload requested over /admin");
+    Ok(match host.reload().await {
+        Ok(report) => Json(json!(report)).into_response(),
+        Err(e) => reload_error(&request_id, e),
+    })
+}
+
+/// The optional body of pause, resume and restart.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// One tenant; absent means every tenant for a platform operator, and the caller's own
+    /// tenant for a tenant administrator.
+    tenant: Option<String>,
+}
+
+fn target(body: Result<Json<Target>, JsonRejection>, raw_empty: bool) -> Result<Target, ApiError> {
+    if raw_empty {
+        return Ok(Target::default());
+    }
+    body.map(|Json(t)| t).map_err(|e| {
+        ApiError::new(
+            ErrorCode::ValidationError,
+            format!(
+                "invalid body: {} (expected {{\"tenant\": \"name\"}} or nothing)",
+                e.body_text()
+            ),
+        )
+    })
+}
+
+/// The tenant an action applies to (`None`: every tenant), checked against the caller.
+fn scope_of(
+    generation: &Generation,
+    admin: &Admin,
+    service: &str,
+    tenant: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    if !generation.config.services.contains_key(service) {
+        return Err(ProviderError::not_found(format!(
+            "no service '{service}' is configured on this host"
+        ))
+        .into());
+    }
+    let tenant = match (tenant, &admin.scope) {
+        (Some(t), _) => Some(t),
+        (None, AdminScope::Platform) => None,
+        (None, AdminScope::Tenant(own)) => Some(own.clone()),
+    };
+    if let Some(t) = &tenant {
+        admin.check(t)?;
+        let plan = generation.config.tenants.get(t).ok_or_else(|| {
+            ProviderError::not_found(format!("no tenant '{t}' is configured on this host"))
+        })?;
+        if !plan.services.contains_key(service) {
+            return Err(ProviderError::not_found(format!(
+                "tenant '{t}' does not enable service '{service}'"
+            ))
+            .into());
+        }
+    }
+    Ok(tenant)
+}
+
+async fn pause_or_resume(
+    host: Arc<Host>,
+    headers: HeaderMap,
+    service: Result<Path<String>, PathRejection>,
+    body: Result<Json<Target>, JsonRejection>,
+    on: bool,
+) -> Result<Json<Value>, ApiError> {
+    let Path(service) = service.map_err(bad_path)?;
+    let (generation, admin) = admin(&host, &headers)?;
+    let empty = is_empty_body(&headers);
+    let tenant = scope_of(&generation, &admin, &service, target(body, empty)?.tenant)?;
+    let stored = tenant.as_deref().unwrap_or(ALL_TENANTS);
+    let changed = host
+        .set_control(stored, &service, "paused", on, &admin.by())
+        .await?;
+    Ok(Json(json!({
+        "service": service,
+        "tenant": tenant,
+        "paused": on,
+        "changed": changed,
+    })))
+}
+
+fn is_empty_body(headers: &HeaderMap) -> bool {
+    let length = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    length == Some(0)
+        || (length.is_none() && !headers.contains_key(axum::http::header::CONTENT_TYPE))
+}
+
+/// `POST /admin/providers/{service}/pause`: calls answer 503 until resumed; kept across restarts.
+pub async fn pause(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    service: Result<Path<String>, PathRejection>,
+    body: Result<Json<Target>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    pause_or_resume(host, headers, service, body, true).await
+}
+
+/// `POST /admin/providers/{service}/resume`.
+pub async fn resume(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    service: Result<Path<String>, PathRejection>,
+    body: Result<Json<Target>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    pause_or_resume(host, headers, service, body, false).await
+}
+
+/// `POST /admin/providers/{service}/restart`: a new instance connects, then takes over.
+pub async fn restart(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    service: Result<Path<String>, PathRejection>,
+    body: Result<Json<Target>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(service) = service.map_err(bad_path)?;
+    let (generation, admin) = admin(&host, &headers)?;
+    let empty = is_empty_body(&headers);
+    let tenant = scope_of(&generation, &admin, &service, target(body, empty)?.tenant)?;
+    let (restarted, failed) = host.restart(&service, tenant.as_deref()).await;
+    tracing::info!(by = %admin.by(), service, restarted = restarted.len(), failed = failed.len(), "restart requested over /admin");
+    if let (Some(t), Some((_, why))) = (&tenant, failed.first()) {
+        return Err(ProviderError::unavailable(format!(
+            "the new instance of '{service}' for tenant '{t}' did not connect, the old one keeps serving: {why}"
+        ))
+        .into());
+    }
+    Ok(Json(json!({
+        "service": service,
+        "restarted": restarted,
+        "failed": failed.iter().map(|(t, why)| json!({"tenant": t, "detail": why})).collect::<Vec<_>>(),
+    })))
+}
+
+async fn enable_or_disable(
+    host: Arc<Host>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+    enable: bool,
+) -> Result<Json<Value>, ApiError> {
+    let Path((tenant, service)) = path.map_err(bad_path)?;
+    let (generation, admin) = admin(&host, &headers)?;
+    admin.check(&tenant)?;
+    let plan = generation.config.tenants.get(&tenant).ok_or_else(|| {
+        ProviderError::not_found(format!("no tenant '{tenant}' is configured on this host"))
+    })?;
+    if !generation.config.services.contains_key(&service) {
+        return Err(ProviderError::not_found(format!(
+            "no service '{service}' is configured on this host"
+        ))
+        .into());
+    }
+    if !plan.services.contains_key(&service) {
+        return Err(ProviderError::conflict(format!(
+            "tenant '{tenant}' does not list service '{service}' in its configuration; add it to [tenants.{tenant}] services and reload (disable and enable switch only what the configuration allows)"
+        ))
+        .into());
+    }
+    let changed = host
+        .set_control(&tenant, &service, "disabled", !enable, &admin.by())
+        .await?;
+    Ok(Json(json!({
+        "tenant": tenant,
+        "service": service,
+        "enabled": enable,
+        "changed": changed,
+    })))
+}
+
+/// `POST /admin/tenants/{tenant}/services/{service}/enable`.
+pub async fn enable(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    enable_or_disable(host, headers, path, true).await
+}
+
+/// `POST /admin/tenants/{tenant}/services/{service}/disable`: hidden from the tenant
+/// (404, as if not enabled) until enabled again; kept across restarts.
+pub async fn disable(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    enable_or_disable(host, headers, path, false).await
+}
