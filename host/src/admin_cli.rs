@@ -295,9 +295,9 @@ fn render(command: &AdminCommand, answer: &Value) -> String {
             }
         }
         AdminCommand::Pause(t) | AdminCommand::Resume(t) => {
-            let whom = t
-                .tenant
-                .as_deref()
+            // The host's answer, not the flag: a tenant admin's default is their own tenant.
+            let whom = answer["tenant"]
+                .as_str()
                 .map_or("every tenant".to_owned(), |x| format!("tenant {x}"));
             let state = if answer["paused"] == json!(true) {
                 "paused"

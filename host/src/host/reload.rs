@@ -17,6 +17,9 @@ use sha2::{Digest, Sha256};
 use super::{ALL_TENANTS, Controls, Generation, Host};
 use crate::config::{self, Config, ConfigError, TenantService};
 
+/// How `${env:NAME}` references resolve.
+pub type Env = dyn Fn(&str) -> Option<String> + Send + Sync;
+
 /// Where a host's configuration comes from, and what checking it needs.
 pub struct ConfigSource {
     /// Builtin providers (the registry plugins are added to).
@@ -24,7 +27,7 @@ pub struct ConfigSource {
     /// The file, or text with the folder its relative paths resolve against.
     pub origin: Origin,
     /// How `${env:NAME}` references resolve.
-    pub env: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    pub env: Box<Env>,
 }
 
 /// The configuration's text: a file read again at every reload, or fixed text (the embedded demo).

@@ -462,3 +462,315 @@ async fn the_demo_keeps_serving_when_its_stdout_is_closed() {
     let logs = logs.join().unwrap();
     assert!(logs.contains("could not print the demo's tour"), "{logs}");
 }
+
+const OPS_CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+watch_config = WATCH
+
+[storage]
+url = "sqlite://data/host.db"
+
+[security]
+issuer = "ops"
+audience = "providers"
+admin_role = "admin"
+platform_tenant = "platform"
+
+[[security.keys]]
+algorithm = "HS256"
+secret = "${env:OPS_JWT_SECRET}"
+
+[security.roles]
+admin = ["*"]
+user = ["kv.*"]
+
+[[providers]]
+service = "kv"
+
+[tenants.acme]
+services = ["kv"]
+"#;
+
+const OPS_SECRET: &str = "ops-secret-ops-secret-ops-secret-ops!";
+
+/// A host serving `OPS_CONFIG` from a file in `dir`, and the address it listens on.
+fn ops_host(
+    dir: &std::path::Path,
+    watch: bool,
+) -> (Child, String, std::thread::JoinHandle<String>) {
+    std::fs::write(
+        dir.join("host.toml"),
+        OPS_CONFIG.replace("WATCH", if watch { "true" } else { "false" }),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", "host.toml"])
+        .current_dir(dir)
+        .env("OPS_JWT_SECRET", OPS_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, logs) = wait_listening(&mut child);
+    (child, addr, logs)
+}
+
+fn mint(dir: &std::path::Path, tenant: &str, roles: &str) -> String {
+    let out = Command::new(BIN)
+        .args([
+            "token",
+            "--config",
+            "host.toml",
+            "--tenant",
+            tenant,
+            "--roles",
+            roles,
+        ])
+        .current_dir(dir)
+        .env("OPS_JWT_SECRET", OPS_SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `provider-host admin …` against `addr`: exit code, stdout, stderr.
+fn admin(
+    dir: &std::path::Path,
+    addr: &str,
+    token: Option<&str>,
+    args: &[&str],
+) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("admin")
+        .args(args)
+        .arg("--url")
+        .arg(format!("http://{addr}"))
+        .current_dir(dir);
+    cmd.env_remove("PROVIDER_HOST_TOKEN");
+    if let Some(t) = token {
+        cmd.env("PROVIDER_HOST_TOKEN", t);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tenants_of(dir: &std::path::Path, addr: &str, token: &str) -> Vec<String> {
+    let (code, out, err) = admin(dir, addr, Some(token), &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["services"][0]["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tenant"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_admin_commands_drive_a_running_host_and_sighup_reloads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut child, addr, logs) = ops_host(d, false);
+    assert!(
+        d.join("data/host.db").exists(),
+        "the database is beside the config file"
+    );
+    let platform = mint(d, "platform", "admin");
+    let acme_admin = mint(d, "acme", "admin");
+    let acme = mint(d, "acme", "user");
+
+    let (code, out, err) = admin(d, &addr, Some(&platform), &["status"]);
+    assert_eq!(code, 0, "{err}");
+    let header = out.lines().nth(1).unwrap();
+    assert!(
+        header.starts_with("SERVICE") && header.contains("TENANT") && header.contains("INSTANCE"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("kv ") && l.contains("acme") && l.contains("idle")),
+        "{out}"
+    );
+
+    // validate: a good file exits 0, a bad one 2 with each error's place.
+    std::fs::write(d.join("good.toml"), OPS_CONFIG.replace("WATCH", "false")).unwrap();
+    let (code, out, _) = admin(d, &addr, Some(&platform), &["validate", "good.toml"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "good.toml: valid (1 services, 1 tenants)")
+    );
+    std::fs::write(
+        d.join("bad.toml"),
+        OPS_CONFIG
+            .replace("WATCH", "\"sometimes\"")
+            .replace("services = [\"kv\"]", "services = [\"nothing\"]"),
+    )
+    .unwrap();
+    let (code, _, err) = admin(d, &addr, Some(&platform), &["validate", "bad.toml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("422 VALIDATION_ERROR"), "{err}");
+    assert!(
+        err.contains("<request body>:4:"),
+        "line and column of each error: {err}"
+    );
+    // A tenant admin may not validate; a missing token is refused; exit 3 for both.
+    let (code, _, err) = admin(d, &addr, Some(&acme_admin), &["validate", "good.toml"]);
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = admin(d, &addr, None, &["status"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("401 UNAUTHENTICATED"), "{err}");
+
+    // reload over the API.
+    let grow = |tenant: &str| {
+        let text = std::fs::read_to_string(d.join("host.toml")).unwrap();
+        std::fs::write(
+            d.join("host.toml"),
+            format!("{text}\n[tenants.{tenant}]\nservices = [\"kv\"]\n"),
+        )
+        .unwrap();
+    };
+    grow("initech");
+    let (code, out, err) = admin(d, &addr, Some(&platform), &["reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("reloaded: generation 2") && out.contains("tenant 'initech' added"),
+        "{out}"
+    );
+    assert_eq!(tenants_of(d, &addr, &platform), ["acme", "initech"]);
+    // An invalid file: exit 2, the running configuration stays.
+    let good = std::fs::read_to_string(d.join("host.toml")).unwrap();
+    std::fs::write(
+        d.join("host.toml"),
+        good.replace("[[providers]]", "[[providers]]\nunknown = 1"),
+    )
+    .unwrap();
+    let (code, _, err) = admin(d, &addr, Some(&platform), &["reload"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown field `unknown`"), "{err}");
+    std::fs::write(d.join("host.toml"), good).unwrap();
+
+    // SIGHUP reloads too.
+    grow("hooli");
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let end = Instant::now() + Duration::from_secs(10);
+    while tenants_of(d, &addr, &platform).len() < 3 {
+        assert!(Instant::now() < end, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        tenants_of(d, &addr, &platform),
+        ["acme", "hooli", "initech"]
+    );
+
+    // pause, resume, restart, disable, enable.
+    let client = reqwest::Client::new();
+    let call = |token: String| {
+        let (client, addr) = (client.clone(), addr.clone());
+        async move {
+            client
+                .post(format!("http://{addr}/providers/kv/set"))
+                .bearer_auth(token)
+                .json(&json!({"key": "a", "value": 1}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(call(acme.clone()).await, 200);
+    let (code, out, err) = admin(d, &addr, Some(&acme_admin), &["pause", "kv"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "kv paused for tenant acme"),
+        "a tenant admin's own tenant: {err}"
+    );
+    assert_eq!(call(acme.clone()).await, 503);
+    let (code, out, _) = admin(d, &addr, Some(&platform), &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("kv ") && l.contains("acme") && l.contains("yes")),
+        "{out}"
+    );
+    let (code, out, _) = admin(
+        d,
+        &addr,
+        Some(&platform),
+        &["resume", "kv", "--tenant", "acme"],
+    );
+    assert_eq!((code, out.trim()), (0, "kv resumed for tenant acme"));
+    assert_eq!(call(acme.clone()).await, 200);
+    let (code, out, _) = admin(d, &addr, Some(&platform), &["restart", "kv"]);
+    assert_eq!((code, out.trim()), (0, "kv: restarted acme"));
+    let (code, _, err) = admin(d, &addr, Some(&platform), &["pause", "nothing"]);
+    assert_eq!(code, 4, "{err}");
+    let (code, out, _) = admin(d, &addr, Some(&acme_admin), &["disable", "acme", "kv"]);
+    assert_eq!((code, out.trim()), (0, "acme/kv: disabled"));
+    assert_eq!(call(acme.clone()).await, 404);
+    let (code, _, err) = admin(d, &addr, Some(&acme_admin), &["enable", "initech", "kv"]);
+    assert_eq!(code, 3, "another tenant: {err}");
+    let (code, out, _) = admin(
+        d,
+        &addr,
+        Some(&acme_admin),
+        &["enable", "acme", "kv", "--json"],
+    );
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["enabled"], true);
+    assert_eq!(call(acme).await, 200);
+    // Nothing listening: exit 1.
+    let (code, _, err) = admin(d, "127.0.0.1:1", Some(&platform), &["status"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+
+    assert!(terminate(&mut child).success());
+    let logs = logs.join().unwrap();
+    assert!(
+        logs.contains("SIGHUP: reloading the configuration"),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn watch_config_reloads_when_the_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut child, addr, logs) = ops_host(d, true);
+    let platform = mint(d, "platform", "admin");
+    assert_eq!(tenants_of(d, &addr, &platform), ["acme"]);
+    // Modification times can be coarse: make sure this write is seen as a change.
+    std::thread::sleep(Duration::from_millis(1100));
+    let text = std::fs::read_to_string(d.join("host.toml")).unwrap();
+    std::fs::write(
+        d.join("host.toml"),
+        format!("{text}\n[tenants.initech]\nservices = [\"kv\"]\n"),
+    )
+    .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while tenants_of(d, &addr, &platform).len() < 2 {
+        assert!(Instant::now() < end, "the change was not picked up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(terminate(&mut child).success());
+    assert!(
+        logs.join()
+            .unwrap()
+            .contains("configuration file changed: reloading")
+    );
+}

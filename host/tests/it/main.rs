@@ -11,6 +11,7 @@ mod config;
 mod deps;
 mod instances;
 mod native;
+mod operations;
 mod plugins;
 mod registry;
 mod routes;
