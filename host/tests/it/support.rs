@@ -165,6 +165,10 @@ impl Provider for Probe {
                     payload["service"].as_str().unwrap_or(""),
                     payload["action"].as_str().unwrap_or(""),
                 );
+                if let Some(ms) = payload["delay_ms"].as_u64() {
+                    self.counters.sleeping.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
                 ctx.call(s, a, payload["payload"].clone()).await
             }
             "keep" => {
