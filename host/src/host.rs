@@ -306,16 +306,6 @@ impl Host {
         let config = &generation.config;
         let tenant = generation.tenant(ctx.tenant())?;
         let enabled = generation.service(ctx.tenant(), tenant, service)?;
-        if let Some(all) = generation.controls.paused(ctx.tenant(), service) {
-            let whom = if all {
-                "for every tenant".to_owned()
-            } else {
-                format!("for tenant '{}'", ctx.tenant())
-            };
-            return Err(ProviderError::unavailable(format!(
-                "service '{service}' is paused {whom} by an administrator; calls resume when it is resumed"
-            )));
-        }
         if let Some(reason) = &enabled.service.unavailable {
             return Err(ProviderError::unavailable(reason.clone()));
         }
@@ -330,6 +320,17 @@ impl Host {
                 "action '{service}/{action}' needs permission '{}', which roles {:?} do not grant",
                 spec.permission,
                 ctx.roles()
+            )));
+        }
+        // After the permission check: a caller who may not call the action learns nothing more.
+        if let Some(all) = generation.controls.paused(ctx.tenant(), service) {
+            let whom = if all {
+                "for every tenant".to_owned()
+            } else {
+                format!("for tenant '{}'", ctx.tenant())
+            };
+            return Err(ProviderError::unavailable(format!(
+                "service '{service}' is paused {whom} by an administrator; calls resume when it is resumed"
             )));
         }
         if let Some(validator) = enabled.service.validators.get(action)

@@ -92,13 +92,14 @@ pub struct ReloadReport {
 }
 
 /// Whether a slot made for `revision` still matches `generation`'s plan of `tenant`'s `service`.
+/// A newer revision is kept: it is a reload's new instance, connected before its generation is.
 pub(super) fn keeps(generation: &Generation, tenant: &str, service: &str, revision: u64) -> bool {
     generation
         .config
         .tenants
         .get(tenant)
         .and_then(|plan| plan.services.get(service))
-        .is_some_and(|ts| ts.revision == revision)
+        .is_some_and(|ts| revision >= ts.revision)
         && !generation.controls.disabled(tenant, service)
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -118,10 +118,14 @@ pub async fn validate(
     State(host): State<Arc<Host>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (_, admin) = admin(&host, &headers)?;
     admin.platform("validating the configuration")?;
+    let body = body.map_err(|e| ApiError {
+        error: ProviderError::validation(format!("the body could not be read: {}", e.body_text())),
+        status: Some(e.status()),
+    })?;
     let text = String::from_utf8(body.to_vec()).map_err(|e| {
         ApiError::new(
             ErrorCode::ValidationError,

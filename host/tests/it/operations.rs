@@ -297,6 +297,18 @@ async fn admin_routes_refuse_a_missing_or_wrong_role(
             );
         }
     }
+    // Every admin route is in the OpenAPI document.
+    let doc = app.get(None, "/openapi.json").await.body;
+    for (method, path, _) in routes() {
+        let path = path.replace("/probe/", "/{service}/").replace(
+            "/tenants/acme/services/{service}/",
+            "/tenants/{tenant}/services/{service}/",
+        );
+        assert!(
+            doc["paths"][&path][method.to_lowercase()].is_object(),
+            "{method} {path} is not in /openapi.json"
+        );
+    }
     // Nothing a refused request asked for happened.
     assert_eq!(app.host.generation().number, 1);
     assert!(app.host.generation().controls.paused.is_empty());
@@ -516,6 +528,18 @@ async fn reload_applies_only_the_difference(db: providers_database::testing::Tes
         )
         .await;
     assert_error(&r, 403, ErrorCode::Forbidden);
+    // Tokens keep verifying across reloads until [security] changes; then the new settings hold.
+    std::fs::write(
+        &ops.file,
+        std::fs::read_to_string(&ops.file)
+            .unwrap()
+            .edit("issuer = \"test-issuer\"", "issuer = \"new-issuer\""),
+    )
+    .unwrap();
+    assert_eq!(ops.reload().await.status, 200);
+    let r = app.post(Some(&acme), "kv/get", json!({"key": "k"})).await;
+    let detail = assert_error(&r, 401, ErrorCode::Unauthenticated);
+    assert!(detail.contains("iss"), "{detail}");
     assert!(
         crate::support::eventually(Duration::from_secs(5), || {
             app.host
