@@ -168,6 +168,10 @@ fn load(path: Option<&Path>) -> anyhow::Result<Result<Config, Vec<ConfigError>>>
 
 /// Where the configuration comes from: the file, or the embedded demo against the working directory.
 fn source(path: Option<&Path>) -> anyhow::Result<ConfigSource> {
+    source_with(path, None)
+}
+
+fn source_with(path: Option<&Path>, listen: Option<SocketAddr>) -> anyhow::Result<ConfigSource> {
     let origin = match path {
         Some(path) => Origin::File(path.to_path_buf()),
         None => {
@@ -184,6 +188,7 @@ fn source(path: Option<&Path>) -> anyhow::Result<ConfigSource> {
         registry: builtin_registry()?,
         origin,
         env: Box::new(|n| std::env::var(n).ok()),
+        listen,
     })
 }
 
@@ -323,17 +328,14 @@ fn token(
 
 fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
     let is_demo = path.is_none();
-    let source = source(path.as_deref())?;
-    let mut config = match source.load(None) {
+    let source = source_with(path.as_deref(), listen)?;
+    let config = match source.load(None) {
         Ok(c) => c,
         Err(errors) => {
             print_errors(&errors);
             return Ok(ExitCode::from(2));
         }
     };
-    if let Some(addr) = listen {
-        config.server.listen = addr;
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

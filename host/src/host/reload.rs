@@ -28,6 +28,9 @@ pub struct ConfigSource {
     pub origin: Origin,
     /// How `${env:NAME}` references resolve.
     pub env: Box<Env>,
+    /// `serve --listen`: replaces `server.listen` of every load, so a reload does not see the
+    /// file's address as a change.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The configuration's text: a file read again at every reload, or fixed text (the embedded demo).
@@ -55,12 +58,20 @@ impl ConfigSource {
 
     /// Checks the source's current text.
     pub fn load(&self, previous: Option<&Config>) -> Result<Config, Vec<ConfigError>> {
-        match &self.origin {
+        let loaded = match &self.origin {
             Origin::File(path) => config::load_file(path, &self.registry, &*self.env, previous),
             Origin::Text { text, name, base } => {
                 config::load_with(text, name, base, &self.registry, &*self.env, previous)
             }
+        };
+        loaded.map(|c| self.overridden(c))
+    }
+
+    fn overridden(&self, mut config: Config) -> Config {
+        if let Some(listen) = self.listen {
+            config.server.listen = listen;
         }
+        config
     }
 
     /// Checks `text` as if it were the source's (relative paths against the same folder).
@@ -73,6 +84,7 @@ impl ConfigSource {
             &*self.env,
             previous,
         )
+        .map(|c| self.overridden(c))
     }
 }
 

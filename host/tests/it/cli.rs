@@ -465,7 +465,7 @@ async fn the_demo_keeps_serving_when_its_stdout_is_closed() {
 
 const OPS_CONFIG: &str = r#"
 [server]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:1"
 watch_config = WATCH
 
 [storage]
@@ -505,7 +505,7 @@ fn ops_host(
     )
     .unwrap();
     let mut child = Command::new(BIN)
-        .args(["serve", "--config", "host.toml"])
+        .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
         .current_dir(dir)
         .env("OPS_JWT_SECRET", OPS_SECRET)
         .stdout(Stdio::null())
@@ -645,6 +645,10 @@ async fn the_admin_commands_drive_a_running_host_and_sighup_reloads_it() {
     assert!(
         out.contains("reloaded: generation 2") && out.contains("tenant 'initech' added"),
         "{out}"
+    );
+    assert!(
+        !out.contains("needs a restart"),
+        "--listen is not the file's address changing: {out}"
     );
     assert_eq!(tenants_of(d, &addr, &platform), ["acme", "initech"]);
     // An invalid file: exit 2, the running configuration stays.

@@ -176,6 +176,7 @@ async fn start_host(file: &Path, counters: &Arc<Counters>) -> (Arc<Host>, TokenI
         registry: registry(counters),
         origin: Origin::File(file.to_path_buf()),
         env: Box::new(env),
+        listen: None,
     };
     let config = source.load(None).unwrap_or_else(|e| panic!("{e:?}"));
     assert!(
