@@ -214,6 +214,9 @@ impl Host {
         providers_database::prepare(storage.builtin_pool())
             .await
             .map_err(|e| anyhow::anyhow!("preparing the kv tables: {e}"))?;
+        providers_logic::prepare(storage.builtin_pool())
+            .await
+            .map_err(|e| anyhow::anyhow!("preparing the uid tables: {e}"))?;
         let instances = Arc::new(Instances::new(
             storage.clone(),
             resources,

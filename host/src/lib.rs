@@ -19,6 +19,7 @@ use providers_core::{Registry, RegistryError};
 // Builtin provider crates register through `inventory`; naming each here keeps the linker
 // from dropping one whose items nothing else references.
 use providers_database as _;
+use providers_logic as _;
 
 pub use host::Host;
 
@@ -26,5 +27,6 @@ pub use host::Host;
 pub fn builtin_registry() -> Result<Registry, RegistryError> {
     // Touch a symbol of each builtin crate so its registrations are linked in.
     std::hint::black_box(providers_database::Kv::default as fn() -> providers_database::Kv);
+    std::hint::black_box(providers_logic::Uid::default as fn() -> providers_logic::Uid);
     Ok(Registry::builder().with_builtins()?.build())
 }

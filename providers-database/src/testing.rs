@@ -65,3 +65,23 @@ impl TestDatabase {
             .expect("connecting to the test database")
     }
 }
+
+/// Runs each named `async fn(TestDatabase)` once per backend, on a multi-thread runtime so
+/// that races between worker threads are real: `matrix!(a_test, another);` makes
+/// `a_test::sqlite` and `a_test::postgres`. The calling crate needs tokio's `macros` and
+/// `rt-multi-thread` features.
+#[macro_export]
+macro_rules! matrix {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::testing::TestDatabase::sqlite()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::testing::TestDatabase::postgres().await).await
+            }
+        }
+    )*};
+}

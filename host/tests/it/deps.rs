@@ -66,6 +66,7 @@ fn the_crate_graph_keeps_its_invariants() {
         "providers-core",
         "providers-security",
         "providers-database",
+        "providers-logic",
         "provider-host",
         "native-inventory",
         "native-fixture",
@@ -81,7 +82,11 @@ fn the_crate_graph_keeps_its_invariants() {
         internal("providers-core").is_empty(),
         "providers-core depends on no workspace crate"
     );
-    for provider_crate in ["providers-security", "providers-database"] {
+    for provider_crate in [
+        "providers-security",
+        "providers-database",
+        "providers-logic",
+    ] {
         let deps = internal(provider_crate);
         assert!(
             deps.iter().all(|d| d == "providers-core"),
@@ -91,7 +96,13 @@ fn the_crate_graph_keeps_its_invariants() {
     assert_eq!(
         internal("host"),
         BTreeSet::from(
-            ["providers-core", "providers-database", "providers-security"].map(String::from)
+            [
+                "providers-core",
+                "providers-database",
+                "providers-logic",
+                "providers-security",
+            ]
+            .map(String::from)
         ),
         "the host depends on every provider crate"
     );
@@ -121,7 +132,12 @@ fn the_crate_graph_keeps_its_invariants() {
         }
     }
     // The wasm engine is the host's alone.
-    for crate_dir in ["providers-core", "providers-security", "providers-database"] {
+    for crate_dir in [
+        "providers-core",
+        "providers-security",
+        "providers-database",
+        "providers-logic",
+    ] {
         assert!(
             !closure(&dependencies(crate_dir, true)).contains("wasmtime"),
             "{crate_dir} must not pull wasmtime"
@@ -129,7 +145,11 @@ fn the_crate_graph_keeps_its_invariants() {
     }
     assert!(direct("host").contains("wasmtime"));
     // abi_stable stays behind providers-core's `native` feature and the host's native engine.
-    for crate_dir in ["providers-security", "providers-database"] {
+    for crate_dir in [
+        "providers-security",
+        "providers-database",
+        "providers-logic",
+    ] {
         let text = std::fs::read_to_string(root().join(crate_dir).join("Cargo.toml")).unwrap();
         let manifest: toml::Table = toml::from_str(&text).unwrap();
         let features = manifest["dependencies"]

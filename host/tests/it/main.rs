@@ -10,6 +10,7 @@ mod cli;
 mod config;
 mod deps;
 mod instances;
+mod logic;
 mod native;
 mod operations;
 mod plugins;

@@ -287,24 +287,7 @@ impl Edit for str {
     }
 }
 
-/// Runs each named `async fn(TestDatabase)` once per backend, on a multi-thread runtime so
-/// that races between worker threads are real: `matrix!(a_test, another);` makes
-/// `a_test::sqlite` and `a_test::postgres`.
-macro_rules! matrix {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(providers_database::testing::TestDatabase::sqlite()).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(providers_database::testing::TestDatabase::postgres().await).await
-            }
-        }
-    )*};
-}
-pub(crate) use matrix;
+pub(crate) use providers_database::matrix;
 
 pub fn env(name: &str) -> Option<String> {
     (name == "TEST_JWT_SECRET").then(|| SECRET.to_owned())

@@ -1,0 +1,35 @@
+//! This crate's migrations, applied once per database and tracked in their own table.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, SqlSafeStr};
+use tokio::sync::Mutex;
+
+/// Databases whose migrations this process has applied, by URL (SQLite has no advisory lock).
+static PREPARED: Mutex<Option<HashSet<String>>> = Mutex::const_new(None);
+
+fn migrator() -> Migrator {
+    let mut m = Migrator::with_migrations(vec![Migration::new(
+        1,
+        Cow::Borrowed("uid"),
+        MigrationType::Simple,
+        sqlx::AssertSqlSafe(include_str!("../migrations/0001_uid.sql")).into_sql_str(),
+        false,
+    )]);
+    m.dangerous_set_table_name("_logic_migrations");
+    m
+}
+
+/// Applies this crate's migrations to the database behind `pool`, once per database per process.
+pub async fn prepare(pool: &AnyPool) -> Result<(), sqlx::migrate::MigrateError> {
+    let url = pool.connect_options().database_url.to_string();
+    let mut prepared = PREPARED.lock().await;
+    if prepared.as_ref().is_some_and(|done| done.contains(&url)) {
+        return Ok(());
+    }
+    migrator().run(pool).await?;
+    prepared.get_or_insert_with(HashSet::new).insert(url);
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! The `uid` provider against real SQLite and PostgreSQL databases.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers outside #[test] functions fail loudly on purpose"
+)]
+
+mod uid;
