@@ -778,3 +778,58 @@ async fn watch_config_reloads_when_the_file_changes() {
             .contains("configuration file changed: reloading")
     );
 }
+
+/// Two host processes on one PostgreSQL database issue 200 identifiers between them, all at
+/// once: the sequence has no gap and no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_on_one_postgres_issue_gap_free_uids() {
+    let db = providers_database::testing::TestDatabase::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let text = OPS_CONFIG
+        .replace("WATCH", "false")
+        .replace("sqlite://data/host.db", &db.url)
+        .replace("user = [\"kv.*\"]", "user = [\"kv.*\", \"uid.*\"]")
+        .replace("services = [\"kv\"]", "services = [\"kv\", \"uid\"]")
+        + "\n[[providers]]\nservice = \"uid\"\nconfig = { tenant_code = \"ACME\", plants = [\"KOL\"] }\n";
+    std::fs::write(d.join("host.toml"), &text).unwrap();
+    let spawn = || {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
+            .current_dir(d)
+            .env("OPS_JWT_SECRET", OPS_SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (addr, logs) = wait_listening(&mut child);
+        (child, addr, logs)
+    };
+    let (mut one, a1, _l1) = spawn();
+    let (mut two, a2, _l2) = spawn();
+    let token = mint(d, "acme", "user");
+    let client = reqwest::Client::new();
+    let calls = (0..200).map(|i| {
+        let addr = if i % 2 == 0 { &a1 } else { &a2 };
+        client
+            .post(format!("http://{addr}/providers/uid/issue"))
+            .bearer_auth(&token)
+            .json(&json!({"plant": "KOL", "type": "FG", "entity_type": "unit", "entity_id": format!("u{i}")}))
+            .send()
+    });
+    let responses = futures_util::future::join_all(calls).await;
+    let mut sequences = std::collections::BTreeSet::new();
+    for r in responses {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().await.unwrap();
+        sequences.insert(body["data"]["sequence"].as_i64().unwrap());
+    }
+    assert_eq!(
+        sequences,
+        (1..=200).collect(),
+        "no gaps, no duplicates across two hosts"
+    );
+    assert!(terminate(&mut one).success());
+    assert!(terminate(&mut two).success());
+}

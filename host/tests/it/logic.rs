@@ -47,7 +47,11 @@ async fn uid_serves_each_tenant_its_own_identifiers(db: providers_database::test
         .await;
     assert_error(&r, 404, ErrorCode::NotFound);
     let r = app
-        .post(Some(&globex), "uid/validate", json!({"uid": uid}))
+        .post(
+            Some(&globex),
+            "uid/validate",
+            json!({"uid": uid, "check_known": true}),
+        )
         .await;
     assert_eq!(r.body["data"]["valid"], false);
     assert_eq!(r.body["data"]["known"], false);

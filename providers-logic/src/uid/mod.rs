@@ -121,12 +121,12 @@ fn descriptor() -> Descriptor {
         )
         .action(
             Action::new("validate")
-                .description("Says whether a string is a valid identifier of this tenant, and if not which part is wrong and why; `known` when it was issued here.")
+                .description("Says whether a string is a valid identifier of this tenant, and if not which part is wrong and why. Pure computation; with `check_known`, also whether it was issued here (one read).")
                 .permission("uid.read")
                 .idempotent()
-                .input(json!({"type": "object", "properties": {"uid": {"type": "string", "maxLength": 256}}, "required": ["uid"], "additionalProperties": false}))
+                .input(json!({"type": "object", "properties": {"uid": {"type": "string", "maxLength": 256}, "check_known": {"type": "boolean"}}, "required": ["uid"], "additionalProperties": false}))
                 .output(json!({"type": "object", "properties": {
-                    "valid": {"type": "boolean"}, "known": {"type": "boolean"},
+                    "valid": {"type": "boolean"}, "known": {"type": ["boolean", "null"]},
                     "problems": {"type": "array", "items": {"type": "object", "properties": {"part": {"type": "string"}, "reason": {"type": "string"}}}}
                 }, "required": ["valid", "known", "problems"]})),
         )
@@ -294,7 +294,7 @@ impl Connected {
         )
     }
 
-    async fn validate(&self, text: &str) -> Result<Value, ProviderError> {
+    async fn validate(&self, text: &str, check_known: bool) -> Result<Value, ProviderError> {
         let c = &self.config;
         let problems = match code::parse(text) {
             Err(problems) => problems,
@@ -323,7 +323,12 @@ impl Connected {
             }
         };
         let valid = problems.is_empty();
-        let known = valid && self.known(text).await?;
+        // Unasked, no I/O: `known` is null.
+        let known = if check_known {
+            json!(valid && self.known(text).await?)
+        } else {
+            Value::Null
+        };
         let problems: Vec<Value> = problems
             .into_iter()
             .map(|p| json!({"part": p.part, "reason": p.reason}))
@@ -567,7 +572,8 @@ impl Provider for Uid {
             "issue" => c.issue(parse(payload)?).await,
             "validate" => {
                 let text = payload["uid"].as_str().unwrap_or_default().to_owned();
-                c.validate(&text).await
+                let check_known = payload["check_known"].as_bool().unwrap_or(false);
+                c.validate(&text, check_known).await
             }
             "record" => c.record(parse(payload)?).await,
             "trace" => {

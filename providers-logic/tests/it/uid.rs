@@ -125,7 +125,7 @@ async fn issues_records_traces_and_looks_up(db: TestDatabase) {
     assert_eq!(lot["sequence"], 1);
     assert!(lot_uid.starts_with("UID-SAIF-KOL-RM-000001-"), "{lot_uid}");
     let v = acme
-        .call("validate", json!({"uid": lot_uid}))
+        .call("validate", json!({"uid": lot_uid, "check_known": true}))
         .await
         .unwrap();
     assert_eq!(
@@ -134,7 +134,16 @@ async fn issues_records_traces_and_looks_up(db: TestDatabase) {
     );
     // A well-formed identifier never issued: valid, not known.
     let never = code::format("SAIF", "KOL", "RM", 999);
-    let v = acme.call("validate", json!({"uid": never})).await.unwrap();
+    let v = acme
+        .call("validate", json!({"uid": lot_uid}))
+        .await
+        .unwrap();
+    assert_eq!(v["known"], Value::Null, "no I/O unless asked");
+    assert_eq!(v["valid"], true);
+    let v = acme
+        .call("validate", json!({"uid": never, "check_known": true}))
+        .await
+        .unwrap();
     assert_eq!(
         (v["valid"].clone(), v["known"].clone()),
         (json!(true), json!(false))
@@ -284,7 +293,10 @@ async fn another_tenant_cannot_see_or_touch_an_identifier(db: TestDatabase) {
         .as_str()
         .unwrap()
         .to_owned();
-    let v = globex.call("validate", json!({"uid": uid})).await.unwrap();
+    let v = globex
+        .call("validate", json!({"uid": uid, "check_known": true}))
+        .await
+        .unwrap();
     assert_eq!(v["known"], false, "{v}");
     let (c, _) = error(globex.call("trace", json!({"uid": uid})).await);
     assert_eq!(c, ErrorCode::NotFound);
