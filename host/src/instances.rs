@@ -66,6 +66,8 @@ struct Failure {
 struct Slot {
     /// The revision of the plan it was made for.
     revision: u64,
+    /// That plan: the slot connects with it and nothing else, whoever's call comes first.
+    plan: ConnectPlan,
     cell: OnceCell<Arc<Live>>,
     inflight: AtomicUsize,
     drained: Notify,
@@ -80,9 +82,10 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(revision: u64, now_ms: u64) -> Self {
+    fn new(revision: u64, plan: ConnectPlan, now_ms: u64) -> Self {
         Slot {
             revision,
+            plan,
             cell: OnceCell::new(),
             inflight: AtomicUsize::new(0),
             drained: Notify::new(),
@@ -163,6 +166,7 @@ pub struct Instances {
 }
 
 /// What connecting one instance needs, owned so that the connect can outlive its first caller.
+#[derive(Clone)]
 struct ConnectPlan {
     tenant: String,
     service: String,
@@ -261,8 +265,9 @@ impl Instances {
         self: &Arc<Self>,
         tenant: &str,
         service: &str,
-        revision: u64,
+        plan: &TenantService,
     ) -> Result<(Lease, Arc<Slot>), ProviderError> {
+        let revision = plan.revision;
         {
             let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
             if self.closing.load(Ordering::Acquire) {
@@ -285,7 +290,11 @@ impl Instances {
         {
             return Ok((self.lease(slot, true), slot.clone()));
         }
-        let slot = Arc::new(Slot::new(revision, now));
+        let slot = Arc::new(Slot::new(
+            revision,
+            ConnectPlan::of(tenant, service, plan),
+            now,
+        ));
         let old = services.insert(service.to_owned(), slot.clone());
         let lease = self.lease(&slot, true);
         drop(map);
@@ -307,7 +316,7 @@ impl Instances {
         service: &str,
         plan: &TenantService,
     ) -> Result<(Lease, Arc<Live>), ProviderError> {
-        let (lease, slot) = self.enter(tenant, service, plan.revision)?;
+        let (lease, slot) = self.enter(tenant, service, plan)?;
         if let Some(live) = slot.cell.get() {
             return Ok((lease, live.clone()));
         }
@@ -320,7 +329,8 @@ impl Instances {
         // Safe outside the map's lock: the lease above keeps the slot from being evicted.
         let connecting = self.lease(&slot, true);
         let me = self.clone();
-        let owned = ConnectPlan::of(tenant, service, plan);
+        // The slot's own plan: a caller holding an older plan may reach a newer slot first.
+        let owned = slot.plan.clone();
         let failures_seen = slot.attempts_failed.load(Ordering::Acquire);
         let task = tokio::spawn(async move {
             // The task holds its own lease, so eviction cannot drop the slot under it.
@@ -372,9 +382,9 @@ impl Instances {
         if self.closing.load(Ordering::Acquire) {
             return Err(shutting_down());
         }
-        let slot = Arc::new(Slot::new(plan.revision, self.now_ms()));
-        let connecting = self.lease(&slot, true);
         let owned = ConnectPlan::of(tenant, service, plan);
+        let slot = Arc::new(Slot::new(plan.revision, owned.clone(), self.now_ms()));
+        let connecting = self.lease(&slot, true);
         let outcome = slot
             .cell
             .get_or_try_init(|| self.connect(&slot, owned))
@@ -454,8 +464,10 @@ impl Instances {
         count
     }
 
-    /// Lets the calls on a slot no longer in the map finish (within the connect timeout and
-    /// the cancel wait: every call has a deadline), then disconnects its instance.
+    /// Lets the calls on a slot no longer in the map finish, then disconnects its instance.
+    /// Every call has a deadline, so the wait ends; it is not cut short, since a call begun
+    /// under a longer timeout than today's would otherwise outlive the wait. The slot stays
+    /// listed as retiring until its instance is disconnected, so shutdown sees it and waits.
     fn retire(self: &Arc<Self>, tenant: &str, service: &str, slot: Arc<Slot>, why: &'static str) {
         self.retiring
             .lock()
@@ -464,23 +476,29 @@ impl Instances {
         let me = self.clone();
         let (tenant, service) = (tenant.to_owned(), service.to_owned());
         tokio::spawn(async move {
-            let until = Instant::now() + me.settings().connect_timeout + CANCEL_WAIT;
-            let drained = drain(&slot, until).await;
-            me.retiring
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|(_, _, s)| !Arc::ptr_eq(s, &slot));
-            if !drained {
-                tracing::error!(
-                    tenant,
-                    service,
-                    "calls on a retired instance did not finish; it is left connected"
-                );
-                return;
+            let mut warned = false;
+            loop {
+                let until = Instant::now() + me.settings().connect_timeout + CANCEL_WAIT;
+                if drain(&slot, until).await {
+                    break;
+                }
+                if !warned {
+                    warned = true;
+                    tracing::warn!(
+                        tenant,
+                        service,
+                        calls = slot.inflight.load(Ordering::Acquire),
+                        "calls on a retired instance are still running; it is disconnected when they end"
+                    );
+                }
             }
             if let Some(live) = slot.release() {
                 me.disconnect(&tenant, &service, &live, why).await;
             }
+            me.retiring
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(_, _, s)| !Arc::ptr_eq(s, &slot));
         });
     }
 
@@ -727,8 +745,13 @@ impl Instances {
             self.closing.store(true, Ordering::Release);
             std::mem::take(&mut *map)
         };
-        let retiring =
-            std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|p| p.into_inner()));
+        // Listed, not taken: each retire task unlists its slot once disconnected, and shutdown
+        // waits for that below.
+        let retiring = self
+            .retiring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let slots: Vec<(String, String, Arc<Slot>)> = all
             .into_iter()
             .flat_map(|(tenant, services)| {
@@ -775,6 +798,18 @@ impl Instances {
                 }
             })
             .await;
+        // A retire task that released its instance first may be disconnecting it still.
+        let until = Instant::now() + DISCONNECT_TIMEOUT;
+        while Instant::now() < until
+            && self
+                .retiring
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|(_, _, slot)| slot.released.load(Ordering::Acquire))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn disconnect(&self, tenant: &str, service: &str, live: &Arc<Live>, why: &str) {

@@ -260,7 +260,27 @@ impl Storage {
             .collect()
     }
 
-    /// Sets (`on`) or clears a control; whether anything changed.
+    /// Who set a control (`subject@tenant`), if it is set.
+    pub async fn control_setter(
+        &self,
+        tenant: &str,
+        service: &str,
+        control: &str,
+    ) -> Result<Option<String>, sqlx::Error> {
+        use sqlx::Row;
+        let row = sqlx::query(
+            "SELECT set_by FROM service_controls WHERE tenant = $1 AND service = $2 AND control = $3",
+        )
+        .bind(tenant)
+        .bind(service)
+        .bind(control)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| r.try_get(0)).transpose()
+    }
+
+    /// Sets (`on`) or clears a control; whether anything changed. Setting it again under
+    /// another name records that name: the last to set a switch owns it.
     pub async fn set_control(
         &self,
         tenant: &str,
@@ -272,7 +292,9 @@ impl Storage {
         let done = if on {
             sqlx::query(
                 "INSERT INTO service_controls (tenant, service, control, set_by, at_ms) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, service, control) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, service, control) \
+                 DO UPDATE SET set_by = excluded.set_by, at_ms = excluded.at_ms \
+                 WHERE service_controls.set_by <> excluded.set_by",
             )
             .bind(tenant)
             .bind(service)

@@ -5,6 +5,7 @@
 //! and is then disconnected. What cannot change without a restart (storage, the listener)
 //! is kept as it runs and named in the report.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -309,8 +310,31 @@ impl Host {
         Ok(checked.map(|c| (c.services.len(), c.tenants.len(), c.warnings.clone())))
     }
 
+    /// Runs `work` on a task of its own: a change, once begun, is carried through (or fails)
+    /// whole even if the request that asked for it goes away — the client disconnects, or the
+    /// shutdown grace ends its connection — rather than being dropped halfway.
+    async fn detached<T, F>(&self, work: impl FnOnce(Arc<Host>) -> F) -> Result<T, String>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let host = self
+            .me
+            .upgrade()
+            .ok_or_else(|| "the host is shutting down".to_owned())?;
+        tokio::spawn(work(host))
+            .await
+            .map_err(|e| format!("the change failed: {e}"))
+    }
+
     /// Reads the configuration's source again and applies it (see [`Host::apply`]).
     pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        self.detached(|host| async move { host.reload_here().await })
+            .await
+            .map_err(ReloadError::Failed)?
+    }
+
+    async fn reload_here(&self) -> Result<ReloadReport, ReloadError> {
         let source = self.source.clone().ok_or(ReloadError::NoSource)?;
         let _one = self.changing.lock().await;
         let previous = self.config();
@@ -330,8 +354,12 @@ impl Host {
 
     /// Applies a checked configuration: only what differs from the running one changes.
     pub async fn apply(&self, config: Config) -> Result<ReloadReport, ReloadError> {
-        let _one = self.changing.lock().await;
-        self.apply_locked(config).await
+        self.detached(|host| async move {
+            let _one = host.changing.lock().await;
+            host.apply_locked(config).await
+        })
+        .await
+        .map_err(ReloadError::Failed)?
     }
 
     async fn apply_locked(&self, mut config: Config) -> Result<ReloadReport, ReloadError> {
@@ -426,6 +454,23 @@ impl Host {
         &self,
         tenant: &str,
         service: &str,
+        control: &'static str,
+        on: bool,
+        by: &str,
+    ) -> Result<bool, ProviderError> {
+        let (tenant, service, by) = (tenant.to_owned(), service.to_owned(), by.to_owned());
+        self.detached(move |host| async move {
+            host.set_control_here(&tenant, &service, control, on, &by)
+                .await
+        })
+        .await
+        .map_err(ProviderError::unavailable)?
+    }
+
+    async fn set_control_here(
+        &self,
+        tenant: &str,
+        service: &str,
         control: &str,
         on: bool,
         by: &str,
@@ -475,6 +520,19 @@ impl Host {
     /// new instance connects before it takes over. Returns the tenants restarted and the
     /// failures (whose old instance keeps serving).
     pub async fn restart(
+        &self,
+        service: &str,
+        tenant: Option<&str>,
+    ) -> (Vec<String>, Vec<(String, String)>) {
+        let (service, tenant) = (service.to_owned(), tenant.map(str::to_owned));
+        self.detached(
+            move |host| async move { host.restart_here(&service, tenant.as_deref()).await },
+        )
+        .await
+        .unwrap_or_else(|e| (Vec::new(), vec![(String::new(), e)]))
+    }
+
+    async fn restart_here(
         &self,
         service: &str,
         tenant: Option<&str>,

@@ -224,6 +224,39 @@ fn scope_of(
     Ok(tenant)
 }
 
+/// `FORBIDDEN` when a tenant administrator would clear a switch a platform operator set.
+async fn keeps_platform_switch(
+    host: &Host,
+    generation: &Generation,
+    admin: &Admin,
+    tenant: &str,
+    service: &str,
+    control: &str,
+) -> Result<(), ApiError> {
+    let (AdminScope::Tenant(_), Some(platform)) =
+        (&admin.scope, &generation.config.admin.platform_tenant)
+    else {
+        return Ok(());
+    };
+    let setter = host
+        .storage()
+        .control_setter(tenant, service, control)
+        .await
+        .map_err(|e| ProviderError::unavailable(format!("storage: {e}")))?;
+    if setter.is_some_and(|by| by.rsplit('@').next() == Some(platform.as_str())) {
+        let what = if control == "paused" {
+            "paused"
+        } else {
+            "disabled"
+        };
+        return Err(ProviderError::forbidden(format!(
+            "'{service}' was {what} for tenant '{tenant}' by a platform operator; only a platform operator can undo it"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 async fn pause_or_resume(
     host: Arc<Host>,
     headers: HeaderMap,
@@ -236,6 +269,9 @@ async fn pause_or_resume(
     let empty = is_empty_body(&headers);
     let tenant = scope_of(&generation, &admin, &service, target(body, empty)?.tenant)?;
     let stored = tenant.as_deref().unwrap_or(ALL_TENANTS);
+    if !on {
+        keeps_platform_switch(&host, &generation, &admin, stored, &service, "paused").await?;
+    }
     let changed = host
         .set_control(stored, &service, "paused", on, &admin.by())
         .await?;
@@ -325,6 +361,9 @@ async fn enable_or_disable(
             "tenant '{tenant}' does not list service '{service}' in its configuration; add it to [tenants.{tenant}] services and reload (disable and enable switch only what the configuration allows)"
         ))
         .into());
+    }
+    if enable {
+        keeps_platform_switch(&host, &generation, &admin, &tenant, &service, "disabled").await?;
     }
     let changed = host
         .set_control(&tenant, &service, "disabled", !enable, &admin.by())

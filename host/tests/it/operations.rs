@@ -725,6 +725,28 @@ async fn pauses_answer_503_and_survive_a_restart(db: providers_database::testing
         "0.35",
         "the refused pause did nothing"
     );
+    // What a platform operator paused for acme, acme's administrator cannot resume.
+    let r = ops
+        .admin(
+            Some(&platform),
+            "POST",
+            "/admin/providers/pricing/pause",
+            Some(r#"{"tenant":"acme"}"#.into()),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = ops
+        .admin(
+            Some(&acme_admin),
+            "POST",
+            "/admin/providers/pricing/resume",
+            None,
+        )
+        .await;
+    let detail = assert_error(&r, 403, ErrorCode::Forbidden);
+    assert!(detail.contains("by a platform operator"), "{detail}");
+    let r = app.post(Some(&acme), "pricing/prices", json!({})).await;
+    assert_error(&r, 503, ErrorCode::ProviderUnavailable);
     // The platform pauses kv for everyone.
     let r = ops
         .admin(
@@ -1300,4 +1322,96 @@ async fn ready_turns_503_before_the_listener_closes() {
         "the listener stayed open for the delay"
     );
     assert!(client.get(&ready).send().await.is_err(), "closed after");
+}
+
+/// A slot connects with the plan it was made for, whoever's call reaches it first: a caller
+/// still holding the older plan (a request begun before a reload) cannot connect the newer
+/// slot with the old configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_connects_with_its_own_plan_whoever_calls_first() {
+    let db = providers_database::testing::TestDatabase::sqlite();
+    let counters = Arc::new(Counters::default());
+    let registry = registry(&counters);
+    let base = crate::support::config_text(&db.url, "");
+    let old = crate::support::load(
+        &base.edit("label = \"acme-label\"", "label = \"old\""),
+        &registry,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let new = provider_host::config::load_with(
+        &base.edit(
+            "label = \"acme-label\"",
+            "label = \"new\"\nfail_connect = true",
+        ),
+        "test.toml",
+        Path::new("."),
+        &registry,
+        &env,
+        Some(&old),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let host = Host::start(old).await.unwrap();
+    let running = host.config();
+    let (old_plan, new_plan) = (
+        &running.tenants["acme"].services["probe"],
+        &new.tenants["acme"].services["probe"],
+    );
+    assert!(new_plan.revision > old_plan.revision);
+    let instances = host.instances();
+    let Err(e) = instances.acquire("acme", "probe", new_plan).await else {
+        panic!("the new plan fails to connect")
+    };
+    assert!(e.detail.contains("probe was told to fail"), "{}", e.detail);
+    // Past the backoff, a caller with the old plan reaches the new slot and connects it with
+    // the new plan, which fails again: never the old configuration.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let Err(e) = instances.acquire("acme", "probe", old_plan).await else {
+        panic!("the old plan must not connect the new slot")
+    };
+    assert!(e.detail.contains("probe was told to fail"), "{}", e.detail);
+    assert!(
+        counters.lines().iter().all(|l| !l.contains("old")),
+        "{:?}",
+        counters.lines()
+    );
+}
+
+/// A reload whose request goes away midway is carried through whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_abandoned_by_its_caller_still_completes() {
+    let db = providers_database::testing::TestDatabase::sqlite();
+    let ops = Ops::start(db, "0.35").await;
+    let app = &ops.app;
+    let acme = app.token("acme", &["user"]);
+    assert_eq!(
+        app.post(Some(&acme), "probe/echo", json!({})).await.status,
+        200
+    );
+    // The probe's new instance takes 300 ms to connect; the caller gives up after 20.
+    std::fs::write(
+        &ops.file,
+        std::fs::read_to_string(&ops.file).unwrap().edit(
+            "config = { label = \"base\" }",
+            "config = { label = \"slow\", connect_delay_ms = 300 }",
+        ),
+    )
+    .unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(20), app.host.reload()).await;
+    assert!(gave_up.is_err(), "the reload was still connecting");
+    assert!(
+        crate::support::eventually(Duration::from_secs(5), || app.host.generation().number == 2)
+            .await,
+        "the reload completed without its caller"
+    );
+    assert_eq!(
+        app.post(Some(&acme), "probe/echo", json!({})).await.status,
+        200
+    );
+    assert!(
+        app.counters
+            .lines()
+            .contains(&"connect acme slow".to_owned()),
+        "{:?}",
+        app.counters.lines()
+    );
 }
