@@ -40,7 +40,14 @@ pub struct AdminArgs {
 #[derive(Subcommand)]
 enum AdminCommand {
     /// Every provider with its version, kind and state per tenant.
-    Status,
+    Status {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+    },
     /// Checks a configuration file on the host (its plugins, its registry), applying nothing.
     Validate {
         /// The configuration (TOML).
@@ -114,7 +121,25 @@ async fn call(args: AdminArgs) -> anyhow::Result<ExitCode> {
         )
     };
     let (method, path, body) = match &args.command {
-        AdminCommand::Status => (reqwest::Method::GET, "/admin/providers".to_owned(), None),
+        AdminCommand::Status { tenant, service } => {
+            // Every page, for a table of the whole host.
+            let mut query = vec![("limit", "1000".to_owned())];
+            if let Some(t) = tenant {
+                query.push(("tenant", t.clone()));
+            }
+            if let Some(s) = service {
+                query.push(("service", s.clone()));
+            }
+            let q: Vec<String> = query
+                .iter()
+                .map(|(k, v)| format!("{k}={}", encode(v)))
+                .collect();
+            (
+                reqwest::Method::GET,
+                format!("/admin/providers?{}", q.join("&")),
+                None,
+            )
+        }
         AdminCommand::Validate { file } => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("reading {}", file.display()))?;
@@ -166,9 +191,47 @@ async fn call(args: AdminArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let status = response.status().as_u16();
+    let mut status = response.status().as_u16();
     let text = response.text().await.unwrap_or_default();
-    let answer: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    let mut answer: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    // `status` shows the whole host: the following pages' tenants join the first page's.
+    let first_url = format!("{base}{path}");
+    while status == 200
+        && let Some(next) = answer["next"].as_str().map(str::to_owned)
+    {
+        let mut request = client.get(format!("{first_url}&after={}", encode(&next)));
+        if let Some(token) = &args.token {
+            request = request.bearer_auth(token.trim());
+        }
+        let page: Value = match request.send().await {
+            Ok(r) => {
+                status = r.status().as_u16();
+                r.json().await.unwrap_or(Value::Null)
+            }
+            Err(e) => {
+                eprintln!("error: cannot reach {base}: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        };
+        if status != 200 {
+            answer = page;
+            break;
+        }
+        if let (Some(all), Some(more)) = (
+            answer["services"].as_array_mut(),
+            page["services"].as_array(),
+        ) {
+            for (service, extra) in all.iter_mut().zip(more) {
+                if let (Some(t), Some(x)) = (
+                    service["tenants"].as_array_mut(),
+                    extra["tenants"].as_array(),
+                ) {
+                    t.extend(x.iter().cloned());
+                }
+            }
+        }
+        answer["next"] = page["next"].clone();
+    }
     let mut out = String::new();
     if args.json {
         out = format!("{}\n", serde_json::to_string_pretty(&answer)?);
@@ -203,7 +266,7 @@ async fn call(args: AdminArgs) -> anyhow::Result<ExitCode> {
 fn render(command: &AdminCommand, answer: &Value) -> String {
     let mut out = String::new();
     match command {
-        AdminCommand::Status => {
+        AdminCommand::Status { .. } => {
             out.push_str(&format!(
                 "generation {} of {}\n",
                 answer["generation"],
@@ -345,6 +408,20 @@ fn render(command: &AdminCommand, answer: &Value) -> String {
         }
     }
     out
+}
+
+/// Percent-encodes a query value (names are plain, but a value is the user's).
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 fn yes(b: Option<bool>) -> String {

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Json;
-use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, body::Bytes};
@@ -54,23 +54,87 @@ fn reload_error(request_id: &str, e: ReloadError) -> Response {
     }
 }
 
+/// The query of `GET /admin/providers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersQuery {
+    /// One tenant.
+    tenant: Option<String>,
+    /// One service.
+    service: Option<String>,
+    /// Tenants after this name (the previous page's `next`).
+    after: Option<String>,
+    /// Tenants per page: 1 to 1000, default 100.
+    limit: Option<usize>,
+}
+
+/// The most tenants one page of `GET /admin/providers` lists.
+const MAX_PAGE_TENANTS: usize = 1000;
+
 /// `GET /admin/providers`: every configured service with its version, kind and state per
-/// tenant (a tenant administrator sees their own tenant only).
+/// tenant (a tenant administrator sees their own tenant only), a page of tenants at a time.
 pub async fn providers(
     State(host): State<Arc<Host>>,
     headers: HeaderMap,
+    query: Result<Query<ProvidersQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let (generation, admin) = admin(&host, &headers)?;
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            ErrorCode::ValidationError,
+            format!("invalid query: {}", e.body_text()),
+        )
+    })?;
     let config = &generation.config;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE_TENANTS).contains(&limit) {
+        return Err(ApiError::new(
+            ErrorCode::ValidationError,
+            format!("limit: {limit} is out of range (1 to {MAX_PAGE_TENANTS})"),
+        ));
+    }
+    if let Some(s) = &query.service
+        && !config.services.contains_key(s)
+    {
+        return Err(ProviderError::not_found(format!(
+            "no service '{s}' is configured on this host"
+        ))
+        .into());
+    }
+    if let Some(t) = &query.tenant {
+        admin.check(t)?;
+        if !config.tenants.contains_key(t) {
+            return Err(ProviderError::not_found(format!(
+                "no tenant '{t}' is configured on this host"
+            ))
+            .into());
+        }
+    }
+    let mut page: Vec<&String> = config
+        .tenants
+        .keys()
+        .filter(|t| admin.may(t))
+        .filter(|t| query.tenant.as_ref().is_none_or(|only| only == *t))
+        .filter(|t| query.after.as_ref().is_none_or(|after| *t > after))
+        .take(limit + 1)
+        .collect();
+    let next = (page.len() > limit).then(|| {
+        page.truncate(limit);
+        page.last().map(|t| t.to_string())
+    });
     let instances = host.instances().snapshot();
     let mut services = Vec::new();
     for (name, plan) in &config.services {
+        if query.service.as_ref().is_some_and(|only| only != name) {
+            continue;
+        }
         let d = plan.factory.descriptor();
         let mut tenants = Vec::new();
-        for (tenant, tplan) in &config.tenants {
-            if !admin.may(tenant) {
+        for tenant in &page {
+            let tenant = *tenant;
+            let Some(tplan) = config.tenants.get(tenant) else {
                 continue;
-            }
+            };
             let Some(ts) = tplan.services.get(name) else {
                 continue;
             };
@@ -110,6 +174,7 @@ pub async fn providers(
         "source": config.source,
         "scope": scope,
         "services": services,
+        "next": next.flatten(),
     })))
 }
 

@@ -719,6 +719,12 @@ async fn the_admin_commands_drive_a_running_host_and_sighup_reloads_it() {
     );
     assert_eq!((code, out.trim()), (0, "kv resumed for tenant acme"));
     assert_eq!(call(acme.clone()).await, 200);
+    let (code, out, _) = admin(d, &addr, Some(&platform), &["status", "--tenant", "acme"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().skip(2).all(|l| l.contains("acme")) && out.lines().count() == 3,
+        "{out}"
+    );
     let (code, out, _) = admin(d, &addr, Some(&platform), &["restart", "kv"]);
     assert_eq!((code, out.trim()), (0, "kv: restarted acme"));
     let (code, _, err) = admin(d, &addr, Some(&platform), &["pause", "nothing"]);

@@ -1415,3 +1415,67 @@ async fn a_reload_abandoned_by_its_caller_still_completes() {
         app.counters.lines()
     );
 }
+
+/// `GET /admin/providers` pages through tenants and filters by tenant and service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_providers_pages_and_filters() {
+    let ops = Ops::start(providers_database::testing::TestDatabase::sqlite(), "0.35").await;
+    let app = &ops.app;
+    let platform = ops.platform();
+    let tenants_of = |body: &Value, service: &str| -> Vec<String> {
+        body["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == service)
+            .unwrap()["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["tenant"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let r = app.get(Some(&platform), "/admin/providers?limit=1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(tenants_of(&r.body, "kv"), ["acme"]);
+    assert_eq!(r.body["next"], "acme");
+    let r = app
+        .get(Some(&platform), "/admin/providers?limit=1&after=acme")
+        .await;
+    assert_eq!(tenants_of(&r.body, "kv"), ["globex"]);
+    assert_eq!(r.body["next"], Value::Null);
+    let r = app
+        .get(Some(&platform), "/admin/providers?service=kv&tenant=globex")
+        .await;
+    assert_eq!(
+        r.body["services"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.body
+    );
+    assert_eq!(tenants_of(&r.body, "kv"), ["globex"]);
+    let r = app
+        .get(Some(&platform), "/admin/providers?service=nothing")
+        .await;
+    assert_error(&r, 404, ErrorCode::NotFound);
+    let r = app
+        .get(Some(&platform), "/admin/providers?tenant=nobody")
+        .await;
+    assert_error(&r, 404, ErrorCode::NotFound);
+    for bad in ["limit=0", "limit=1001", "limit=many", "page=2"] {
+        let r = app
+            .get(Some(&platform), &format!("/admin/providers?{bad}"))
+            .await;
+        assert_error(&r, 400, ErrorCode::ValidationError);
+    }
+    let globex_admin = app.token("globex", &["admin"]);
+    let r = app
+        .get(Some(&globex_admin), "/admin/providers?tenant=acme")
+        .await;
+    assert_error(&r, 403, ErrorCode::Forbidden);
+    let r = app
+        .get(Some(&globex_admin), "/admin/providers?limit=1")
+        .await;
+    assert_eq!(tenants_of(&r.body, "kv"), ["globex"]);
+    assert_eq!(r.body["next"], Value::Null);
+}
