@@ -839,3 +839,30 @@ async fn two_hosts_on_one_postgres_issue_gap_free_uids() {
     assert!(terminate(&mut one).success());
     assert!(terminate(&mut two).success());
 }
+
+/// `admin status` shows every tenant of a host with more than one page of them.
+#[tokio::test]
+async fn admin_status_follows_every_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut text = OPS_CONFIG.replace("WATCH", "false");
+    for i in 0..1200 {
+        text.push_str(&format!("\n[tenants.t{i:04}]\nservices = [\"kv\"]\n"));
+    }
+    std::fs::write(d.join("host.toml"), &text).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
+        .current_dir(d)
+        .env("OPS_JWT_SECRET", OPS_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, _logs) = wait_listening(&mut child);
+    let platform = mint(d, "platform", "admin");
+    let tenants = tenants_of(d, &addr, &platform);
+    assert_eq!(tenants.len(), 1201, "acme and 1,200 more, over two pages");
+    assert_eq!(tenants.first().map(String::as_str), Some("acme"));
+    assert_eq!(tenants.last().map(String::as_str), Some("t1199"));
+    assert!(terminate(&mut child).success());
+}
