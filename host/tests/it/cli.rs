@@ -504,6 +504,11 @@ fn ops_host(
         OPS_CONFIG.replace("WATCH", if watch { "true" } else { "false" }),
     )
     .unwrap();
+    serve_in(dir)
+}
+
+/// A host serving `dir/host.toml` on a free port: the child, its address, its log.
+fn serve_in(dir: &std::path::Path) -> (Child, String, std::thread::JoinHandle<String>) {
     let mut child = Command::new(BIN)
         .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
         .current_dir(dir)
@@ -799,20 +804,8 @@ async fn two_hosts_on_one_postgres_issue_gap_free_uids() {
         .replace("services = [\"kv\"]", "services = [\"kv\", \"uid\"]")
         + "\n[[providers]]\nservice = \"uid\"\nconfig = { tenant_code = \"ACME\", plants = [\"KOL\"] }\n";
     std::fs::write(d.join("host.toml"), &text).unwrap();
-    let spawn = || {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
-            .current_dir(d)
-            .env("OPS_JWT_SECRET", OPS_SECRET)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (addr, logs) = wait_listening(&mut child);
-        (child, addr, logs)
-    };
-    let (mut one, a1, _l1) = spawn();
-    let (mut two, a2, _l2) = spawn();
+    let (mut one, a1, _l1) = serve_in(d);
+    let (mut two, a2, _l2) = serve_in(d);
     let token = mint(d, "acme", "user");
     let client = reqwest::Client::new();
     let calls = (0..200).map(|i| {
@@ -850,15 +843,7 @@ async fn admin_status_follows_every_page() {
         text.push_str(&format!("\n[tenants.t{i:04}]\nservices = [\"kv\"]\n"));
     }
     std::fs::write(d.join("host.toml"), &text).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
-        .current_dir(d)
-        .env("OPS_JWT_SECRET", OPS_SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (addr, _logs) = wait_listening(&mut child);
+    let (mut child, addr, _logs) = serve_in(d);
     let platform = mint(d, "platform", "admin");
     let tenants = tenants_of(d, &addr, &platform);
     assert_eq!(tenants.len(), 1201, "acme and 1,200 more, over two pages");
