@@ -124,6 +124,7 @@ services = ["echo"]
         subject: "bench".into(),
         tenant: "bench".into(),
         roles: vec!["caller".into()],
+        company_id: None,
     };
     let body = Bytes::from(payload().to_string());
 

@@ -93,6 +93,7 @@ fn run(rt: &tokio::runtime::Runtime, tenants: usize) -> Figures {
                 subject: "bench".into(),
                 tenant: format!("t{i}"),
                 roles: vec!["clerk".into()],
+                company_id: None,
             };
             let ctx = host.context(identity, "bench");
             let r = host.call(ctx, "kv", "get", json!({"key": "none"})).await;

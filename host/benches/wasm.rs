@@ -294,6 +294,7 @@ services = ["kv", "pricing", "compiled"]
         subject: "bench".into(),
         tenant: "bench".into(),
         roles: vec!["caller".into()],
+        company_id: None,
     };
     let host_call = |service: &'static str| {
         let (host, identity) = (host.clone(), identity.clone());

@@ -280,6 +280,7 @@ impl Host {
         CallContext::new(identity.tenant, request_id)
             .with_subject(identity.subject)
             .with_roles(identity.roles)
+            .with_company_id(identity.company_id)
     }
 
     /// Runs `service`/`action` for the context's tenant on the current generation.

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use provider_host::config::{self, Config, ConfigError};
 use provider_host::host::{ConfigSource, Origin};
 use provider_host::{Host, builtin_registry, demo, http};
-use providers_security::TokenIssuer;
+use providers_security::{Identity, TokenIssuer};
 
 mod admin_cli;
 
@@ -54,6 +54,10 @@ enum Command {
         /// The subject (`sub`).
         #[arg(long, default_value = "dev")]
         subject: String,
+        /// The company the subject acts for (`company_id`), e.g. the buyer or the seller of a
+        /// purchase order.
+        #[arg(long)]
+        company: Option<String>,
         /// How long the token is valid, e.g. 1h, 30m.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -122,10 +126,11 @@ fn main() -> ExitCode {
             tenant,
             roles,
             subject,
+            company,
             ttl,
             config,
             count,
-        } => token(config, &tenant, &roles, &subject, ttl, count),
+        } => token(config, &tenant, &roles, &subject, company, ttl, count),
         Command::Plugins { command } => plugins(command),
         Command::Admin(args) => admin_cli::run(args),
     };
@@ -296,6 +301,7 @@ fn token(
     tenant: &str,
     roles: &[String],
     subject: &str,
+    company: Option<String>,
     ttl: Duration,
     count: u32,
 ) -> anyhow::Result<ExitCode> {
@@ -319,7 +325,13 @@ fn token(
         } else {
             format!("{subject}-{i}")
         };
-        let token = issuer.mint(&subject, tenant, &roles, ttl.as_secs())?;
+        let identity = Identity {
+            subject,
+            tenant: tenant.to_owned(),
+            roles: roles.clone(),
+            company_id: company.clone().filter(|c| !c.is_empty()),
+        };
+        let token = issuer.mint_identity(&identity, ttl.as_secs())?;
         out.write_all(format!("{token}\n").as_bytes())?;
     }
     out.flush()?;

@@ -34,6 +34,7 @@ pub struct CallContext {
     tenant: Arc<str>,
     subject: Arc<str>,
     roles: Arc<[String]>,
+    company_id: Option<Arc<str>>,
     request_id: Arc<str>,
     deadline: Option<Instant>,
     depth: u32,
@@ -47,6 +48,7 @@ impl CallContext {
             tenant: tenant.into(),
             subject: Arc::from(""),
             roles: Arc::from(Vec::new()),
+            company_id: None,
             request_id: request_id.into(),
             deadline: None,
             depth: 0,
@@ -67,6 +69,15 @@ impl CallContext {
     /// Sets the roles. Like [`with_subject`](Self::with_subject), this drops the caller.
     pub fn with_roles(mut self, roles: impl Into<Arc<[String]>>) -> Self {
         self.roles = roles.into();
+        self.caller = None;
+        self
+    }
+
+    /// Sets the company the caller acts for (the token's `company_id` claim), which business
+    /// providers use to tell the parties of a document apart. Like
+    /// [`with_subject`](Self::with_subject), this drops the caller.
+    pub fn with_company_id(mut self, company_id: Option<impl Into<Arc<str>>>) -> Self {
+        self.company_id = company_id.map(Into::into);
         self.caller = None;
         self
     }
@@ -101,6 +112,11 @@ impl CallContext {
     /// The caller's roles.
     pub fn roles(&self) -> &[String] {
         &self.roles
+    }
+
+    /// The company the caller acts for, if its token names one.
+    pub fn company_id(&self) -> Option<&str> {
+        self.company_id.as_deref()
     }
 
     /// The request id, for logs and correlation.
@@ -153,6 +169,7 @@ impl fmt::Debug for CallContext {
             .field("tenant", &self.tenant)
             .field("subject", &self.subject)
             .field("roles", &self.roles)
+            .field("company_id", &self.company_id)
             .field("request_id", &self.request_id)
             .field("deadline", &self.deadline)
             .field("depth", &self.depth)

@@ -82,6 +82,9 @@ pub struct Identity {
     pub tenant: String,
     /// `roles`.
     pub roles: Vec<String>,
+    /// `company_id`: the company the caller acts for, when the token names one (business
+    /// providers such as purchase orders tell buyer and seller apart by it).
+    pub company_id: Option<String>,
 }
 
 // The registered claims are options so that a missing one is reported by the validation
@@ -92,6 +95,8 @@ struct Claims {
     tenant_id: String,
     #[serde(default)]
     roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    company_id: Option<String>,
     iss: Option<String>,
     aud: Option<Audience>,
     exp: Option<u64>,
@@ -333,6 +338,7 @@ impl TokenVerifier {
                         subject: c.sub.unwrap_or_default(),
                         tenant: c.tenant_id,
                         roles: c.roles,
+                        company_id: c.company_id.filter(|c| !c.is_empty()),
                     };
                     return Ok((identity, c.exp.unwrap_or(0)));
                 }
@@ -407,11 +413,29 @@ impl TokenIssuer {
         roles: &[String],
         ttl_seconds: u64,
     ) -> Result<String, SecurityError> {
+        self.mint_identity(
+            &Identity {
+                subject: subject.to_owned(),
+                tenant: tenant.to_owned(),
+                roles: roles.to_vec(),
+                company_id: None,
+            },
+            ttl_seconds,
+        )
+    }
+
+    /// A token carrying all of `identity` (including `company_id`), valid for `ttl_seconds`.
+    pub fn mint_identity(
+        &self,
+        identity: &Identity,
+        ttl_seconds: u64,
+    ) -> Result<String, SecurityError> {
         let now = now_seconds();
         let claims = Claims {
-            sub: Some(subject.to_owned()),
-            tenant_id: tenant.to_owned(),
-            roles: roles.to_vec(),
+            sub: Some(identity.subject.clone()),
+            tenant_id: identity.tenant.clone(),
+            roles: identity.roles.clone(),
+            company_id: identity.company_id.clone(),
             iss: Some(self.settings.issuer.clone()),
             aud: Some(Audience::One(self.settings.audience.clone())),
             exp: Some(now + ttl_seconds),

@@ -1,4 +1,5 @@
-//! The `uid` provider against real SQLite and PostgreSQL databases.
+//! The logic providers: `uid` and `purchase-orders` against real SQLite and PostgreSQL
+//! databases, `rules` on its own.
 
 #![allow(
     clippy::unwrap_used,
@@ -6,4 +7,5 @@
     reason = "test helpers outside #[test] functions fail loudly on purpose"
 )]
 
+mod rules;
 mod uid;

@@ -80,7 +80,8 @@ fn hs256_round_trip_gives_the_identity() {
         Identity {
             subject: "ada".into(),
             tenant: "acme".into(),
-            roles: vec!["clerk".into()]
+            roles: vec!["clerk".into()],
+            company_id: None,
         }
     );
 }
