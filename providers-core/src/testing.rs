@@ -16,6 +16,7 @@ use crate::{CallContext, Caller, ConnectContext, Provider, ProviderError, Resour
 pub struct TestHost {
     provider: Arc<dyn Provider>,
     ctx: CallContext,
+    peers: Arc<Peers>,
     connected: bool,
 }
 
@@ -27,7 +28,7 @@ pub struct TestHostBuilder {
     config: Value,
     resources: Resources,
     store: Option<Arc<dyn Store>>,
-    peers: Vec<(String, Box<dyn Provider>)>,
+    peers: Vec<(String, Box<dyn Provider>, Value)>,
 }
 
 /// Plugin log lines, on stderr, where the test harness captures them.
@@ -71,7 +72,7 @@ impl TestHost {
 
     /// Calls `action` under a context of the caller's choosing.
     pub async fn call_as(
-        &mut self,
+        &self,
         ctx: &CallContext,
         action: &str,
         payload: Value,
@@ -82,6 +83,21 @@ impl TestHost {
     /// The context calls run under.
     pub fn context(&self) -> &CallContext {
         &self.ctx
+    }
+
+    /// A context for another caller of the same tenant, say a buyer and a seller company;
+    /// its nested calls reach the peers like the host's own context.
+    pub fn context_as(
+        &self,
+        subject: &str,
+        roles: &[&str],
+        company_id: Option<&str>,
+    ) -> CallContext {
+        CallContext::new(self.ctx.tenant(), self.ctx.request_id())
+            .with_subject(subject)
+            .with_roles(roles.iter().map(|r| (*r).to_owned()).collect::<Vec<_>>())
+            .with_company_id(company_id)
+            .with_caller(self.peers.clone())
     }
 
     /// The provider's status.
@@ -140,17 +156,22 @@ impl TestHostBuilder {
     }
 
     /// Another provider reachable through [`CallContext::call`], connected with an empty config.
-    pub fn peer(mut self, provider: impl Provider) -> Self {
+    pub fn peer(self, provider: impl Provider) -> Self {
+        self.peer_with_config(provider, Value::Object(Default::default()))
+    }
+
+    /// Like [`peer`](Self::peer), connected with `config`.
+    pub fn peer_with_config(mut self, provider: impl Provider, config: Value) -> Self {
         let service = provider.descriptor().service;
-        self.peers.push((service, Box::new(provider)));
+        self.peers.push((service, Box::new(provider), config));
         self
     }
 
     /// Connects everything and returns the host.
     pub async fn connect(self) -> Result<TestHost, ProviderError> {
         let mut peers = Vec::new();
-        for (service, mut peer) in self.peers {
-            let ctx = ConnectContext::new(self.tenant.clone(), Value::Object(Default::default()))
+        for (service, mut peer, config) in self.peers {
+            let ctx = ConnectContext::new(self.tenant.clone(), config)
                 .with_service(service.clone())
                 .with_resources(self.resources.clone())
                 .with_store(Arc::new(MemoryStore::default()))
@@ -169,13 +190,15 @@ impl TestHostBuilder {
             .with_store(store)
             .with_log(Logger::new(Arc::new(StderrLog(service))));
         provider.connect(&ctx).await?;
+        let peers = Arc::new(Peers(peers));
         let ctx = CallContext::new(self.tenant, "test-request")
             .with_subject("test-subject")
             .with_roles(self.roles)
-            .with_caller(Arc::new(Peers(peers)));
+            .with_caller(peers.clone());
         Ok(TestHost {
             provider: Arc::from(provider),
             ctx,
+            peers,
             connected: true,
         })
     }

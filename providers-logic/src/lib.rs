@@ -9,12 +9,15 @@
 //! only by name through the call context, under the caller's permissions.
 
 mod migrate;
+pub mod purchase_orders;
 pub mod rules;
 pub mod uid;
 
 pub use migrate::prepare;
+pub use purchase_orders::PurchaseOrders;
 pub use rules::Rules;
 pub use uid::Uid;
 
 providers_core::submit_builtin!(Uid::default());
 providers_core::submit_builtin!(Rules::default());
+providers_core::submit_builtin!(PurchaseOrders::default());

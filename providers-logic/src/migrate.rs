@@ -11,13 +11,23 @@ use tokio::sync::Mutex;
 static PREPARED: Mutex<Option<HashSet<String>>> = Mutex::const_new(None);
 
 fn migrator() -> Migrator {
-    let mut m = Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("uid"),
-        MigrationType::Simple,
-        sqlx::AssertSqlSafe(include_str!("../migrations/0001_uid.sql")).into_sql_str(),
-        false,
-    )]);
+    let mut m = Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            Cow::Borrowed("uid"),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(include_str!("../migrations/0001_uid.sql")).into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            Cow::Borrowed("purchase orders"),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(include_str!("../migrations/0002_purchase_orders.sql"))
+                .into_sql_str(),
+            false,
+        ),
+    ]);
     m.dangerous_set_table_name("_logic_migrations");
     m
 }

@@ -7,5 +7,6 @@
     reason = "test helpers outside #[test] functions fail loudly on purpose"
 )]
 
+mod purchase_orders;
 mod rules;
 mod uid;

@@ -74,9 +74,12 @@ async fn the_first_rule_that_holds_decides_and_every_result_is_reported() {
     assert_eq!(r["decided_by"], "clerk_only");
 
     // Integers in the input are integers in CEL, and compare with the literal as written.
-    let r = evaluate(&mut host, json!({"order": {"total": 100001, "seller_company": "SHADY-CO", "lines": []}}))
-        .await
-        .unwrap();
+    let r = evaluate(
+        &mut host,
+        json!({"order": {"total": 100001, "seller_company": "SHADY-CO", "lines": []}}),
+    )
+    .await
+    .unwrap();
     assert_eq!(r["decided_by"], "blocked_supplier");
     assert_eq!(r["decision"], "reject");
     host.disconnect().await.unwrap();
@@ -89,15 +92,22 @@ async fn the_caller_variable_reflects_the_context() {
         .with_subject("grace")
         .with_roles(vec!["approver".to_owned()]);
     let r = host
-        .call_as(&approver, "evaluate", json!({"set": "po_approval", "input": order(60_000.0, 1)}))
+        .call_as(
+            &approver,
+            "evaluate",
+            json!({"set": "po_approval", "input": order(60_000.0, 1)}),
+        )
         .await
         .unwrap();
     assert_eq!(r["decision"], "approve");
     let r = evaluate(&mut host, order(60_000.0, 1)).await.unwrap();
     assert_eq!(r["decision"], "require_approval");
-    let e = evaluate(&mut host, json!({"caller": {"roles": ["approver"]}, "order": {}}))
-        .await
-        .unwrap_err();
+    let e = evaluate(
+        &mut host,
+        json!({"caller": {"roles": ["approver"]}, "order": {}}),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code, ErrorCode::ValidationError);
     assert!(e.detail.contains("'caller' is reserved"), "{}", e.detail);
     host.disconnect().await.unwrap();
@@ -106,10 +116,13 @@ async fn the_caller_variable_reflects_the_context() {
 #[tokio::test]
 async fn a_rule_that_cannot_read_its_input_fails_closed() {
     let mut host = connect(approval()).await.unwrap();
-    let e = evaluate(&mut host, json!({"order": {"total": 5}})).await.unwrap_err();
+    let e = evaluate(&mut host, json!({"order": {"total": 5}}))
+        .await
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::ValidationError);
     assert!(
-        e.detail.starts_with("rule 'blocked_supplier' of set 'po_approval' could not be evaluated"),
+        e.detail
+            .starts_with("rule 'blocked_supplier' of set 'po_approval' could not be evaluated"),
         "{}",
         e.detail
     );
@@ -143,18 +156,22 @@ async fn compile_errors_name_the_set_the_rule_and_the_position() {
     let e = connect(bad).await.err().unwrap();
     assert_eq!(e.code, ErrorCode::ValidationError);
     assert!(
-        e.detail.starts_with("rules config does not compile: set 's', rule 'broken', 2:"),
+        e.detail
+            .starts_with("rules config does not compile: set 's', rule 'broken', 2:"),
         "{}",
         e.detail
     );
 
     let mut host = connect(approval()).await.unwrap();
     let r = host
-        .call("validate", json!({"rules": [
-            {"name": "fine", "when": "x == 1"},
-            {"name": "oops", "when": "x == (1"},
-            {"name": "fine", "when": "true"}
-        ]}))
+        .call(
+            "validate",
+            json!({"rules": [
+                {"name": "fine", "when": "x == 1"},
+                {"name": "oops", "when": "x == (1"},
+                {"name": "fine", "when": "true"}
+            ]}),
+        )
         .await
         .unwrap();
     assert_eq!(r["valid"], false);
@@ -174,7 +191,10 @@ async fn compile_errors_name_the_set_the_rule_and_the_position() {
     assert_eq!(r, json!({"valid": true, "errors": []}));
     let listed = host.call("list", json!({})).await.unwrap();
     assert_eq!(listed["sets"][0]["name"], "po_approval");
-    assert_eq!(listed["sets"][0]["rules"][1]["when"], "order.total > 100000 && !has(order.approved_by)");
+    assert_eq!(
+        listed["sets"][0]["rules"][1]["when"],
+        "order.total > 100000 && !has(order.approved_by)"
+    );
     host.disconnect().await.unwrap();
 }
 
@@ -185,7 +205,10 @@ async fn input_size_is_limited_at_the_edge() {
     // {"s":"…"} is 8 bytes of JSON around the string.
     let at = json!({"s": "a".repeat(22)});
     assert_eq!(serde_json::to_vec(&at).unwrap().len(), 30);
-    let r = host.call("evaluate", json!({"set": "s", "input": at})).await.unwrap();
+    let r = host
+        .call("evaluate", json!({"set": "s", "input": at}))
+        .await
+        .unwrap();
     assert_eq!(r["decision"], "x");
     let over = json!({"s": "a".repeat(23)});
     let e = host
@@ -245,9 +268,7 @@ async fn expression_size_and_nesting_are_limited() {
     );
     // Nesting at the limit compiles and evaluates on an ordinary stack; one more is refused.
     let nested = |n: usize| format!("{}true{}", "(".repeat(n), ")".repeat(n));
-    let config = |n: usize| {
-        json!({"max_nesting": 16, "sets": {"s": {"rules": [{"name": "deep", "when": nested(n), "then": "yes"}], "default": "d"}}})
-    };
+    let config = |n: usize| json!({"max_nesting": 16, "sets": {"s": {"rules": [{"name": "deep", "when": nested(n), "then": "yes"}], "default": "d"}}});
     let mut host = connect(config(12)).await.unwrap();
     let r = host
         .call("evaluate", json!({"set": "s", "input": {}}))
