@@ -341,6 +341,23 @@ impl App {
         self.issuer.mint("tester", tenant, &roles, 300).unwrap()
     }
 
+    /// A token for `subject` acting for `company` (the `company_id` claim).
+    pub fn token_as(
+        &self,
+        tenant: &str,
+        roles: &[&str],
+        subject: &str,
+        company: Option<&str>,
+    ) -> String {
+        let identity = providers_security::Identity {
+            subject: subject.to_owned(),
+            tenant: tenant.to_owned(),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            company_id: company.map(str::to_owned),
+        };
+        self.issuer.mint_identity(&identity, 300).unwrap()
+    }
+
     pub async fn send(&self, request: Request<Body>) -> Resp {
         let response = self.router.clone().oneshot(request).await.unwrap();
         let status = response.status();
