@@ -91,7 +91,7 @@ fn amount(field: &str, text: &str, scale: u32) -> Result<Decimal, ProviderError>
         !int.is_empty()
             && int.bytes().all(|b| b.is_ascii_digit())
             && frac.bytes().all(|b| b.is_ascii_digit())
-            && (text.contains('.') == !frac.is_empty())
+            && text.contains('.') != frac.is_empty()
     };
     if !well_formed {
         return Err(bad(
