@@ -17,5 +17,13 @@ fn exactly_the_expected_builtins_are_compiled_in() {
             )
         })
         .collect();
-    assert_eq!(found, ["kv@1.0.0 (Builtin)", "uid@1.0.0 (Builtin)"]);
+    assert_eq!(
+        found,
+        [
+            "kv@1.0.0 (Builtin)",
+            "purchase-orders@1.0.0 (Builtin)",
+            "rules@1.0.0 (Builtin)",
+            "uid@1.0.0 (Builtin)"
+        ]
+    );
 }
