@@ -403,6 +403,9 @@ impl Host {
             reload::keeps(&generation, tenant, service, revision)
         });
         let evicted = self.instances.evict_idle(config.server.idle_timeout).await;
+        for plan in config.tenants.values() {
+            plan.rate.forget_idle_clients();
+        }
         let storage = &config.storage;
         match self
             .storage

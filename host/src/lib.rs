@@ -12,6 +12,7 @@ pub mod host;
 pub mod http;
 pub mod instances;
 pub mod plugins;
+pub mod rate;
 pub mod storage;
 
 use providers_core::{Registry, RegistryError};

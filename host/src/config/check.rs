@@ -1,5 +1,6 @@
 //! From TOML text to a checked [`Config`]: parse, resolve references, check against the registry.
 
+use crate::rate::{RateLimits, TenantRate};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::path::Path;
@@ -93,6 +94,8 @@ pub struct ServicePlan {
 pub struct TenantPlan {
     /// Enabled services.
     pub services: BTreeMap<String, TenantService>,
+    /// Its rate-limit cells (kept by a reload that leaves its limits as they were).
+    pub rate: Arc<TenantRate>,
 }
 
 /// A service as one tenant sees it.
@@ -369,7 +372,15 @@ impl<'a> Checker<'a> {
         let registry = &registry;
         self.plugin_dirs = plugins.dirs.clone();
         self.loaded = loaded_plugins.clone();
-        let (token, keys, permissions, admin) = self.security(raw.security);
+        let mut raw_security = raw.security;
+        let global_rate = match raw_security.get_mut().rate_limits.take() {
+            Some(r) => {
+                let span = r.span();
+                self.rates(span, "security.rate_limits", r.into_inner())
+            }
+            None => RateLimits::default(),
+        };
+        let (token, keys, permissions, admin) = self.security(raw_security);
         let declared: BTreeSet<String> = raw
             .providers
             .iter()
@@ -403,6 +414,7 @@ impl<'a> Checker<'a> {
                 &provided,
                 &declared,
                 registry,
+                global_rate,
             );
             tenants.insert(name, plan);
         }
@@ -420,6 +432,10 @@ impl<'a> Checker<'a> {
                 let Some(old) = previous.tenants.get(name) else {
                     continue;
                 };
+                // Unchanged limits keep their cells: a reload is no way around a limit.
+                if old.rate.limits == plan.rate.limits {
+                    plan.rate = old.rate.clone();
+                }
                 for (service, ts) in &mut plan.services {
                     if let Some(o) = old.services.get(service)
                         && o.same_plan(ts)
@@ -449,6 +465,21 @@ impl<'a> Checker<'a> {
                 .collect(),
             tenants,
         }
+    }
+
+    /// `limits` with its out-of-range values reported at `span` and dropped.
+    fn rates(&mut self, span: Range<usize>, at: &str, limits: RateLimits) -> RateLimits {
+        let mut checked = limits;
+        for (which, rate) in [
+            ("tenant", &mut checked.tenant),
+            ("client", &mut checked.client),
+        ] {
+            if let Some(problem) = rate.as_ref().and_then(|r| r.problem()) {
+                self.at(span.clone(), format!("{at}.{which}: {problem}"));
+                *rate = None;
+            }
+        }
+        checked
     }
 
     fn server(&mut self, server: &ServerConfig) {
@@ -604,7 +635,17 @@ impl<'a> Checker<'a> {
         provided: &BTreeMap<String, Provided>,
         declared: &BTreeSet<String>,
         registry: &Registry,
+        global_rate: RateLimits,
     ) -> TenantPlan {
+        let own_rate = match &tenant.rate_limits {
+            Some(r) => self.rates(
+                r.span(),
+                &format!("tenants.{name}.rate_limits"),
+                *r.get_ref(),
+            ),
+            None => RateLimits::default(),
+        };
+        let rate = Arc::new(TenantRate::new(own_rate.over(global_rate)));
         if !is_valid_name(name) {
             self.at(span.clone(), format!("tenant '{name}': invalid name (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"));
         }
@@ -698,7 +739,10 @@ impl<'a> Checker<'a> {
                 self.tenant_at(overrides.span(), name, format!("tenant {TENANT} overrides the config of '{}', which it does not enable (add it to services)", service.get_ref()));
             }
         }
-        TenantPlan { services: enabled }
+        TenantPlan {
+            services: enabled,
+            rate,
+        }
     }
 
     fn provider(

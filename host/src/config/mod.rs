@@ -231,6 +231,9 @@ pub(crate) struct RawSecurity {
     /// The tenant whose administrators are platform operators (every tenant, the config).
     #[serde(default)]
     pub platform_tenant: Option<Spanned<String>>,
+    /// Requests per second per tenant and per client; a tenant may set its own.
+    #[serde(default)]
+    pub rate_limits: Option<Spanned<crate::rate::RateLimits>>,
 }
 
 fn default_leeway() -> Spanned<u64> {
@@ -293,6 +296,9 @@ pub(crate) struct RawTenant {
     /// Per service, a version requirement that pins this tenant to another loaded version.
     #[serde(default)]
     pub versions: BTreeMap<Spanned<String>, Spanned<String>>,
+    /// This tenant's own rate limits, each replacing the global one it names.
+    #[serde(default)]
+    pub rate_limits: Option<Spanned<crate::rate::RateLimits>>,
 }
 
 /// Per-provider or per-tenant limits; the tighter of the two applies.

@@ -190,6 +190,7 @@ pub async fn validate(
     let body = body.map_err(|e| ApiError {
         error: ProviderError::validation(format!("the body could not be read: {}", e.body_text())),
         status: Some(e.status()),
+        retry_after: None,
     })?;
     let text = String::from_utf8(body.to_vec()).map_err(|e| {
         ApiError::new(

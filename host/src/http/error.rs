@@ -18,6 +18,8 @@ pub struct ApiError {
     pub error: ProviderError,
     /// A status other than the code's own (413 for an oversized body).
     pub status: Option<StatusCode>,
+    /// Seconds for a `Retry-After` header (a rate limit).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -32,6 +34,7 @@ impl From<ProviderError> for ApiError {
         Self {
             error,
             status: None,
+            retry_after: None,
         }
     }
 }
@@ -136,7 +139,13 @@ pub fn render(error: &ApiError, request_id: &str) -> Response {
         "request_id": request_id,
         "timestamp": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
     });
-    (status, Json(body)).into_response()
+    let mut response = (status, Json(body)).into_response();
+    if let Some(secs) = error.retry_after {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, secs.into());
+    }
+    response
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@ use providers_core::{ErrorCode, ProviderError};
 use serde_json::{Value, json};
 
 use super::{ApiError, RequestId};
+use crate::config::TenantPlan;
 use crate::host::Host;
+use providers_security::Identity;
 
 pub(super) fn bad_path(rejection: PathRejection) -> ApiError {
     ApiError::new(
@@ -26,6 +28,20 @@ pub(super) fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
+}
+
+/// Counts the request against its tenant's and client's rate limits (429 with `Retry-After`).
+fn admit(plan: &TenantPlan, identity: &Identity) -> Result<(), ApiError> {
+    if !plan.rate.is_limited() {
+        return Ok(());
+    }
+    plan.rate
+        .admit(&identity.tenant, &identity.subject)
+        .map_err(|limited| ApiError {
+            error: limited.error,
+            status: None,
+            retry_after: Some(limited.retry_after_secs),
+        })
 }
 
 /// `POST /providers/{service}/{action}`.
@@ -43,7 +59,7 @@ pub async fn call(
     // One generation for the whole request, and for the nested calls it makes.
     let generation = host.generation();
     let identity = generation.authenticate(authorization(&parts.headers))?;
-    generation.tenant(&identity.tenant)?;
+    admit(generation.tenant(&identity.tenant)?, &identity)?;
     let server = &generation.config.server;
     let limit = server.body_limit_bytes;
     // A body that trickles in is cut off: within the body timeout and the call's own deadline.
@@ -59,6 +75,7 @@ pub async fn call(
                 ),
             ),
             status: Some(StatusCode::REQUEST_TIMEOUT),
+            retry_after: None,
         })?;
     let body = read.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
@@ -68,6 +85,7 @@ pub async fn call(
                     "request body exceeds the limit of {limit} bytes (server.body_limit_bytes)"
                 )),
                 status: Some(StatusCode::PAYLOAD_TOO_LARGE),
+                retry_after: None,
             }
         } else {
             ApiError::new(
@@ -106,6 +124,7 @@ pub async fn list(
     let generation = host.generation();
     let identity = generation.authenticate(authorization(&headers))?;
     let tenant = generation.tenant(&identity.tenant)?;
+    admit(tenant, &identity)?;
     let deadline = Instant::now() + generation.config.server.ready_timeout;
     let services: Vec<_> = generation.services_of(&identity.tenant, tenant).collect();
     // Every service's status at once, under one bound.
@@ -178,6 +197,7 @@ pub async fn describe(
     let generation = host.generation();
     let identity = generation.authenticate(authorization(&headers))?;
     let tenant = generation.tenant(&identity.tenant)?;
+    admit(tenant, &identity)?;
     let enabled = generation.service(&identity.tenant, tenant, &service)?;
     let factory = &enabled.service.factory;
     let d = factory.descriptor();
@@ -236,6 +256,7 @@ pub async fn method_not_allowed() -> Response {
     ApiError {
         error: ProviderError::validation("method not allowed on this route; see /openapi.json"),
         status: Some(StatusCode::METHOD_NOT_ALLOWED),
+        retry_after: None,
     }
     .into_response()
 }

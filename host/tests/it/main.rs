@@ -16,6 +16,7 @@ mod operations;
 mod plugins;
 mod registry;
 mod routes;
+mod security;
 mod serving;
 mod storage;
 mod support;
