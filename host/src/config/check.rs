@@ -486,6 +486,52 @@ impl<'a> Checker<'a> {
         if server.max_connections == 0 {
             self.at(0..0, "server.max_connections: must be at least 1");
         }
+        if !(8..=1000).contains(&server.max_headers) {
+            self.at(
+                0..0,
+                format!(
+                    "server.max_headers: {} is out of range (8 to 1000)",
+                    server.max_headers
+                ),
+            );
+        }
+        if !(8192..=1024 * 1024).contains(&server.max_header_bytes) {
+            self.at(
+                0..0,
+                format!(
+                    "server.max_header_bytes: {} is out of range (8192 to 1048576)",
+                    server.max_header_bytes
+                ),
+            );
+        }
+        if let Some(cors) = &server.cors {
+            if cors.allowed_origins.is_empty() {
+                self.at(
+                    0..0,
+                    "server.cors.allowed_origins: list the origins, or leave [server.cors] out to keep cross-origin requests off",
+                );
+            }
+            for origin in &cors.allowed_origins {
+                let plain = origin == "*"
+                    || ((origin.starts_with("https://") || origin.starts_with("http://"))
+                        && !origin.ends_with('/')
+                        && axum::http::HeaderValue::from_str(origin).is_ok());
+                if !plain {
+                    self.at(
+                        0..0,
+                        format!("server.cors.allowed_origins: '{origin}' is not an origin like https://erp.example.com (scheme and host, no path) or \"*\""),
+                    );
+                }
+            }
+            for header in &cors.allowed_headers {
+                if axum::http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    self.at(
+                        0..0,
+                        format!("server.cors.allowed_headers: '{header}' is not a header name"),
+                    );
+                }
+            }
+        }
         if server.connect_backoff > server.connect_backoff_max {
             self.at(
                 0..0,

@@ -89,6 +89,40 @@ pub struct ServerConfig {
     pub shutdown_delay: Option<Duration>,
     /// Reload the configuration when its file changes (checked every second). Off by default.
     pub watch_config: bool,
+    /// Most header fields in a request (431 beyond).
+    pub max_headers: usize,
+    /// Largest request line plus header section, in bytes (431 beyond; at least 8192).
+    pub max_header_bytes: usize,
+    /// `Strict-Transport-Security: max-age=…` on every response, for deployments behind TLS.
+    /// None by default.
+    #[serde(default, with = "opt_duration")]
+    pub hsts_max_age: Option<Duration>,
+    /// Cross-origin requests from browsers; off unless origins are listed.
+    pub cors: Option<CorsConfig>,
+}
+
+/// `[server.cors]`: which browser origins may call the API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Exact origins (`https://erp.example.com`), or `["*"]` for any.
+    pub allowed_origins: Vec<String>,
+    /// Request headers a page may send.
+    #[serde(default = "cors_headers")]
+    pub allowed_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    #[serde(default = "cors_max_age", with = "duration")]
+    pub max_age: Duration,
+}
+
+fn cors_headers() -> Vec<String> {
+    ["authorization", "content-type", "x-request-id"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn cors_max_age() -> Duration {
+    Duration::from_secs(600)
 }
 
 impl Default for ServerConfig {
@@ -110,6 +144,10 @@ impl Default for ServerConfig {
             ready_timeout: Duration::from_secs(2),
             shutdown_delay: None,
             watch_config: false,
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+            hsts_max_age: None,
+            cors: None,
         }
     }
 }

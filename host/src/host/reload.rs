@@ -157,6 +157,21 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
         o.max_connections.to_string(),
         n.max_connections.to_string(),
     );
+    differ(
+        "server.max_headers",
+        o.max_headers.to_string(),
+        n.max_headers.to_string(),
+    );
+    differ(
+        "server.max_header_bytes",
+        o.max_header_bytes.to_string(),
+        n.max_header_bytes.to_string(),
+    );
+    differ(
+        "server.cors",
+        format!("{:?}", o.cors.as_ref().map(|c| &c.allowed_origins)),
+        format!("{:?}", n.cors.as_ref().map(|c| &c.allowed_origins)),
+    );
     for (name, a, b) in [
         (
             "server.header_read_timeout",
@@ -199,6 +214,9 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
 fn keep_restart_only(old: &Config, new: &mut Config) {
     new.server.listen = old.server.listen;
     new.server.max_connections = old.server.max_connections;
+    new.server.max_headers = old.server.max_headers;
+    new.server.max_header_bytes = old.server.max_header_bytes;
+    new.server.cors = old.server.cors.clone();
     new.server.header_read_timeout = old.server.header_read_timeout;
     new.server.keepalive_timeout = old.server.keepalive_timeout;
     new.server.write_timeout = old.server.write_timeout;

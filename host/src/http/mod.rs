@@ -12,17 +12,22 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::Request;
-use axum::http::HeaderValue;
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use providers_core::ErrorCode;
+use tower::util::option_layer;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::{DefaultMakeSpan, TraceLayer};
 
 pub use error::{ApiError, status_of};
 pub use serve::ConnectionLimits;
 
+use crate::config::CorsConfig;
 use crate::host::Host;
 
 /// The request id of the current request, accepted from `x-request-id` or generated.
@@ -41,7 +46,23 @@ fn acceptable_id(value: &HeaderValue) -> Option<&str> {
     ok.then_some(s)
 }
 
-async fn request_context(mut request: Request, next: Next) -> Response {
+/// Headers every response carries: the API serves JSON only, so nothing may sniff, frame or
+/// embed it, and no referrer leaves with a link from it.
+const SECURITY_HEADERS: [(HeaderName, &str); 4] = [
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; frame-ancestors 'none'",
+    ),
+    (header::REFERRER_POLICY, "no-referrer"),
+];
+
+async fn request_context(
+    State(host): State<Arc<Host>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let id: Arc<str> = match request.headers().get(REQUEST_ID).and_then(acceptable_id) {
         Some(id) => Arc::from(id),
         None => Arc::from(uuid::Uuid::new_v4().to_string()),
@@ -49,12 +70,59 @@ async fn request_context(mut request: Request, next: Next) -> Response {
     request.extensions_mut().insert(RequestId(id.clone()));
     let mut response = next.run(request).await;
     if let Some(error) = response.extensions_mut().remove::<Arc<ApiError>>() {
+        // Headers set on the way out (CORS) stay; the body's own are the rendered ones.
+        let set = std::mem::take(response.headers_mut());
         response = error::render(&error, &id);
+        let own: Vec<HeaderName> = response.headers().keys().cloned().collect();
+        for (name, value) in &set {
+            if !own.contains(name) {
+                response.headers_mut().append(name, value.clone());
+            }
+        }
     }
+    let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID, value);
+        headers.insert(REQUEST_ID, value);
+    }
+    for (name, value) in SECURITY_HEADERS {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    if let Some(age) = host.config().server.hsts_max_age
+        && let Ok(value) =
+            HeaderValue::from_str(&format!("max-age={}; includeSubDomains", age.as_secs()))
+    {
+        headers.insert(header::STRICT_TRANSPORT_SECURITY, value);
     }
     response
+}
+
+/// CORS from `[server.cors]`; none (no cross-origin access) when it is absent.
+fn cors(config: Option<&CorsConfig>) -> Option<CorsLayer> {
+    let config = config?;
+    let origins = if config.allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            config
+                .allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers(
+                config
+                    .allowed_headers
+                    .iter()
+                    .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                    .collect::<Vec<_>>(),
+            )
+            .expose_headers([HeaderName::from_static(REQUEST_ID), header::RETRY_AFTER])
+            .max_age(config.max_age),
+    )
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -67,6 +135,7 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The host's routes.
 pub fn router(host: Arc<Host>) -> Router {
+    let cors = cors(host.config().server.cors.as_ref());
     Router::new()
         .route("/providers", get(routes::list))
         .route("/providers/{service}", get(routes::describe))
@@ -92,8 +161,20 @@ pub fn router(host: Arc<Host>) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TraceLayer::new_for_http())
-        .layer(middleware::from_fn(request_context))
+        // Request headers are in debug spans; credentials show as "Sensitive".
+        .layer(
+            TraceLayer::new_for_http().make_span_with(DefaultMakeSpan::new().include_headers(true)),
+        )
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+            header::PROXY_AUTHORIZATION,
+        ]))
+        .layer(option_layer(cors))
+        .layer(middleware::from_fn_with_state(
+            host.clone(),
+            request_context,
+        ))
         .with_state(host)
 }
 

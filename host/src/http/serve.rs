@@ -37,6 +37,10 @@ pub struct ConnectionLimits {
     pub write: Duration,
     /// Connections open at once; further clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Header fields per request.
+    pub max_headers: usize,
+    /// Bytes of request line and header section.
+    pub max_header_bytes: usize,
 }
 
 impl ConnectionLimits {
@@ -47,6 +51,9 @@ impl ConnectionLimits {
             keepalive: server.keepalive_timeout,
             write: server.write_timeout,
             max_connections: server.max_connections,
+            max_headers: server.max_headers,
+            // hyper refuses a buffer under 8 KiB; the config check does too.
+            max_header_bytes: server.max_header_bytes.max(8192),
         }
     }
 }
@@ -334,7 +341,12 @@ async fn drive(
     // Header reads are timed by `ConnState`, which tells a slow header from an idle connection.
     builder
         .header_read_timeout(Option::<Duration>::None)
-        .keep_alive(true);
+        .keep_alive(true)
+        .max_buf_size(limits.max_header_bytes);
+    // Above hyper's default the header array moves to the heap: set it only when asked.
+    if limits.max_headers != 100 {
+        builder.max_headers(limits.max_headers);
+    }
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let mut stopping = *stop.borrow();

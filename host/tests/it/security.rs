@@ -1,5 +1,6 @@
-//! Rate limits per tenant and per client: refusals at the edge with `Retry-After`, config
-//! errors, cells kept across reloads, and a flooding tenant that does not hurt another.
+//! Rate limits per tenant and per client (refusals at the edge with `Retry-After`, config
+//! errors, cells kept across reloads, a flooding tenant next to a quiet one) and HTTP
+//! hardening (security headers, CORS, header limits, credentials kept out of traces).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -258,4 +259,270 @@ async fn a_flooding_tenant_gets_429s_and_another_tenant_no_errors() {
     );
     let _ = stop.send(());
     server.await.unwrap().unwrap();
+}
+
+fn has_security_headers(r: &crate::support::Resp, what: &str) {
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        (
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
+        ("referrer-policy", "no-referrer"),
+    ] {
+        assert_eq!(
+            r.headers.get(name).and_then(|v| v.to_str().ok()),
+            Some(value),
+            "{what}: {name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_response_carries_the_security_headers() {
+    let app = App::on(providers_database::testing::TestDatabase::sqlite()).await;
+    let token = app.token("acme", &["user"]);
+    let checks = [
+        ("health", app.get(None, "/health").await),
+        ("openapi", app.get(None, "/openapi.json").await),
+        ("no token", app.get(None, "/providers").await),
+        (
+            "not found",
+            app.post(Some(&token), "kv/get", json!({"key": "none"}))
+                .await,
+        ),
+        ("unknown route", app.get(None, "/nowhere").await),
+        (
+            "bad method",
+            app.get(Some(&token), "/providers/kv/get").await,
+        ),
+        (
+            "bad payload",
+            app.post(Some(&token), "kv/get", json!({"key": 5})).await,
+        ),
+    ];
+    for (what, r) in &checks {
+        has_security_headers(r, what);
+        assert!(
+            r.headers.get("strict-transport-security").is_none(),
+            "{what}: HSTS is opt-in"
+        );
+    }
+    assert_eq!(checks[5].1.status, 405);
+    let app = App::configured(providers_database::testing::TestDatabase::sqlite(), |t| {
+        t.edit(
+            "ready_cache = \"200ms\"\n",
+            "ready_cache = \"200ms\"\nhsts_max_age = \"365d\"\n",
+        )
+    })
+    .await;
+    let r = app.get(None, "/health").await;
+    assert_eq!(
+        r.headers["strict-transport-security"],
+        "max-age=31536000; includeSubDomains"
+    );
+    has_security_headers(&r, "with HSTS");
+}
+
+async fn preflight(app: &App, origin: &str) -> crate::support::Resp {
+    let request = axum::http::Request::options("/providers/kv/get")
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .body(axum::body::Body::empty())
+        .unwrap();
+    app.send(request).await
+}
+
+#[tokio::test]
+async fn cross_origin_access_is_off_by_default_and_follows_the_config() {
+    let app = App::on(providers_database::testing::TestDatabase::sqlite()).await;
+    let r = preflight(&app, "https://erp.example.com").await;
+    assert!(
+        r.headers.get("access-control-allow-origin").is_none(),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(
+        r.status, 405,
+        "no CORS: a preflight is an unsupported method"
+    );
+
+    let app = App::configured(providers_database::testing::TestDatabase::sqlite(), |t| {
+        t.edit(
+            "ready_cache = \"200ms\"\n",
+            "ready_cache = \"200ms\"\n\n[server.cors]\nallowed_origins = [\"https://erp.example.com\"]\nmax_age = \"5m\"\n",
+        )
+    })
+    .await;
+    let r = preflight(&app, "https://erp.example.com").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://erp.example.com"
+    );
+    assert_eq!(r.headers["access-control-max-age"], "300");
+    let allowed = r.headers["access-control-allow-headers"].to_str().unwrap();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+    has_security_headers(&r, "preflight");
+    let r = preflight(&app, "https://evil.example.com").await;
+    assert!(
+        r.headers.get("access-control-allow-origin").is_none(),
+        "{:?}",
+        r.headers
+    );
+    // The actual request from the allowed origin can read the response and its request id.
+    let token = app.token("acme", &["user"]);
+    let request = axum::http::Request::post("/providers/kv/get")
+        .header("origin", "https://erp.example.com")
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(r#"{"key":"k"}"#))
+        .unwrap();
+    let r = app.send(request).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://erp.example.com"
+    );
+    let exposed = r.headers["access-control-expose-headers"].to_str().unwrap();
+    assert!(
+        exposed.contains("x-request-id") && exposed.contains("retry-after"),
+        "{exposed}"
+    );
+
+    let counters = Arc::new(crate::support::Counters::default());
+    let text = crate::support::config_text("sqlite::memory:", "").edit(
+        "ready_cache = \"200ms\"\n",
+        "ready_cache = \"200ms\"\n\n[server.cors]\nallowed_origins = [\"erp.example.com/\"]\n",
+    );
+    let errors = load(&text, &registry(&counters)).err().unwrap();
+    assert!(
+        errors[0].to_string().ends_with("server.cors.allowed_origins: 'erp.example.com/' is not an origin like https://erp.example.com (scheme and host, no path) or \"*\""),
+        "{errors:?}"
+    );
+}
+
+/// Sends `head` (a request line and header lines) over a fresh connection; the status code.
+async fn raw_status(addr: std::net::SocketAddr, head: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_count_and_size_are_limited_at_the_edge() {
+    let app = App::configured(providers_database::testing::TestDatabase::sqlite(), |t| {
+        t.edit(
+            "ready_cache = \"200ms\"\n",
+            "ready_cache = \"200ms\"\nmax_headers = 16\nmax_header_bytes = 8192\n",
+        )
+    })
+    .await;
+    let (addr, stop, server) = serve(&app).await;
+    let with = |headers: usize, pad: usize| {
+        let mut head = String::from("GET /health HTTP/1.1\r\nhost: x\r\n");
+        for i in 1..headers {
+            head.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        if pad > 0 {
+            head.push_str(&format!("x-pad: {}\r\n", "a".repeat(pad)));
+        }
+        head + "connection: close\r\n\r\n"
+    };
+    // `host`, 14 more and `connection`: 16 headers pass, 17 do not.
+    assert_eq!(raw_status(addr, &with(15, 0)).await, 200);
+    assert_eq!(raw_status(addr, &with(16, 0)).await, 431);
+    assert_eq!(raw_status(addr, &with(1, 7000)).await, 200);
+    assert_eq!(raw_status(addr, &with(1, 9000)).await, 431);
+    // Still serving.
+    assert_eq!(raw_status(addr, &with(1, 0)).await, 200);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    let counters = Arc::new(crate::support::Counters::default());
+    let text = crate::support::config_text("sqlite::memory:", "").edit(
+        "ready_cache = \"200ms\"\n",
+        "ready_cache = \"200ms\"\nmax_header_bytes = 4096\n",
+    );
+    let errors = load(&text, &registry(&counters)).err().unwrap();
+    assert!(
+        errors[0]
+            .to_string()
+            .ends_with("server.max_header_bytes: 4096 is out of range (8192 to 1048576)"),
+        "{errors:?}"
+    );
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn credentials_never_reach_the_log_even_at_trace_level() {
+    let app = App::on(providers_database::testing::TestDatabase::sqlite()).await;
+    let token = app.token("acme", &["user"]);
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    for auth in [
+        format!("Bearer {token}"),
+        "Bearer not-a-valid-token-7f3a9c".to_owned(),
+    ] {
+        let request = axum::http::Request::post("/providers/kv/get")
+            .header("authorization", auth)
+            .header("cookie", "session=cookie-secret-91b2")
+            .header("x-visible", "plain-header-value")
+            .body(axum::body::Body::from(r#"{"key":"k"}"#))
+            .unwrap();
+        app.send(request).await;
+    }
+    drop(guard);
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    // The headers are in the trace, so the redaction is what keeps the secrets out.
+    assert!(log.contains("plain-header-value"), "{log}");
+    assert!(log.contains("Sensitive"), "{log}");
+    for secret in [
+        token.as_str(),
+        "not-a-valid-token-7f3a9c",
+        "cookie-secret-91b2",
+    ] {
+        assert!(!log.contains(secret), "{secret} leaked into:\n{log}");
+    }
 }
