@@ -344,6 +344,14 @@ impl Host {
             let at = if at.is_empty() { "/" } else { at };
             return Err(ProviderError::validation(format!("payload at '{at}': {e}")));
         }
+        // Which marked fields this caller may not see, decided before the context moves on.
+        let hidden: Vec<&crate::masking::Mask> = match enabled.service.masks.get(action) {
+            Some(masks) => masks
+                .iter()
+                .filter(|m| !config.permissions.allows(ctx.roles(), &m.permission))
+                .collect(),
+            None => Vec::new(),
+        };
         let request_timeout = config.server.request_timeout;
         let timeout = enabled
             .limits
@@ -384,13 +392,17 @@ impl Host {
             live.provider.execute(action, payload, &ctx).await
         };
         // One deadline covers connecting (on a first call) and executing.
-        guard::run(
+        let mut answer = guard::run(
             || format!("'{service}/{action}'"),
             deadline,
             self.instances.cancel(),
             work,
         )
-        .await
+        .await?;
+        if !hidden.is_empty() {
+            crate::masking::apply(&hidden, &mut answer);
+        }
+        Ok(answer)
     }
 
     /// Periodic upkeep: disconnects idle instances and prunes old instance events. Returns

@@ -11,6 +11,7 @@ mod guard;
 pub mod host;
 pub mod http;
 pub mod instances;
+pub mod masking;
 pub mod plugins;
 pub mod rate;
 pub mod storage;

@@ -81,6 +81,8 @@ pub struct ServicePlan {
     pub required: bool,
     /// Compiled input schemas, by action.
     pub validators: HashMap<String, jsonschema::Validator>,
+    /// Fields the output schemas mark `x-sensitive`, by action (only actions that have some).
+    pub masks: HashMap<String, Vec<crate::masking::Mask>>,
     /// Why the service cannot be served (its plugin was refused or is missing); every call
     /// answers 503 `PROVIDER_UNAVAILABLE` with it.
     pub unavailable: Option<String>,
@@ -861,6 +863,7 @@ impl<'a> Checker<'a> {
                         factory,
                         required: false,
                         validators: HashMap::new(),
+                        masks: HashMap::new(),
                         unavailable: Some(reason),
                         store,
                         allowed_hosts: Arc::from(Vec::new()),

@@ -526,3 +526,49 @@ async fn credentials_never_reach_the_log_even_at_trace_level() {
         assert!(!log.contains(secret), "{secret} leaked into:\n{log}");
     }
 }
+
+#[tokio::test]
+async fn sensitive_fields_are_masked_for_callers_without_their_permission() {
+    let app = App::configured(providers_database::testing::TestDatabase::sqlite(), |t| {
+        t.edit(
+            "[security.roles]\n",
+            "[security.roles]\nfinance = [\"probe.use\", \"probe.finance\"]\n",
+        )
+    })
+    .await;
+    let user = app.token("acme", &["user"]);
+    let finance = app.token("acme", &["finance"]);
+    let admin = app.token("acme", &["admin"]);
+    let r = app.post(Some(&user), "probe/account", json!({})).await;
+    assert_eq!(
+        r.body["data"],
+        json!({"name": "acme", "bank": null, "lines": [{"sku": "BOLT", "cost": null}, {"sku": "NUT", "cost": null}]})
+    );
+    let r = app.post(Some(&finance), "probe/account", json!({})).await;
+    assert_eq!(r.body["data"]["bank"]["iban"], "DE02120300000000202051");
+    assert_eq!(r.body["data"]["lines"][0]["cost"], serde_json::Value::Null);
+    let r = app.post(Some(&admin), "probe/account", json!({})).await;
+    assert_eq!(r.body["data"]["lines"][1]["cost"], "0.03");
+    assert_eq!(r.body["data"]["bank"]["bic"], "BYLADEM1001");
+    // Reached through another provider, the answer is masked for the same caller.
+    let r = app
+        .post(
+            Some(&user),
+            "probe/call",
+            json!({"service": "probe", "action": "account", "payload": {}}),
+        )
+        .await;
+    assert_eq!(
+        r.body["data"]["bank"],
+        serde_json::Value::Null,
+        "{}",
+        r.body
+    );
+    let text = serde_json::to_string(&r.body).unwrap();
+    assert!(!text.contains("DE0212") && !text.contains("0.12"), "{text}");
+    // The marks are visible in the OpenAPI document, for client authors.
+    let r = app.get(None, "/openapi.json").await;
+    let schema = &r.body["paths"]["/providers/probe/account"]["post"]["responses"]["200"]["content"]
+        ["application/json"]["schema"]["properties"]["data"];
+    assert_eq!(schema["properties"]["bank"]["x-sensitive"], "probe.finance");
+}

@@ -85,7 +85,18 @@ impl Provider for Probe {
             .action(Action::new("call").permission("probe.use").input(any.clone()))
             .action(Action::new("keep").permission("probe.use").input(any.clone()))
             .action(Action::new("big").permission("probe.use").input(any.clone()))
-            .action(Action::new("secret").permission("probe.secret").input(any))
+            .action(Action::new("secret").permission("probe.secret").input(any.clone()))
+            .action(Action::new("account").permission("probe.use").input(any).output(json!({
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "bank": {"type": "object", "x-sensitive": "probe.finance"},
+                    "lines": {"type": "array", "items": {"type": "object", "properties": {
+                        "sku": {"type": "string"},
+                        "cost": {"type": "string", "x-sensitive": "probe.cost"}
+                    }}}
+                }
+            })))
     }
 
     async fn connect(&mut self, ctx: &ConnectContext) -> Result<(), ProviderError> {
@@ -179,6 +190,11 @@ impl Provider for Probe {
                 "x".repeat(payload["bytes"].as_u64().unwrap_or(0) as usize)
             )),
             "secret" => Ok(json!("classified")),
+            "account" => Ok(json!({
+                "name": "acme",
+                "bank": {"iban": "DE02120300000000202051", "bic": "BYLADEM1001"},
+                "lines": [{"sku": "BOLT", "cost": "0.12"}, {"sku": "NUT", "cost": "0.03"}]
+            })),
             other => Err(ProviderError::not_found(format!("no action {other}"))),
         }
     }

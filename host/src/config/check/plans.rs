@@ -25,7 +25,27 @@ impl Checker<'_> {
     ) -> Option<Arc<ServicePlan>> {
         let d = factory.descriptor();
         let mut validators = HashMap::new();
+        let mut masks = HashMap::new();
         for action in &d.actions {
+            match crate::masking::masks_of(&action.output_schema) {
+                Ok(found) if found.is_empty() => {}
+                Ok(found) => {
+                    masks.insert(action.name.clone(), found);
+                }
+                Err(e) => {
+                    self.at(
+                        span,
+                        format!(
+                            "provider '{}' {} ({}) marks a field of action '{}' wrongly: {e}",
+                            d.service,
+                            d.version,
+                            factory.origin(),
+                            action.name
+                        ),
+                    );
+                    return None;
+                }
+            }
             match jsonschema::validator_for(&action.input_schema) {
                 Ok(v) => {
                     validators.insert(action.name.clone(), v);
@@ -41,6 +61,7 @@ impl Checker<'_> {
             factory,
             required,
             validators,
+            masks,
             unavailable: None,
             store,
             allowed_hosts,
