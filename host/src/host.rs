@@ -39,6 +39,7 @@ pub struct Host {
     /// Set when shutdown begins: `/ready` says 503 while requests are still served.
     draining: AtomicBool,
     generations: AtomicU64,
+    audit: crate::audit::Audit,
 }
 
 /// Everything a request runs against, swapped whole when the configuration or a control changes.
@@ -223,6 +224,7 @@ impl Host {
             settings_of(&config),
         ));
         let openapi = Arc::new(crate::http::openapi::document(&config));
+        let audit = crate::audit::Audit::start(storage.pool().clone(), config.audit.clone());
         let generation = Generation {
             number: 1,
             config: Arc::new(config),
@@ -241,6 +243,7 @@ impl Host {
             changing: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
             generations: AtomicU64::new(1),
+            audit,
         }))
     }
 
@@ -252,6 +255,11 @@ impl Host {
     /// The configuration it runs now.
     pub fn config(&self) -> Arc<Config> {
         self.current.load().config.clone()
+    }
+
+    /// The audit trail.
+    pub fn audit(&self) -> &crate::audit::Audit {
+        &self.audit
     }
 
     /// The system database.
@@ -352,6 +360,18 @@ impl Host {
                 .collect(),
             None => Vec::new(),
         };
+        // A nested call is a provider call of its own in the audit trail; the client's call
+        // is recorded at the HTTP edge.
+        let nested = (ctx.depth() > 0 && self.audit.enabled()).then(|| {
+            (
+                Instant::now(),
+                ctx.tenant().to_owned(),
+                ctx.subject().to_owned(),
+                ctx.request_id().to_owned(),
+                ctx.depth(),
+                crate::audit::sha256_hex(payload.to_string().as_bytes()),
+            )
+        });
         let request_timeout = config.server.request_timeout;
         let timeout = enabled
             .limits
@@ -392,13 +412,37 @@ impl Host {
             live.provider.execute(action, payload, &ctx).await
         };
         // One deadline covers connecting (on a first call) and executing.
-        let mut answer = guard::run(
+        let result = guard::run(
             || format!("'{service}/{action}'"),
             deadline,
             self.instances.cancel(),
             work,
         )
-        .await?;
+        .await;
+        if let Some((started, tenant, subject, request_id, depth, payload_sha256)) = nested {
+            let code = result.as_ref().err().map(|e| e.code);
+            self.audit
+                .record(crate::audit::Record {
+                    tenant,
+                    kind: "call",
+                    subject,
+                    service: service.to_owned(),
+                    action: action.to_owned(),
+                    outcome: match code {
+                        None => "ok",
+                        Some(ErrorCode::Unauthenticated | ErrorCode::Forbidden) => "denied",
+                        Some(_) => "error",
+                    },
+                    error_code: code.map(|c| c.as_str().to_owned()).unwrap_or_default(),
+                    request_id,
+                    latency_us: i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
+                    payload_sha256,
+                    note: format!("nested call, depth {depth}"),
+                    at_ms: 0,
+                })
+                .await;
+        }
+        let mut answer = result?;
         if !hidden.is_empty() {
             crate::masking::apply(&hidden, &mut answer);
         }
@@ -511,6 +555,8 @@ impl Host {
     /// do not), disconnects every instance, then closes storage.
     pub async fn shutdown(&self, deadline: Instant) {
         self.instances.shutdown(deadline).await;
+        // After the instances: calls finishing during their drain are recorded too.
+        self.audit.close(deadline).await;
         self.storage.close().await;
     }
 

@@ -5,6 +5,7 @@
 //! tokio runtime or listens on a socket, and it depends on every other workspace crate.
 //! Nothing depends on it; it is a library only so that its tests can drive it in-process.
 
+pub mod audit;
 pub mod config;
 pub mod demo;
 mod guard;

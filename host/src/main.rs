@@ -76,6 +76,25 @@ enum Command {
     },
     /// Talks to a running host's admin API: status, validate, reload, pause, resume, restart.
     Admin(admin_cli::AdminArgs),
+    /// Checks the audit trail in the configured database.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walks every hash chain (or one tenant's): exit 0 when all are intact, 1 when one is
+    /// broken (edited, inserted or deleted records), naming the first break in each.
+    Verify {
+        /// The host configuration; the demo's when absent.
+        #[arg(long, env = "PROVIDER_HOST_CONFIG")]
+        config: Option<PathBuf>,
+        /// Only this tenant's chain (`-` for requests without a configured tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -133,6 +152,9 @@ fn main() -> ExitCode {
         } => token(config, &tenant, &roles, &subject, company, ttl, count),
         Command::Plugins { command } => plugins(command),
         Command::Admin(args) => admin_cli::run(args),
+        Command::Audit {
+            command: AuditCommand::Verify { config, tenant },
+        } => audit_verify(config, tenant.as_deref()),
     };
     match result {
         Ok(code) => code,
@@ -194,6 +216,57 @@ fn source_with(path: Option<&Path>, listen: Option<SocketAddr>) -> anyhow::Resul
         origin,
         env: Box::new(|n| std::env::var(n).ok()),
         listen,
+    })
+}
+
+fn audit_verify(path: Option<PathBuf>, tenant: Option<&str>) -> anyhow::Result<ExitCode> {
+    let config = match load(path.as_deref())? {
+        Ok(c) => c,
+        Err(errors) => {
+            print_errors(&errors);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reports = runtime.block_on(async {
+        let storage = provider_host::storage::Storage::open(&config.storage).await?;
+        let reports = provider_host::audit::verify(storage.pool(), tenant)
+            .await
+            .context("reading the audit trail")?;
+        storage.close().await;
+        anyhow::Ok(reports)
+    })?;
+    let mut broken = 0;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if reports.is_empty() {
+        writeln!(
+            out,
+            "no audit records{}",
+            tenant
+                .map(|t| format!(" for tenant '{t}'"))
+                .unwrap_or_default()
+        )?;
+    }
+    for r in &reports {
+        match &r.problem {
+            None => writeln!(
+                out,
+                "{}: {} records, intact, head {}",
+                r.tenant, r.records, r.head
+            )?,
+            Some(problem) => {
+                broken += 1;
+                writeln!(out, "{}: BROKEN: {problem}", r.tenant)?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(if broken == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

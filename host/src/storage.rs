@@ -58,6 +58,13 @@ fn migrator() -> Migrator {
                 .into_sql_str(),
             false,
         ),
+        Migration::new(
+            3,
+            Cow::Borrowed("audit trail"),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(include_str!("../migrations/0003_audit.sql")).into_sql_str(),
+            false,
+        ),
     ]);
     // Provider crates keep their own migration tables; this one is the host's.
     m.dangerous_set_table_name("_host_migrations");

@@ -52,6 +52,8 @@ pub struct Config {
     pub services: BTreeMap<String, Arc<ServicePlan>>,
     /// Configured tenants, by name.
     pub tenants: BTreeMap<String, TenantPlan>,
+    /// `[audit]`.
+    pub audit: crate::audit::AuditSettings,
 }
 
 /// `[security] admin_role` and `platform_tenant`: who administers what.
@@ -447,6 +449,22 @@ impl<'a> Checker<'a> {
                 }
             }
         }
+        let audit = raw.audit;
+        if !(1..=10_000_000).contains(&audit.buffer) {
+            self.at(
+                0..0,
+                format!(
+                    "audit.buffer: {} is out of range (1 to 10000000)",
+                    audit.buffer
+                ),
+            );
+        }
+        if !(1..=10_000).contains(&audit.batch) {
+            self.at(
+                0..0,
+                format!("audit.batch: {} is out of range (1 to 10000)", audit.batch),
+            );
+        }
         let registry = registry.clone();
         Config {
             source: self.src.name.to_owned(),
@@ -466,6 +484,7 @@ impl<'a> Checker<'a> {
                 .map(|(name, p)| (name, p.plan))
                 .collect(),
             tenants,
+            audit,
         }
     }
 

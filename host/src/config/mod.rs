@@ -38,6 +38,8 @@ pub(crate) struct RawConfig {
     pub providers: Vec<Spanned<RawProvider>>,
     #[serde(default)]
     pub tenants: BTreeMap<Spanned<String>, Spanned<RawTenant>>,
+    #[serde(default)]
+    pub audit: crate::audit::AuditSettings,
 }
 
 /// `[server]`.

@@ -460,3 +460,53 @@ pub async fn disable(
 ) -> Result<Json<Value>, ApiError> {
     enable_or_disable(host, headers, path, false).await
 }
+
+/// `GET /admin/audit`: one chain of the audit trail, oldest first, filtered and paged. A
+/// tenant administrator reads their own tenant's; a platform operator names any chain (a
+/// tenant, the platform tenant, or `-` for requests that named no configured tenant).
+pub async fn audit(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    query: Result<Query<crate::audit::Filter>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (_, admin) = admin(&host, &headers)?;
+    let Query(filter) = query.map_err(|e| {
+        ApiError::new(
+            ErrorCode::ValidationError,
+            format!("invalid query: {}", e.body_text()),
+        )
+    })?;
+    let tenant = match (&filter.tenant, &admin.scope) {
+        (Some(t), _) => {
+            admin.check(t)?;
+            t.clone()
+        }
+        (None, AdminScope::Tenant(own)) => own.clone(),
+        (None, AdminScope::Platform) => {
+            return Err(ApiError::new(
+                ErrorCode::ValidationError,
+                "tenant: name the chain to read (a tenant, the platform tenant, or '-' for requests without a configured tenant)",
+            ));
+        }
+    };
+    if let Some(limit) = filter.limit
+        && !(1..=1000).contains(&limit)
+    {
+        return Err(ApiError::new(
+            ErrorCode::ValidationError,
+            format!("limit: {limit} is out of range (1 to 1000)"),
+        ));
+    }
+    let (records, next) = crate::audit::list(host.storage().pool(), &tenant, &filter)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "reading the audit trail failed");
+            ApiError::new(
+                ErrorCode::ProviderUnavailable,
+                "the audit trail cannot be read now; the host log has the cause",
+            )
+        })?;
+    Ok(Json(
+        json!({"tenant": tenant, "records": records, "next": next}),
+    ))
+}

@@ -13,7 +13,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::Request;
 use axum::extract::State;
-use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -96,6 +96,122 @@ async fn request_context(
     response
 }
 
+/// Where a handler leaves what the audit record needs and only it knows.
+#[derive(Debug, Default)]
+pub struct AuditSlot {
+    /// SHA-256 of the request payload, hex.
+    pub payload: std::sync::OnceLock<String>,
+}
+
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => s[..i].to_owned(),
+        None => s.to_owned(),
+    }
+}
+
+/// Records the request in the audit trail: every provider call and admin request, and any
+/// other request refused for its credentials (401/403). In `fail_closed` mode (or with a
+/// full buffer) provider calls are refused while the trail cannot be written.
+async fn audit_requests(
+    State(host): State<Arc<Host>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let audit = host.audit();
+    let path = request.uri().path();
+    if !audit.enabled() || matches!(path, "/health" | "/ready" | "/openapi.json") {
+        return next.run(request).await;
+    }
+    let started = Instant::now();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let call =
+        request.method() == Method::POST && segments.len() == 3 && segments[0] == "providers";
+    let admin = segments[0] == "admin";
+    let (service, action) = if call {
+        (clip(segments[1], 128), clip(segments[2], 128))
+    } else if admin {
+        let target = request.uri().path_and_query().map_or(path, |p| p.as_str());
+        (
+            String::new(),
+            clip(&format!("{} {target}", request.method()), 256),
+        )
+    } else {
+        (
+            String::new(),
+            clip(&format!("{} {path}", request.method()), 256),
+        )
+    };
+    if call && let Some(why) = audit.refusal() {
+        return ApiError::new(ErrorCode::ProviderUnavailable, why).into_response();
+    }
+    let generation = host.generation();
+    let identity = generation
+        .authenticate(
+            request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        )
+        .ok();
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.to_string())
+        .unwrap_or_default();
+    let slot = Arc::new(AuditSlot::default());
+    request.extensions_mut().insert(slot.clone());
+    let response = next.run(request).await;
+    let status = response.status();
+    let denied = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+    let kind = match (call, admin) {
+        (true, _) => "call",
+        (_, true) => "admin",
+        _ if status == StatusCode::UNAUTHORIZED => "authn",
+        _ if status == StatusCode::FORBIDDEN => "authz",
+        _ => return response,
+    };
+    let config = &generation.config;
+    let (tenant, subject) = match &identity {
+        Some(id)
+            if config.tenants.contains_key(&id.tenant)
+                || config.admin.platform_tenant.as_deref() == Some(id.tenant.as_str()) =>
+        {
+            (id.tenant.clone(), id.subject.clone())
+        }
+        Some(id) => (crate::audit::NO_TENANT.to_owned(), id.subject.clone()),
+        None => (crate::audit::NO_TENANT.to_owned(), String::new()),
+    };
+    let error_code = response
+        .extensions()
+        .get::<Arc<ApiError>>()
+        .map(|e| e.error.code.as_str().to_owned())
+        .unwrap_or_default();
+    audit
+        .record(crate::audit::Record {
+            tenant,
+            kind,
+            subject: clip(&subject, 256),
+            service,
+            action,
+            outcome: if status.is_success() {
+                "ok"
+            } else if denied {
+                "denied"
+            } else {
+                "error"
+            },
+            error_code,
+            request_id,
+            latency_us: i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
+            payload_sha256: slot.payload.get().cloned().unwrap_or_default(),
+            note: String::new(),
+            at_ms: 0,
+        })
+        .await;
+    response
+}
+
 /// CORS from `[server.cors]`; none (no cross-origin access) when it is absent.
 fn cors(config: Option<&CorsConfig>) -> Option<CorsLayer> {
     let config = config?;
@@ -144,6 +260,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/admin/providers", get(admin::providers))
+        .route("/admin/audit", get(admin::audit))
         .route("/admin/config/validate", post(admin::validate))
         .route("/admin/config/reload", post(admin::reload))
         .route("/admin/plugins/reload", post(admin::reload))
@@ -170,6 +287,7 @@ pub fn router(host: Arc<Host>) -> Router {
             header::COOKIE,
             header::PROXY_AUTHORIZATION,
         ]))
+        .layer(middleware::from_fn_with_state(host.clone(), audit_requests))
         .layer(option_layer(cors))
         .layer(middleware::from_fn_with_state(
             host.clone(),

@@ -114,6 +114,21 @@ fn admin_paths(paths: &mut Map<String, Value>) {
         "/admin/providers".into(),
         op("get", "admin.providers", "Every configured provider: version, kind, and per tenant its state, pause and instance.", vec![], None),
     );
+    let query = |name: &str, kind: &str, what: &str| json!({"name": name, "in": "query", "required": false, "schema": {"type": kind}, "description": what});
+    paths.insert(
+        "/admin/audit".into(),
+        op("get", "admin.audit", "One chain of the audit trail (a tenant's, oldest first): every provider call, admin request and refused credential, hash-chained. Tenant administrators read their own.", vec![
+            query("tenant", "string", "The chain: a tenant, the platform tenant, or '-' (requests without a configured tenant). Default: your own tenant."),
+            query("subject", "string", "One subject."),
+            query("service", "string", "One service."),
+            query("outcome", "string", "ok, denied or error."),
+            query("kind", "string", "call, admin, authn or authz."),
+            query("since_ms", "integer", "From this time (ms since the epoch)."),
+            query("until_ms", "integer", "Before this time."),
+            query("after", "integer", "Records after this sequence number: the previous page's next."),
+            query("limit", "integer", "1 to 1000, default 100."),
+        ], None),
+    );
     paths.insert(
         "/admin/config/validate".into(),
         op("post", "admin.config.validate", "Checks a whole configuration (TOML body) and lists every error with line and column; applies nothing. Platform operators only.", vec![],

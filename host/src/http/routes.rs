@@ -94,6 +94,9 @@ pub async fn call(
             )
         }
     })?;
+    if let Some(slot) = parts.extensions.get::<Arc<super::AuditSlot>>() {
+        let _ = slot.payload.set(crate::audit::sha256_hex(&body));
+    }
     // An empty body is an empty object, so parameterless actions need no body.
     let payload = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})

@@ -6,6 +6,7 @@
     reason = "test helpers outside #[test] functions fail loudly on purpose"
 )]
 
+mod audit;
 mod cli;
 mod config;
 mod deps;
