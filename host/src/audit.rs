@@ -161,6 +161,10 @@ impl Record {
     }
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "records are the traffic and Close comes once: boxing would allocate per record"
+)]
 enum Msg {
     Record(Record),
     Close(oneshot::Sender<()>),

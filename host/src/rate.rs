@@ -142,16 +142,16 @@ impl TenantRate {
     /// Admits one request of `subject` in `tenant`, or says how long to wait.
     pub fn admit(&self, tenant: &str, subject: &str) -> Result<(), Limited> {
         let now = DefaultClock::default().now();
-        if let Some(clients) = &self.clients {
-            if let Err(not_until) = clients.check_key(&subject.to_owned()) {
-                let rate = self.limits.client.map(|r| r.words()).unwrap_or_default();
-                return Err(limited(
-                    format!(
-                        "client '{subject}' of tenant '{tenant}' is over its rate limit of {rate} (rate_limits.client)"
-                    ),
-                    not_until.wait_time_from(now),
-                ));
-            }
+        if let Some(clients) = &self.clients
+            && let Err(not_until) = clients.check_key(&subject.to_owned())
+        {
+            let rate = self.limits.client.map(|r| r.words()).unwrap_or_default();
+            return Err(limited(
+                format!(
+                    "client '{subject}' of tenant '{tenant}' is over its rate limit of {rate} (rate_limits.client)"
+                ),
+                not_until.wait_time_from(now),
+            ));
         }
         if let Some(cell) = &self.tenant
             && let Err(not_until) = cell.check()

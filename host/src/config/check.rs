@@ -207,6 +207,7 @@ pub fn load_with(
         loaded: plugins::Loaded::default(),
         pinned: BTreeMap::new(),
         previous,
+        global_rate: RateLimits::default(),
     };
     let config = checker.check(raw, registry);
     let errors = checker.finish();
@@ -256,6 +257,8 @@ struct Checker<'a> {
     pinned: BTreeMap<(String, String), Arc<ServicePlan>>,
     /// The configuration this one replaces, if any.
     previous: Option<&'a Config>,
+    /// `[security] rate_limits`, which a tenant's own override.
+    global_rate: RateLimits,
 }
 
 /// A `[[providers]]` entry that checked: its plan, its base config resolved, and its limits.
@@ -377,7 +380,7 @@ impl<'a> Checker<'a> {
         self.plugin_dirs = plugins.dirs.clone();
         self.loaded = loaded_plugins.clone();
         let mut raw_security = raw.security;
-        let global_rate = match raw_security.get_mut().rate_limits.take() {
+        self.global_rate = match raw_security.get_mut().rate_limits.take() {
             Some(r) => {
                 let span = r.span();
                 self.rates(span, "security.rate_limits", r.into_inner())
@@ -418,7 +421,6 @@ impl<'a> Checker<'a> {
                 &provided,
                 &declared,
                 registry,
-                global_rate,
             );
             tenants.insert(name, plan);
         }
@@ -702,7 +704,6 @@ impl<'a> Checker<'a> {
         provided: &BTreeMap<String, Provided>,
         declared: &BTreeSet<String>,
         registry: &Registry,
-        global_rate: RateLimits,
     ) -> TenantPlan {
         let own_rate = match &tenant.rate_limits {
             Some(r) => self.rates(
@@ -712,7 +713,7 @@ impl<'a> Checker<'a> {
             ),
             None => RateLimits::default(),
         };
-        let rate = Arc::new(TenantRate::new(own_rate.over(global_rate)));
+        let rate = Arc::new(TenantRate::new(own_rate.over(self.global_rate)));
         if !is_valid_name(name) {
             self.at(span.clone(), format!("tenant '{name}': invalid name (expected 1-64 of a-z, 0-9, '_', '-', starting with a letter)"));
         }
