@@ -9,7 +9,9 @@
 //!
 //! If the store fails, `on_failure` decides: `fail_closed` refuses provider calls (503) until
 //! a write succeeds again; `buffer` keeps up to `buffer` records in memory and refuses calls
-//! only once that is full. Either way nothing recorded is dropped while the host runs, and
+//! only once that is full. A store that works but writes slower than requests arrive slows
+//! them instead: a request's record waits for room in the queue (`buffer` long) before the
+//! response goes out. Either way nothing recorded is dropped while the host runs, and
 //! shutdown flushes what is held.
 
 use std::sync::Arc;
@@ -184,8 +186,9 @@ pub struct Audit {
 impl Audit {
     /// Starts the writer on `pool`.
     pub fn start(pool: AnyPool, settings: AuditSettings) -> Self {
-        // Records are pulled off the channel as they come; its size only smooths bursts.
-        let (tx, rx) = mpsc::channel(settings.buffer.clamp(1, 100_000) + 1024);
+        // The queue is the buffer: the writer takes a batch at a time, so a full queue makes
+        // requests wait (a slow store) and admission refuses them first (a failing one).
+        let (tx, rx) = mpsc::channel(settings.buffer.max(1));
         let unwritten = Arc::new(AtomicUsize::new(0));
         let failing = Arc::new(AtomicBool::new(false));
         let writer = tokio::spawn(write_loop(
@@ -218,10 +221,15 @@ impl Audit {
             OnFailure::FailClosed if self.failing.load(Ordering::Acquire) => Some(
                 "the audit trail cannot be written (audit.on_failure = \"fail_closed\"); calls resume once it can".into(),
             ),
-            OnFailure::Buffer if self.unwritten.load(Ordering::Acquire) >= self.settings.buffer => Some(format!(
+            OnFailure::Buffer
+                if self.failing.load(Ordering::Acquire)
+                    && self.unwritten.load(Ordering::Acquire) >= self.settings.buffer =>
+            {
+                Some(format!(
                 "the audit trail cannot be written and holds {} records unwritten, its limit (audit.buffer); calls resume once it can",
                 self.settings.buffer
-            )),
+            ))
+            }
             _ => None,
         }
     }
@@ -284,10 +292,11 @@ async fn write_loop(
                 None => return,
             }
         }
-        while let Ok(msg) = rx.try_recv() {
-            match msg {
-                Msg::Record(r) => held.push(r),
-                Msg::Close(done) => closing = Some(done),
+        while held.len() < batch {
+            match rx.try_recv() {
+                Ok(Msg::Record(r)) => held.push(r),
+                Ok(Msg::Close(done)) => closing = Some(done),
+                Err(_) => break,
             }
         }
         if !held.is_empty() {
@@ -319,8 +328,19 @@ async fn write_loop(
     }
 }
 
+const INSERT_SQLITE: &str = "INSERT INTO audit_log (tenant, seq, at_ms, kind, subject, service, action, outcome, \
+     error_code, request_id, latency_us, payload_sha256, note, prev_hash, hash) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7, \
+     value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12, value ->> 13, value ->> 14 FROM json_each($1)";
+
+const INSERT_POSTGRES: &str = "INSERT INTO audit_log (tenant, seq, at_ms, kind, subject, service, action, outcome, \
+     error_code, request_id, latency_us, payload_sha256, note, prev_hash, hash) \
+     SELECT r ->> 0, (r ->> 1)::bigint, (r ->> 2)::bigint, r ->> 3, r ->> 4, r ->> 5, r ->> 6, r ->> 7, \
+     r ->> 8, r ->> 9, (r ->> 10)::bigint, r ->> 11, r ->> 12, r ->> 13, r ->> 14 FROM jsonb_array_elements($1::jsonb) AS r";
+
 /// Appends `records` to their chains in one transaction.
 async fn write(pool: &AnyPool, records: &[Record]) -> Result<(), sqlx::Error> {
+    let sqlite = pool.connect_options().database_url.scheme() == "sqlite";
     let mut tx = pool.begin().await?;
     let mut tenants: Vec<&str> = Vec::new();
     for r in records {
@@ -341,33 +361,46 @@ async fn write(pool: &AnyPool, records: &[Record]) -> Result<(), sqlx::Error> {
         .await?;
         let mut seq: i64 = head.try_get(0)?;
         let mut prev: String = head.try_get(1)?;
+        let mut links: Vec<(&Record, i64, String, String)> = Vec::new();
         for r in records.iter().filter(|r| r.tenant == tenant) {
             seq += 1;
             let hash = link(&prev, seq, &r.fields());
-            sqlx::query(
-                "INSERT INTO audit_log (tenant, seq, at_ms, kind, subject, service, action, outcome, error_code, \
-                 request_id, latency_us, payload_sha256, note, prev_hash, hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-            )
-            .bind(tenant)
-            .bind(seq)
-            .bind(r.at_ms)
-            .bind(r.kind)
-            .bind(&r.subject)
-            .bind(&r.service)
-            .bind(&r.action)
-            .bind(r.outcome)
-            .bind(&r.error_code)
-            .bind(&r.request_id)
-            .bind(r.latency_us)
-            .bind(&r.payload_sha256)
-            .bind(&r.note)
-            .bind(&prev)
-            .bind(&hash)
-            .execute(&mut *tx)
-            .await?;
-            prev = hash;
+            links.push((r, seq, std::mem::replace(&mut prev, hash.clone()), hash));
         }
+        // All of a chain's new rows in one statement with one parameter, a JSON array the
+        // database unpacks: one round trip per chain per batch whatever its size (a statement
+        // per row costs a thread handoff each with SQLite's driver; many parameters per
+        // statement cost quadratic name lookups there).
+        let rows: Vec<Value> = links
+            .iter()
+            .map(|(r, seq, prev_hash, hash)| {
+                json!([
+                    tenant,
+                    seq,
+                    r.at_ms,
+                    r.kind,
+                    r.subject,
+                    r.service,
+                    r.action,
+                    r.outcome,
+                    r.error_code,
+                    r.request_id,
+                    r.latency_us,
+                    r.payload_sha256,
+                    r.note,
+                    prev_hash,
+                    hash
+                ])
+            })
+            .collect();
+        sqlx::query(if sqlite {
+            INSERT_SQLITE
+        } else {
+            INSERT_POSTGRES
+        })
+        .bind(Value::Array(rows).to_string())
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant = $1")
             .bind(tenant)
             .bind(seq)
