@@ -3,8 +3,9 @@
 # tenant instance, SQLite read) against two references measured in the same run:
 #   bare - a bare axum handler returning the same JSON from memory;
 #   sql  - a bare axum handler doing the same SELECT on the same database;
-# and the native inventory plugin's `level` (one read of its store, the same SELECT) on the
-# same host, against the builtin kv/get.
+# the native inventory plugin's `level` (one read of its store, the same SELECT) on the
+# same host, against the builtin kv/get; and the same host with its audit trail off and no
+# rate limits, against the measured host (audit on, limits set high enough never to refuse).
 # Writes bench/results.md (the newest run first) with rps, p50, p99 and the ratios.
 #
 # Usage: bench/run.sh [duration-seconds] [connections] [rounds]
@@ -48,6 +49,7 @@ url = "sqlite://$work/host.db"
 [security]
 issuer = "bench"
 audience = "providers"
+rate_limits = { tenant = { per_second = 10000000 }, client = { per_second = 10000000 } }
 [[security.keys]]
 algorithm = "HS256"
 secret = "\${env:BENCH_JWT_SECRET}"
@@ -67,6 +69,13 @@ host_port=$(free_port)
 RUST_LOG=warn "$bin/provider-host" serve --config "$work/host.toml" --listen "127.0.0.1:$host_port" >/dev/null 2>"$work/host.log" &
 pids+=($!)
 wait_port "$host_port"
+# The same host on the same database with the audit trail off and no rate limits.
+grep -v '^rate_limits' "$work/host.toml" > "$work/open.toml"
+printf '[audit]\nenabled = false\n' >> "$work/open.toml"
+open_port=$(free_port)
+RUST_LOG=warn "$bin/provider-host" serve --config "$work/open.toml" --listen "127.0.0.1:$open_port" >/dev/null 2>"$work/open.log" &
+pids+=($!)
+wait_port "$open_port"
 token=$("$bin/provider-host" token --config "$work/host.toml" --tenant bench --roles clerk --ttl 2h)
 # More distinct tokens than the verified-token cache holds (4096), so each request verifies one.
 "$bin/provider-host" token --config "$work/host.toml" --tenant bench --roles clerk --ttl 2h --count 20000 >"$work/tokens"
@@ -101,11 +110,15 @@ text = open(sys.argv[1]).read()
 if re.search(r"Non-2xx", text):
     sys.exit("non-2xx responses:\n" + text)
 def us(v):
-    n, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
-    return float(n) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", v)
+    if not m:
+        sys.exit(f"unreadable latency {v!r} in:\n" + text)
+    n, unit = m.groups()
+    return float(n) * {"us": 1, "ms": 1e3, "s": 1e6, "m": 6e7}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-p50 = us(re.search(r"50%\s+(\S+)", text).group(1))
-p99 = us(re.search(r"99%\s+(\S+)", text).group(1))
+# Anchored: a "+/- Stdev" column such as "62.50%" must not pass for the 50th percentile.
+p50 = us(re.search(r"^\s*50%\s+(\S+)", text, re.M).group(1))
+p99 = us(re.search(r"^\s*99%\s+(\S+)", text, re.M).group(1))
 print(f"{rps:.0f} {p50:.0f} {p99:.0f}")
 PY
 }
@@ -117,12 +130,14 @@ for round in $(seq 1 "$rounds"); do
   run host "$host_port" "$token" "$round"
   run verify "$host_port" "" "$round" "$work/tokens"
   PATH_=/providers/inventory/level BODY=$level_body run native "$host_port" "$token" "$round"
+  run open "$open_port" "$token" "$round"
 done
 read -r bare_rps bare_p50 bare_p99 <<<"$(median bare)"
 read -r sql_rps sql_p50 sql_p99 <<<"$(median sql)"
 read -r host_rps host_p50 host_p99 <<<"$(median host)"
 read -r verify_rps verify_p50 verify_p99 <<<"$(median verify)"
 read -r native_rps native_p50 native_p99 <<<"$(median native)"
+read -r open_rps open_p50 open_p99 <<<"$(median open)"
 spread() { echo "$(cut -d' ' -f1 "$work/$1.rounds" | sort -n | tr '\n' ' ' | sed 's/ $//')"; }
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
@@ -136,11 +151,12 @@ Machine: $(nproc) cores, ${cpu:-unknown CPU}; $(rustc --version). wrk: 1 thread,
 | --- | ---: | ---: | ---: | ---: | --- |
 | bare axum handler, JSON from memory | $bare_rps | $bare_p50 | $bare_p99 | $(ratio "$host_rps" "$bare_rps") | $(spread bare) |
 | bare axum handler + the same SQLite SELECT | $sql_rps | $sql_p50 | $sql_p99 | $(ratio "$host_rps" "$sql_rps") | $(spread sql) |
-| **provider-host** \`POST /providers/kv/get\` (JWT, schema, tenant instance, SQLite), one token (verified-token cache hits) | $host_rps | $host_p50 | $host_p99 | 1.00 | $(spread host) |
+| **provider-host** \`POST /providers/kv/get\` (JWT, schema, tenant instance, SQLite, audit trail, rate limits), one token (verified-token cache hits) | $host_rps | $host_p50 | $host_p99 | 1.00 | $(spread host) |
 | provider-host, the same call with a different token each request (HS256 verified every time) | $verify_rps | $verify_p50 | $verify_p99 | $(ratio "$host_rps" "$verify_rps") | $(spread verify) |
 | provider-host \`POST /providers/inventory/level\`: the **native** plugin, one read of its store (same token) | $native_rps | $native_p50 | $native_p99 | $(ratio "$host_rps" "$native_rps") | $(spread native) |
+| provider-host, the same kv/get with the audit trail off and no rate limits | $open_rps | $open_p50 | $open_p99 | $(ratio "$host_rps" "$open_rps") | $(spread open) |
 
-Native route ÷ builtin route (rps): $(ratio "$native_rps" "$host_rps").
+Native route ÷ builtin route (rps): $(ratio "$native_rps" "$host_rps"). Audit trail and rate limits on ÷ off (rps): $(ratio "$host_rps" "$open_rps").
 
 MD
 )

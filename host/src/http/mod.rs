@@ -182,11 +182,16 @@ async fn audit_requests(
         Some(id) => (crate::audit::NO_TENANT.to_owned(), id.subject.clone()),
         None => (crate::audit::NO_TENANT.to_owned(), String::new()),
     };
-    let error_code = response
+    let code = response
         .extensions()
         .get::<Arc<ApiError>>()
-        .map(|e| e.error.code.as_str().to_owned())
-        .unwrap_or_default();
+        .map(|e| e.error.code);
+    // Rate-limit refusals are not recorded one by one: a flood must not become a flood of
+    // records in the queue every tenant shares.
+    if code == Some(ErrorCode::RateLimited) && status == StatusCode::TOO_MANY_REQUESTS {
+        return response;
+    }
+    let error_code = code.map(|c| c.as_str().to_owned()).unwrap_or_default();
     audit
         .record(crate::audit::Record {
             tenant,

@@ -82,6 +82,24 @@ async fn clients_and_tenants_are_limited_at_the_edge_with_retry_after() {
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::NotFound);
+    // The audit trail has the five calls served and none of the refusals.
+    assert!(
+        crate::support::eventually(Duration::from_secs(10), || app.host.audit().unwritten()
+            == 0)
+        .await
+    );
+    let (records, _) = provider_host::audit::list(
+        app.host.storage().pool(),
+        "acme",
+        &provider_host::audit::Filter::default(),
+    )
+    .await
+    .unwrap();
+    let outcomes: Vec<&str> = records
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["ok"; 5]);
 }
 
 #[test]
