@@ -555,8 +555,11 @@ impl Host {
     /// do not), disconnects every instance, then closes storage.
     pub async fn shutdown(&self, deadline: Instant) {
         self.instances.shutdown(deadline).await;
-        // After the instances: calls finishing during their drain are recorded too.
-        self.audit.close(deadline).await;
+        // After the instances: calls finishing during their drain are recorded too. The trail
+        // gets time of its own: a grace spent to its end must not cost the records.
+        self.audit
+            .close(deadline.max(Instant::now() + Duration::from_secs(10)))
+            .await;
         self.storage.close().await;
     }
 

@@ -48,7 +48,24 @@ impl Mask {
 pub fn masks_of(schema: &Value) -> Result<Vec<Mask>, String> {
     let mut out = Vec::new();
     walk(schema, &mut Vec::new(), &mut out, 0)?;
+    // A mark the walk cannot reach would leave its field unmasked: refuse it instead.
+    if marks(schema, 0) != out.len() {
+        return Err("x-sensitive is followed through properties, items and allOf/anyOf/oneOf only, within 32 levels; a mark sits elsewhere (additionalProperties, patternProperties, prefixItems, $defs…) or deeper, where it would not be applied".into());
+    }
     Ok(out)
+}
+
+/// Every `x-sensitive` key in `schema`, wherever it is (not inside a marked field).
+fn marks(schema: &Value, depth: usize) -> usize {
+    if depth > 256 {
+        return 1;
+    }
+    match schema {
+        Value::Object(o) if o.contains_key("x-sensitive") => 1,
+        Value::Object(o) => o.values().map(|v| marks(v, depth + 1)).sum(),
+        Value::Array(a) => a.iter().map(|v| marks(v, depth + 1)).sum(),
+        _ => 0,
+    }
 }
 
 fn walk(
@@ -166,5 +183,11 @@ mod tests {
                 .contains("at 'x'")
         );
         assert!(masks_of(&json!({"x-sensitive": "p"})).is_err());
+        let hidden = json!({"properties": {"m": {"additionalProperties": {"x-sensitive": "p"}}}});
+        assert!(
+            masks_of(&hidden)
+                .unwrap_err()
+                .contains("a mark sits elsewhere")
+        );
     }
 }

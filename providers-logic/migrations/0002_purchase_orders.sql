@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS po_orders (
     buyer_notes            TEXT,
     erp_sync_status        TEXT   NOT NULL,
     created_by             TEXT   NOT NULL,
+    changed_by             TEXT   NOT NULL,
     created_ms             BIGINT NOT NULL,
     updated_ms             BIGINT NOT NULL,
     PRIMARY KEY (tenant, po_number)

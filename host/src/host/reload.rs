@@ -158,6 +158,11 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
         n.max_connections.to_string(),
     );
     differ(
+        "audit",
+        format!("{:?}", old.audit),
+        format!("{:?}", new.audit),
+    );
+    differ(
         "server.max_headers",
         o.max_headers.to_string(),
         n.max_headers.to_string(),
@@ -215,6 +220,7 @@ fn keep_restart_only(old: &Config, new: &mut Config) {
     new.server.listen = old.server.listen;
     new.server.max_connections = old.server.max_connections;
     new.server.max_headers = old.server.max_headers;
+    new.audit = old.audit.clone();
     new.server.max_header_bytes = old.server.max_header_bytes;
     new.server.cors = old.server.cors.clone();
     new.server.header_read_timeout = old.server.header_read_timeout;

@@ -161,7 +161,44 @@ async fn audit_requests(
         .unwrap_or_default();
     let slot = Arc::new(AuditSlot::default());
     request.extensions_mut().insert(slot.clone());
+    let config = &generation.config;
+    let (tenant, subject) = match &identity {
+        Some(id)
+            if config.tenants.contains_key(&id.tenant)
+                || config.admin.platform_tenant.as_deref() == Some(id.tenant.as_str()) =>
+        {
+            (id.tenant.clone(), clip(&id.subject, 256))
+        }
+        Some(id) => (crate::audit::NO_TENANT.to_owned(), clip(&id.subject, 256)),
+        None => (crate::audit::NO_TENANT.to_owned(), String::new()),
+    };
+    let draft = crate::audit::Record {
+        tenant,
+        kind: if call { "call" } else { "admin" },
+        subject,
+        service,
+        action,
+        outcome: "error",
+        error_code: String::new(),
+        request_id,
+        latency_us: 0,
+        payload_sha256: String::new(),
+        note: "the client went away before the answer".into(),
+        at_ms: 0,
+    };
+    // A client that goes away drops this future mid-call, perhaps after the provider did its
+    // work: the guard still records the call (provider calls and admin requests only).
+    let mut pending = Unanswered {
+        host: host.clone(),
+        record: Some(draft),
+        armed: call || admin,
+        started,
+        slot: slot.clone(),
+    };
     let response = next.run(request).await;
+    let Some(draft) = pending.record.take() else {
+        return response;
+    };
     let status = response.status();
     let denied = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
     let kind = match (call, admin) {
@@ -170,17 +207,6 @@ async fn audit_requests(
         _ if status == StatusCode::UNAUTHORIZED => "authn",
         _ if status == StatusCode::FORBIDDEN => "authz",
         _ => return response,
-    };
-    let config = &generation.config;
-    let (tenant, subject) = match &identity {
-        Some(id)
-            if config.tenants.contains_key(&id.tenant)
-                || config.admin.platform_tenant.as_deref() == Some(id.tenant.as_str()) =>
-        {
-            (id.tenant.clone(), id.subject.clone())
-        }
-        Some(id) => (crate::audit::NO_TENANT.to_owned(), id.subject.clone()),
-        None => (crate::audit::NO_TENANT.to_owned(), String::new()),
     };
     let code = response
         .extensions()
@@ -191,14 +217,9 @@ async fn audit_requests(
     if code == Some(ErrorCode::RateLimited) && status == StatusCode::TOO_MANY_REQUESTS {
         return response;
     }
-    let error_code = code.map(|c| c.as_str().to_owned()).unwrap_or_default();
     audit
         .record(crate::audit::Record {
-            tenant,
             kind,
-            subject: clip(&subject, 256),
-            service,
-            action,
             outcome: if status.is_success() {
                 "ok"
             } else if denied {
@@ -206,15 +227,38 @@ async fn audit_requests(
             } else {
                 "error"
             },
-            error_code,
-            request_id,
+            error_code: code.map(|c| c.as_str().to_owned()).unwrap_or_default(),
             latency_us: i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
             payload_sha256: slot.payload.get().cloned().unwrap_or_default(),
             note: String::new(),
-            at_ms: 0,
+            ..draft
         })
         .await;
     response
+}
+
+/// The record of a request whose answer was never produced, written when it is dropped.
+struct Unanswered {
+    host: Arc<Host>,
+    record: Option<crate::audit::Record>,
+    /// Whether an unanswered request is recorded (provider calls and admin requests).
+    armed: bool,
+    started: Instant,
+    slot: Arc<AuditSlot>,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(mut record) = self.record.take().filter(|_| self.armed) else {
+            return;
+        };
+        record.latency_us = i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX);
+        record.payload_sha256 = self.slot.payload.get().cloned().unwrap_or_default();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let host = self.host.clone();
+            runtime.spawn(async move { host.audit().record(record).await });
+        }
+    }
 }
 
 /// CORS from `[server.cors]`; none (no cross-origin access) when it is absent.

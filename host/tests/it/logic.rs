@@ -92,12 +92,13 @@ async fn purchase_orders_ask_the_rules_under_the_callers_permissions(
     assert_eq!(r.body["data"]["currency"], "EUR");
     assert_eq!(r.body["data"]["status"], "PENDING_APPROVAL");
     let po = json!({"po_number": r.body["data"]["po_number"]});
+    let reviewed = json!({"po_number": r.body["data"]["po_number"], "version": 1});
     let r = app
         .post(Some(&vendor), "purchase-orders/seller_confirm", po.clone())
         .await;
     assert_error(&r, 409, ErrorCode::Conflict);
     let r = app
-        .post(Some(&approver), "purchase-orders/approve", po.clone())
+        .post(Some(&approver), "purchase-orders/approve", reviewed.clone())
         .await;
     assert_eq!(r.body["data"]["status"], "OPEN", "{}", r.body);
     let r = app
@@ -106,7 +107,7 @@ async fn purchase_orders_ask_the_rules_under_the_callers_permissions(
     assert_eq!(r.body["data"]["status"], "CONFIRMED", "{}", r.body);
     // The vendor's role does not hold approve, whatever its company.
     let r = app
-        .post(Some(&vendor), "purchase-orders/approve", po.clone())
+        .post(Some(&vendor), "purchase-orders/approve", reviewed.clone())
         .await;
     assert_error(&r, 403, ErrorCode::Forbidden);
     // A token without company_id is refused by the provider.

@@ -169,7 +169,7 @@ fn parse<T: serde::de::DeserializeOwned>(payload: Value) -> Result<T, ProviderEr
 
 const COLUMNS: &str = "po_number, seq, version, buyer_company, seller_company, product, quantity, unit, unit_price, total, currency, \
      delivery_date, delivery_location, status, amendment_status, proposed_quantity, proposed_unit, proposed_unit_price, \
-     proposed_delivery_date, amendment_reason, buyer_notes, erp_sync_status, created_by, created_ms, updated_ms";
+     proposed_delivery_date, amendment_reason, buyer_notes, erp_sync_status, created_by, changed_by, created_ms, updated_ms";
 
 /// One order as stored.
 #[derive(Debug, Clone)]
@@ -197,6 +197,8 @@ struct Order {
     buyer_notes: Option<String>,
     erp_sync_status: String,
     created_by: String,
+    /// Who made the last change (an approval must come from someone else).
+    changed_by: String,
     created_ms: i64,
     updated_ms: i64,
 }
@@ -235,6 +237,7 @@ impl Order {
             buyer_notes: o("buyer_notes")?,
             erp_sync_status: s("erp_sync_status")?,
             created_by: s("created_by")?,
+            changed_by: s("changed_by")?,
             created_ms: i("created_ms")?,
             updated_ms: i("updated_ms")?,
         })
@@ -264,6 +267,7 @@ impl Order {
             "buyer_notes": self.buyer_notes,
             "erp_sync_status": self.erp_sync_status,
             "created_by": self.created_by,
+            "changed_by": self.changed_by,
             "created_ms": self.created_ms,
             "updated_ms": self.updated_ms,
         })
@@ -469,14 +473,14 @@ impl Connected {
         let o = &*order;
         let sql = if fresh {
             format!(
-                "INSERT INTO po_orders (tenant, {COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
+                "INSERT INTO po_orders (tenant, {COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)"
             )
         } else {
             "UPDATE po_orders SET po_number = $2, seq = $3, version = $4, buyer_company = $5, seller_company = $6, product = $7, \
              quantity = $8, unit = $9, unit_price = $10, total = $11, currency = $12, delivery_date = $13, delivery_location = $14, \
              status = $15, amendment_status = $16, proposed_quantity = $17, proposed_unit = $18, proposed_unit_price = $19, \
              proposed_delivery_date = $20, amendment_reason = $21, buyer_notes = $22, erp_sync_status = $23, created_by = $24, \
-             created_ms = $25, updated_ms = $26 WHERE tenant = $1 AND po_number = $2".to_owned()
+             changed_by = $25, created_ms = $26, updated_ms = $27 WHERE tenant = $1 AND po_number = $2".to_owned()
         };
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&self.tenant)
@@ -503,6 +507,7 @@ impl Connected {
             .bind(o.buyer_notes.as_deref())
             .bind(&o.erp_sync_status)
             .bind(&o.created_by)
+            .bind(&o.changed_by)
             .bind(o.created_ms)
             .bind(o.updated_ms)
             .execute(&mut *tx)
@@ -565,6 +570,16 @@ impl Connected {
                 "po_number: '{n}' must be 1 to 40 letters, digits, '-', '_', '.' or '/'"
             )));
         }
+        if let Some(n) = &req.po_number
+            && let Some(digits) = n.strip_prefix(&self.config.number_prefix)
+            && !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(ProviderError::validation(format!(
+                "po_number: '{n}' has the form of the numbers this provider gives ({}000001, …); leave po_number out to get one, or choose another",
+                self.config.number_prefix
+            )));
+        }
         let now = now_ms();
         let mut order = Order {
             po_number: req.po_number.clone().unwrap_or_default(),
@@ -594,6 +609,7 @@ impl Connected {
                 .transpose()?,
             erp_sync_status: "PENDING".into(),
             created_by: ctx.subject().to_owned(),
+            changed_by: ctx.subject().to_owned(),
             created_ms: now,
             updated_ms: now,
         };
@@ -743,6 +759,7 @@ impl Connected {
         };
         order.version = locked.version + 1;
         order.updated_ms = now_ms();
+        order.changed_by = ctx.subject().to_owned();
         self.save(tx, cursor, &mut order, "updated", false).await
     }
 
@@ -762,17 +779,36 @@ impl Connected {
                 "approve: say true to accept the seller's proposal or false to reject it",
             ));
         }
+        if matches!(action, "approve" | "approve_changes") && req.version.is_none() {
+            return Err(ProviderError::validation(format!(
+                "version: {action} needs the version of the order that was reviewed"
+            )));
+        }
+        // Accepted terms go through the approval rules like any change: ask them outside
+        // the transaction, on the order as it will be.
+        let mut accepted_needs_approval = false;
+        if action == "approve_changes" && req.approve == Some(true) {
+            let mut amended = self.get_visible(&req.po_number, ctx).await?;
+            apply_proposal(&mut amended)?;
+            accepted_needs_approval = self.needs_approval(&amended, ctx).await?;
+        }
         let (tx, cursor, mut order) = self
             .begin_change(&req.po_number, action, req.version, ctx)
             .await?;
         let event = match action {
             "approve" => {
-                if order.created_by == ctx.subject() {
+                if order.created_by == ctx.subject() || order.changed_by == ctx.subject() {
+                    let what = if order.created_by == ctx.subject() {
+                        "created"
+                    } else {
+                        "last changed"
+                    };
                     return Err(ProviderError::new(
                         ErrorCode::Forbidden,
                         format!(
-                            "'{}' created purchase order '{}' and cannot approve it too",
-                            order.created_by, order.po_number
+                            "'{}' {what} purchase order '{}' and cannot approve it too",
+                            ctx.subject(),
+                            order.po_number
                         ),
                     ));
                 }
@@ -791,26 +827,15 @@ impl Connected {
                 "confirmed"
             }
             "approve_changes" if req.approve == Some(true) => {
-                if let Some(q) = order.proposed_quantity.take() {
-                    order.quantity = q;
-                }
-                if let Some(u) = order.proposed_unit.take() {
-                    order.unit = u;
-                }
-                if let Some(p) = order.proposed_unit_price.take() {
-                    order.unit_price = p;
-                }
-                if let Some(d) = order.proposed_delivery_date.take() {
-                    order.delivery_date = d;
-                }
-                let q = Decimal::from_str(&order.quantity)
-                    .map_err(|e| ProviderError::internal(e.to_string()))?;
-                let p = Decimal::from_str(&order.unit_price)
-                    .map_err(|e| ProviderError::internal(e.to_string()))?;
-                order.total = total(q, p);
+                apply_proposal(&mut order)?;
                 order.amendment = Amendment::Approved;
-                // The seller proposed these terms and the buyer accepted them: agreed.
-                order.status = State::Confirmed;
+                // The seller proposed these terms and the buyer accepted them: agreed, unless
+                // the rules want a second person to approve the new terms first.
+                order.status = if accepted_needs_approval {
+                    State::PendingApproval
+                } else {
+                    State::Confirmed
+                };
                 "changes_approved"
             }
             "approve_changes" => {
@@ -828,6 +853,7 @@ impl Connected {
         }
         order.version += 1;
         order.updated_ms = now_ms();
+        order.changed_by = ctx.subject().to_owned();
         self.save(tx, cursor, &mut order, event, false).await
     }
 
@@ -871,6 +897,7 @@ impl Connected {
         order.amendment = Amendment::Proposed;
         order.version += 1;
         order.updated_ms = now_ms();
+        order.changed_by = ctx.subject().to_owned();
         self.save(tx, cursor, &mut order, "changes_proposed", false)
             .await
     }
@@ -1038,6 +1065,13 @@ impl Connected {
         let now = now_ms();
         let (mut acknowledged, mut already, mut unknown) = (0u64, 0u64, Vec::new());
         let mut tx = self.pool.begin().await.map_err(storage)?;
+        // The tenant's change lock first, like every change: a sync status is never decided
+        // while a change of the same order is being committed.
+        sqlx::query("UPDATE po_counters SET last = last WHERE tenant = $1 AND name = 'update'")
+            .bind(&self.tenant)
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?;
         let mut touched: Vec<String> = Vec::new();
         for id in ids {
             let done = sqlx::query(
@@ -1112,6 +1146,28 @@ impl Connected {
     }
 }
 
+/// The seller's proposed terms applied, the total computed again.
+fn apply_proposal(order: &mut Order) -> Result<(), ProviderError> {
+    if let Some(q) = order.proposed_quantity.take() {
+        order.quantity = q;
+    }
+    if let Some(u) = order.proposed_unit.take() {
+        order.unit = u;
+    }
+    if let Some(p) = order.proposed_unit_price.take() {
+        order.unit_price = p;
+    }
+    if let Some(d) = order.proposed_delivery_date.take() {
+        order.delivery_date = d;
+    }
+    let q =
+        Decimal::from_str(&order.quantity).map_err(|e| ProviderError::internal(e.to_string()))?;
+    let p =
+        Decimal::from_str(&order.unit_price).map_err(|e| ProviderError::internal(e.to_string()))?;
+    order.total = total(q, p);
+    Ok(())
+}
+
 fn not_found(po_number: &str) -> ProviderError {
     ProviderError::not_found(format!(
         "no purchase order '{po_number}' that your company is a party to"
@@ -1139,7 +1195,7 @@ fn descriptor() -> Descriptor {
         "proposed_unit_price": {"type": ["string", "null"]}, "proposed_delivery_date": {"type": ["string", "null"]},
         "amendment_reason": {"type": ["string", "null"]}, "buyer_notes": {"type": ["string", "null"]},
         "erp_sync_status": {"type": "string", "enum": ["PENDING", "SYNCED"]},
-        "created_by": {"type": "string"}, "created_ms": {"type": "integer"}, "updated_ms": {"type": "integer"}
+        "created_by": {"type": "string"}, "changed_by": {"type": "string"}, "created_ms": {"type": "integer"}, "updated_ms": {"type": "integer"}
     }});
     let decide = |extra: Value, required: &[&str]| {
         let mut props = json!({"po_number": po, "version": version, "buyer_notes": notes});
@@ -1193,7 +1249,7 @@ fn descriptor() -> Descriptor {
         .action(Action::new("approve")
             .description("A buyer approver other than its creator approves a PENDING_APPROVAL order: OPEN.")
             .permission("purchase-orders.approve")
-            .input(decide(json!({}), &["po_number"]))
+            .input(decide(json!({}), &["po_number", "version"]))
             .output(order.clone()))
         .action(Action::new("cancel")
             .description("The buyer cancels an order that is not cancelled yet.")
@@ -1216,7 +1272,7 @@ fn descriptor() -> Descriptor {
         .action(Action::new("approve_changes")
             .description("The buyer accepts (`approve: true`: the proposal applies, total recomputed, CONFIRMED) or rejects (`approve: false`: the order stays OPEN) the seller's proposal, with notes.")
             .permission("purchase-orders.approve")
-            .input(decide(json!({"approve": {"type": "boolean"}}), &["po_number", "approve"]))
+            .input(decide(json!({"approve": {"type": "boolean"}}), &["po_number", "version", "approve"]))
             .output(order))
         .action(Action::new("pending_updates")
             .description("The ERP sync outbox: unacknowledged changes after cursor `since`, in commit order, each with the order as it was.")

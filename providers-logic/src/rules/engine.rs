@@ -71,12 +71,14 @@ pub fn compile(source: &str, limits: SourceLimits) -> Result<Expression, Vec<Com
         }]);
     }
     let text = source.to_owned();
+    // Parsed, measured and (when refused) dropped on the big stack: the tree of `1+1+1+…` is
+    // as deep as it is long, whatever the parser's own recursion limit counts.
     let parsed = std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("cel-parse".into())
             .stack_size(PARSER_STACK)
             .spawn_scoped(scope, move || {
-                Parser::new()
+                let expr = Parser::new()
                     .max_recursion_depth(limits.max_depth)
                     .parse(&text)
                     .map_err(|errors| {
@@ -89,11 +91,25 @@ pub fn compile(source: &str, limits: SourceLimits) -> Result<Expression, Vec<Com
                                 message: e.msg,
                             })
                             .collect::<Vec<_>>()
-                    })
+                    })?;
+                let mut shape = Shape::default();
+                measure(&expr, 0, 1, &mut shape);
+                if shape.deepest > usize::from(limits.max_depth) * 2 {
+                    return Err(vec![CompileError {
+                        line: 1,
+                        column: 1,
+                        message: format!(
+                            "the expression nests {} levels deep; the limit is {} (max_nesting × 2)",
+                            shape.deepest,
+                            usize::from(limits.max_depth) * 2
+                        ),
+                    }]);
+                }
+                Ok((expr, shape))
             })
             .map(|handle| handle.join())
     });
-    let expr = match parsed {
+    let (expr, shape) = match parsed {
         Ok(Ok(result)) => result?,
         _ => {
             return Err(vec![CompileError {
@@ -103,58 +119,78 @@ pub fn compile(source: &str, limits: SourceLimits) -> Result<Expression, Vec<Com
             }]);
         }
     };
-    let mut nodes = Vec::new();
-    let mut literal_elements = 0;
-    shape(&expr, 0, &mut nodes, &mut literal_elements);
     Ok(Expression {
         expr,
-        nodes,
-        literal_elements,
+        nodes: shape.nodes,
+        literal_elements: shape.literals,
     })
 }
 
-fn shape(e: &IdedExpr, depth: usize, nodes: &mut Vec<u64>, literals: &mut u64) {
-    if nodes.len() <= depth {
-        nodes.resize(depth + 1, 0);
+#[derive(Default)]
+struct Shape {
+    nodes: Vec<u64>,
+    literals: u64,
+    /// The tree's depth.
+    deepest: usize,
+}
+
+/// Operators whose work grows with their operands (membership, equality and concatenation
+/// of lists, strings and maps): each counts as a loop over the input's elements.
+const LINEAR: [&str; 4] = ["@in", "_==_", "_!=_", "_+_"];
+
+fn measure(e: &IdedExpr, depth: usize, level: usize, s: &mut Shape) {
+    s.deepest = s.deepest.max(level);
+    // Past the limit nothing more is counted; the caller refuses the expression.
+    if level > 1024 {
+        return;
     }
-    nodes[depth] += 1;
+    let mut count = |d: usize| {
+        if s.nodes.len() <= d {
+            s.nodes.resize(d + 1, 0);
+        }
+        s.nodes[d] += 1;
+    };
+    count(depth);
     match &e.expr {
         Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => {}
         Expr::Call(call) => {
+            if LINEAR.contains(&call.func_name.as_str()) {
+                count(depth + 1);
+            }
             if let Some(target) = &call.target {
-                shape(target, depth, nodes, literals);
+                measure(target, depth, level + 1, s);
             }
             for arg in &call.args {
-                shape(arg, depth, nodes, literals);
+                measure(arg, depth, level + 1, s);
             }
         }
         Expr::Comprehension(c) => {
-            shape(&c.iter_range, depth, nodes, literals);
-            shape(&c.accu_init, depth, nodes, literals);
+            measure(&c.iter_range, depth, level + 1, s);
+            measure(&c.accu_init, depth, level + 1, s);
             for body in [&c.loop_cond, &c.loop_step, &c.result] {
-                shape(body, depth + 1, nodes, literals);
+                measure(body, depth + 1, level + 1, s);
             }
         }
         Expr::List(list) => {
-            *literals += list.elements.len() as u64;
+            s.literals += list.elements.len() as u64;
             for item in &list.elements {
-                shape(item, depth, nodes, literals);
+                measure(item, depth, level + 1, s);
             }
         }
         Expr::Map(map) => {
-            *literals += map.entries.len() as u64;
+            s.literals += map.entries.len() as u64;
             for entry in &map.entries {
                 if let EntryExpr::MapEntry(m) = &entry.expr {
-                    shape(&m.key, depth, nodes, literals);
-                    shape(&m.value, depth, nodes, literals);
+                    measure(&m.key, depth, level + 1, s);
+                    measure(&m.value, depth, level + 1, s);
                 }
             }
         }
-        Expr::Select(select) => shape(&select.operand, depth, nodes, literals),
-        Expr::Struct(s) => {
-            for entry in &s.entries {
+        Expr::Select(select) => measure(&select.operand, depth, level + 1, s),
+        Expr::Struct(st) => {
+            for entry in &st.entries {
                 if let EntryExpr::StructField(f) = &entry.expr {
-                    shape(&f.value, depth, nodes, literals);
+                    measure(&f.value, depth, level + 1, s);
                 }
             }
         }
@@ -162,7 +198,8 @@ fn shape(e: &IdedExpr, depth: usize, nodes: &mut Vec<u64>, literals: &mut u64) {
 }
 
 impl Expression {
-    /// The most nested comprehensions in this expression.
+    /// The most nested loops in this expression (comprehensions, and operators whose work
+    /// grows with their operands).
     pub fn comprehension_depth(&self) -> usize {
         self.nodes.len().saturating_sub(1)
     }

@@ -290,7 +290,7 @@ impl Connected {
             cost = cost.saturating_add(rule.expression.cost(vars.elements));
             if cost > self.max_cost {
                 return Err(ProviderError::validation(format!(
-                    "rule set '{name}' could cost up to {cost} steps on this input (rule '{}' nests {} comprehension(s) over up to {} elements); the limit is {} (max_cost)",
+                    "rule set '{name}' could cost up to {cost} steps on this input (rule '{}' nests {} loop(s) over up to {} elements); the limit is {} (max_cost)",
                     rule.name,
                     rule.expression.comprehension_depth(),
                     vars.elements,

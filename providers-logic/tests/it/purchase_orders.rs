@@ -119,7 +119,7 @@ async fn lifecycle_with_amendments_and_both_parties(db: TestDatabase) {
         .call(
             &p.seller,
             "approve_changes",
-            json!({"po_number": "PO-000001", "approve": true}),
+            json!({"po_number": "PO-000001", "version": 1, "approve": true}),
         )
         .await);
     assert_eq!(c, ErrorCode::Forbidden);
@@ -165,7 +165,7 @@ async fn lifecycle_with_amendments_and_both_parties(db: TestDatabase) {
         .call(
             &p.approver,
             "approve_changes",
-            json!({"po_number": "PO-000001", "approve": false, "buyer_notes": "we need 12.5 t"}),
+            json!({"po_number": "PO-000001", "version": 2, "approve": false, "buyer_notes": "we need 12.5 t"}),
         )
         .await
         .unwrap();
@@ -180,7 +180,7 @@ async fn lifecycle_with_amendments_and_both_parties(db: TestDatabase) {
         .call(
             &p.approver,
             "approve_changes",
-            json!({"po_number": "PO-000001", "approve": true}),
+            json!({"po_number": "PO-000001", "version": 4, "approve": true}),
         )
         .await
         .unwrap();
@@ -253,7 +253,7 @@ async fn approval_rules_and_separation_of_duties(db: TestDatabase) {
         .unwrap();
     assert_eq!(large["total"], "100001.00");
     assert_eq!(large["status"], "PENDING_APPROVAL");
-    let n = json!({"po_number": large["po_number"]});
+    let n = json!({"po_number": large["po_number"], "version": 1});
     let (c, _) = err(p.call(&p.seller, "seller_confirm", n.clone()).await);
     assert_eq!(
         c,
@@ -268,6 +268,20 @@ async fn approval_rules_and_separation_of_duties(db: TestDatabase) {
         format!(
             "'ada' created purchase order '{}' and cannot approve it too",
             large["po_number"].as_str().unwrap()
+        )
+    );
+    let (c, d) = err(p
+        .call(
+            &p.approver,
+            "approve",
+            json!({"po_number": large["po_number"]}),
+        )
+        .await);
+    assert_eq!(
+        (c, d.as_str()),
+        (
+            ErrorCode::ValidationError,
+            "version: approve needs the version of the order that was reviewed"
         )
     );
     let approved = p.call(&p.approver, "approve", n.clone()).await.unwrap();
@@ -292,6 +306,45 @@ async fn approval_rules_and_separation_of_duties(db: TestDatabase) {
         .await
         .unwrap();
     assert_eq!(down["status"], "OPEN");
+    // Whoever made the change that needs approval cannot approve it, creator or not.
+    let raised = p
+        .call(
+            &p.approver,
+            "update",
+            json!({"po_number": small["po_number"], "version": 3, "quantity": "999"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(raised["status"], "PENDING_APPROVAL");
+    assert_eq!(raised["changed_by"], "grace");
+    let again = json!({"po_number": small["po_number"], "version": 4});
+    let (c, d) = err(p.call(&p.approver, "approve", again.clone()).await);
+    assert_eq!(c, ErrorCode::Forbidden);
+    assert!(d.starts_with("'grace' last changed purchase order"), "{d}");
+    let other = p.host.context_as("bob", &["approver"], Some(BUYER));
+    assert_eq!(
+        p.call(&other, "approve", again).await.unwrap()["status"],
+        "OPEN"
+    );
+    // Accepted terms over the threshold need a second approval as well.
+    p.call(
+        &p.seller,
+        "propose_changes",
+        json!({"po_number": small["po_number"], "proposed_unit_price": "5000", "amendment_reason": "steel went up"}),
+    )
+    .await
+    .unwrap();
+    let accepted = p
+        .call(
+            &p.approver,
+            "approve_changes",
+            json!({"po_number": small["po_number"], "version": 6, "approve": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(accepted["total"], "4995000.00");
+    assert_eq!(accepted["status"], "PENDING_APPROVAL");
+    assert_eq!(accepted["amendment_status"], "APPROVED");
     p.host.disconnect().await.unwrap();
 }
 

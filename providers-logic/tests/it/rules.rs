@@ -226,7 +226,7 @@ async fn input_size_is_limited_at_the_edge() {
 #[tokio::test]
 async fn a_rule_that_would_run_away_is_cut_off_before_it_runs() {
     // Two nested comprehensions: work grows with the square of the list.
-    let config = json!({"max_cost": 100_000, "sets": {"s": {"rules": [
+    let config = json!({"max_cost": 1_000_000, "sets": {"s": {"rules": [
         {"name": "pairs", "when": "xs.all(a, xs.exists(b, a + b == 0))", "then": "x"}
     ], "default": "d"}}});
     let mut host = connect(config).await.unwrap();
@@ -236,7 +236,7 @@ async fn a_rule_that_would_run_away_is_cut_off_before_it_runs() {
         .await
         .unwrap();
     assert_eq!(r["decision"], "d");
-    assert!(r["cost_bound"].as_u64().unwrap() <= 100_000, "{r}");
+    assert!(r["cost_bound"].as_u64().unwrap() <= 1_000_000, "{r}");
     // 5,000 elements, and the caller variable has 5 more (4 fields and a one-role list).
     let large: Vec<i64> = (0..5000).collect();
     let e = host
@@ -250,7 +250,8 @@ async fn a_rule_that_would_run_away_is_cut_off_before_it_runs() {
         e.detail
     );
     assert!(
-        e.detail.contains("(rule 'pairs' nests 2 comprehension(s) over up to 5005 elements); the limit is 100000 (max_cost)"),
+        // Two comprehensions, and `+` and `==` inside them count as a loop each.
+        e.detail.contains("(rule 'pairs' nests 3 loop(s) over up to 5005 elements); the limit is 1000000 (max_cost)"),
         "{}",
         e.detail
     );
@@ -278,4 +279,20 @@ async fn expression_size_and_nesting_are_limited() {
     host.disconnect().await.unwrap();
     let e = connect(config(40)).await.err().unwrap();
     assert!(e.detail.contains("rule 'deep'"), "{}", e.detail);
+    // A flat chain of operators is as deep a tree as it is long: refused, not overflowed.
+    let chain = format!("1{} == 0", "+1".repeat(1500));
+    let e = connect(
+        json!({"sets": {"s": {"rules": [{"name": "chain", "when": chain}], "default": "d"}}}),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        e.detail
+            .contains("rule 'chain', 1:1: the expression nests ")
+            && e.detail
+                .ends_with("levels deep; the limit is 64 (max_nesting × 2)"),
+        "{}",
+        e.detail
+    );
 }
