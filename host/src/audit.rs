@@ -366,6 +366,8 @@ async fn write(pool: &AnyPool, records: &[Record]) -> Result<(), sqlx::Error> {
             tenants.push(&r.tenant);
         }
     }
+    // Heads locked in one order by every writer: two hosts cannot deadlock on them.
+    tenants.sort_unstable();
     for tenant in tenants {
         // The head row is written first: it locks the chain (PostgreSQL) or the database
         // (SQLite) until commit, so two writers never extend one chain at once.
