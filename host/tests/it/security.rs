@@ -519,6 +519,11 @@ async fn credentials_never_reach_the_log_even_at_trace_level() {
         .with_ansi(false)
         .finish();
     let guard = tracing::subscriber::set_default(subscriber);
+    // Callsites cache their interest when first hit, possibly by another test's thread while
+    // this subscriber was not registered yet: hit them once, recompute, then capture afresh.
+    app.get(None, "/providers").await;
+    tracing::callsite::rebuild_interest_cache();
+    captured.0.lock().unwrap().clear();
     for auth in [
         format!("Bearer {token}"),
         "Bearer not-a-valid-token-7f3a9c".to_owned(),
