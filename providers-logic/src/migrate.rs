@@ -43,3 +43,24 @@ pub async fn prepare(pool: &AnyPool) -> Result<(), sqlx::migrate::MigrateError> 
     prepared.get_or_insert_with(HashSet::new).insert(url);
     Ok(())
 }
+
+/// The host's system database from `ctx`, with this crate's tables in place: what each of the
+/// crate's providers needs at connect. `provider` names it in the errors.
+pub(crate) async fn connected_pool(
+    ctx: &providers_core::ConnectContext,
+    provider: &str,
+) -> Result<AnyPool, providers_core::ProviderError> {
+    use providers_core::ProviderError;
+    let pool = ctx.resource::<AnyPool>().cloned().ok_or_else(|| {
+        ProviderError::unavailable(format!(
+            "{provider} needs the host's system database, which was not provided"
+        ))
+    })?;
+    prepare(&pool).await.map_err(|e| {
+        tracing::error!(error = %e, provider, "migrations failed");
+        ProviderError::unavailable(format!(
+            "{provider} storage could not be prepared; the host log has the cause"
+        ))
+    })?;
+    Ok(pool)
+}

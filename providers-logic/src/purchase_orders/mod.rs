@@ -1303,17 +1303,7 @@ impl Provider for PurchaseOrders {
     async fn connect(&mut self, ctx: &ConnectContext) -> Result<(), ProviderError> {
         let config: Config = serde_json::from_value(ctx.config().clone())
             .map_err(|e| ProviderError::validation(format!("purchase-orders config: {e}")))?;
-        let pool = ctx.resource::<AnyPool>().cloned().ok_or_else(|| {
-            ProviderError::unavailable(
-                "purchase-orders needs the host's system database, which was not provided",
-            )
-        })?;
-        crate::migrate::prepare(&pool).await.map_err(|e| {
-            tracing::error!(error = %e, "purchase-orders migrations failed");
-            ProviderError::unavailable(
-                "purchase-orders storage could not be prepared; the host log has the cause",
-            )
-        })?;
+        let pool = crate::migrate::connected_pool(ctx, "purchase-orders").await?;
         let _ = self.state.set(Connected {
             pool,
             tenant: ctx.tenant().to_owned(),

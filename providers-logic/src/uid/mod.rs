@@ -535,17 +535,7 @@ impl Provider for Uid {
     async fn connect(&mut self, ctx: &ConnectContext) -> Result<(), ProviderError> {
         let config: Config = serde_json::from_value(ctx.config().clone())
             .map_err(|e| ProviderError::validation(format!("uid config: {e}")))?;
-        let pool = ctx.resource::<AnyPool>().cloned().ok_or_else(|| {
-            ProviderError::unavailable(
-                "uid needs the host's system database, which was not provided",
-            )
-        })?;
-        crate::migrate::prepare(&pool).await.map_err(|e| {
-            tracing::error!(error = %e, "uid migrations failed");
-            ProviderError::unavailable(
-                "uid storage could not be prepared; the host log has the cause",
-            )
-        })?;
+        let pool = crate::migrate::connected_pool(ctx, "uid").await?;
         let _ = self.state.set(Connected {
             pool,
             tenant: ctx.tenant().to_owned(),
