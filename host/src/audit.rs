@@ -14,10 +14,12 @@
 //! response goes out. Either way nothing recorded is dropped while the host runs, and
 //! shutdown flushes what is held.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use providers_core::ErrorCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -71,15 +73,15 @@ pub struct Record {
     /// The tenant, or [`NO_TENANT`].
     pub tenant: String,
     /// `call`, `admin`, `authn` (no valid token) or `authz` (refused a route).
-    pub kind: &'static str,
+    pub kind: Cow<'static, str>,
     /// The token's subject, empty without one.
     pub subject: String,
     /// The service (for admin actions: the route's target, if any).
     pub service: String,
     /// The action (for admin actions: method and path).
     pub action: String,
-    /// `ok`, `denied` (401/403) or `error`.
-    pub outcome: &'static str,
+    /// `ok`, `denied` (401/403) or `error`; see [`outcome_of`].
+    pub outcome: Cow<'static, str>,
     /// The stable error code, empty on success.
     pub error_code: String,
     /// The request id.
@@ -107,9 +109,18 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// `ok` without an error, `denied` for a refused credential or permission, `error` otherwise.
+pub fn outcome_of(code: Option<ErrorCode>) -> &'static str {
+    match code {
+        None => "ok",
+        Some(ErrorCode::Unauthenticated | ErrorCode::Forbidden) => "denied",
+        Some(_) => "error",
+    }
+}
+
 /// The hash linking a record to its chain: every field, in a fixed order, unambiguously
 /// (a JSON array), after the previous hash.
-fn link(prev: &str, seq: i64, r: &StoredFields<'_>) -> String {
+fn link(prev: &str, seq: i64, r: &Record) -> String {
     let fields = json!([
         prev,
         seq,
@@ -129,38 +140,23 @@ fn link(prev: &str, seq: i64, r: &StoredFields<'_>) -> String {
     sha256_hex(fields.to_string().as_bytes())
 }
 
-struct StoredFields<'a> {
-    tenant: &'a str,
-    at_ms: i64,
-    kind: &'a str,
-    subject: &'a str,
-    service: &'a str,
-    action: &'a str,
-    outcome: &'a str,
-    error_code: &'a str,
-    request_id: &'a str,
-    latency_us: i64,
-    payload_sha256: &'a str,
-    note: &'a str,
-}
-
-impl Record {
-    fn fields(&self) -> StoredFields<'_> {
-        StoredFields {
-            tenant: &self.tenant,
-            at_ms: self.at_ms,
-            kind: self.kind,
-            subject: &self.subject,
-            service: &self.service,
-            action: &self.action,
-            outcome: self.outcome,
-            error_code: &self.error_code,
-            request_id: &self.request_id,
-            latency_us: self.latency_us,
-            payload_sha256: &self.payload_sha256,
-            note: &self.note,
-        }
-    }
+/// A stored record's fields, as they were hashed.
+fn record_of(r: &sqlx::any::AnyRow) -> Result<Record, sqlx::Error> {
+    let text = |c: &str| r.try_get::<String, _>(c);
+    Ok(Record {
+        tenant: text("tenant")?,
+        kind: text("kind")?.into(),
+        subject: text("subject")?,
+        service: text("service")?,
+        action: text("action")?,
+        outcome: text("outcome")?.into(),
+        error_code: text("error_code")?,
+        request_id: text("request_id")?,
+        latency_us: r.try_get("latency_us")?,
+        payload_sha256: text("payload_sha256")?,
+        note: text("note")?,
+        at_ms: r.try_get("at_ms")?,
+    })
 }
 
 #[allow(
@@ -384,7 +380,7 @@ async fn write(pool: &AnyPool, records: &[Record]) -> Result<(), sqlx::Error> {
         let mut links: Vec<(&Record, i64, String, String)> = Vec::new();
         for r in records.iter().filter(|r| r.tenant == tenant) {
             seq += 1;
-            let hash = link(&prev, seq, &r.fields());
+            let hash = link(&prev, seq, r);
             links.push((r, seq, std::mem::replace(&mut prev, hash.clone()), hash));
         }
         // All of a chain's new rows in one statement with one parameter, a JSON array the
@@ -606,44 +602,7 @@ pub async fn verify(pool: &AnyPool, tenant: Option<&str>) -> Result<Vec<ChainRep
                     ));
                     break 'pages;
                 }
-                let (
-                    tenant_c,
-                    kind,
-                    subject,
-                    service,
-                    action,
-                    outcome,
-                    code,
-                    request,
-                    payload,
-                    note,
-                ) = (
-                    text("tenant")?,
-                    text("kind")?,
-                    text("subject")?,
-                    text("service")?,
-                    text("action")?,
-                    text("outcome")?,
-                    text("error_code")?,
-                    text("request_id")?,
-                    text("payload_sha256")?,
-                    text("note")?,
-                );
-                let fields = StoredFields {
-                    tenant: &tenant_c,
-                    at_ms: r.try_get("at_ms")?,
-                    kind: &kind,
-                    subject: &subject,
-                    service: &service,
-                    action: &action,
-                    outcome: &outcome,
-                    error_code: &code,
-                    request_id: &request,
-                    latency_us: r.try_get("latency_us")?,
-                    payload_sha256: &payload,
-                    note: &note,
-                };
-                if link(&prev, seq, &fields) != hash {
+                if link(&prev, seq, &record_of(r)?) != hash {
                     problem = Some(format!("record {seq} was changed after it was written"));
                     break 'pages;
                 }

@@ -424,15 +424,11 @@ impl Host {
             self.audit
                 .record(crate::audit::Record {
                     tenant,
-                    kind: "call",
+                    kind: "call".into(),
                     subject,
                     service: service.to_owned(),
                     action: action.to_owned(),
-                    outcome: match code {
-                        None => "ok",
-                        Some(ErrorCode::Unauthenticated | ErrorCode::Forbidden) => "denied",
-                        Some(_) => "error",
-                    },
+                    outcome: crate::audit::outcome_of(code).into(),
                     error_code: code.map(|c| c.as_str().to_owned()).unwrap_or_default(),
                     request_id,
                     latency_us: i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),

@@ -174,11 +174,11 @@ async fn audit_requests(
     };
     let draft = crate::audit::Record {
         tenant,
-        kind: if call { "call" } else { "admin" },
+        kind: if call { "call" } else { "admin" }.into(),
         subject,
         service,
         action,
-        outcome: "error",
+        outcome: "error".into(),
         error_code: String::new(),
         request_id,
         latency_us: 0,
@@ -200,7 +200,6 @@ async fn audit_requests(
         return response;
     };
     let status = response.status();
-    let denied = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
     let kind = match (call, admin) {
         (true, _) => "call",
         (_, true) => "admin",
@@ -219,14 +218,12 @@ async fn audit_requests(
     }
     audit
         .record(crate::audit::Record {
-            kind,
-            outcome: if status.is_success() {
-                "ok"
-            } else if denied {
-                "denied"
-            } else {
-                "error"
-            },
+            kind: kind.into(),
+            outcome: match code {
+                None if !status.is_success() => "error",
+                code => crate::audit::outcome_of(code),
+            }
+            .into(),
             error_code: code.map(|c| c.as_str().to_owned()).unwrap_or_default(),
             latency_us: i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
             payload_sha256: slot.payload.get().cloned().unwrap_or_default(),
