@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use providers_core::{CallContext, Caller, ErrorCode, ProviderError, Resources, async_trait};
-use providers_security::{Identity, TokenVerifier};
+use providers_security::{Identity, TokenIssuer, TokenVerifier};
 use serde_json::Value;
 
 use crate::config::{Config, TenantPlan, TenantService};
@@ -40,6 +40,15 @@ pub struct Host {
     draining: AtomicBool,
     generations: AtomicU64,
     audit: crate::audit::Audit,
+    /// The token service, when `[auth] enabled`.
+    tokens: Option<crate::auth::TokenService>,
+}
+
+/// The issuer of `config`'s signing key, if one can sign.
+pub(crate) fn issuer_of(config: &Config) -> Option<Arc<TokenIssuer>> {
+    TokenIssuer::new(&config.keys, config.token.clone())
+        .ok()
+        .map(Arc::new)
 }
 
 /// Everything a request runs against, swapped whole when the configuration or a control changes.
@@ -49,6 +58,9 @@ pub struct Generation {
     /// The configuration.
     pub config: Arc<Config>,
     verifier: Arc<TokenVerifier>,
+    /// Signs the token service's access tokens with the first key that can sign, so the
+    /// verifier accepts what this host issues; none when no key can sign.
+    issuer: Option<Arc<TokenIssuer>>,
     /// Identifies the keys and token settings the verifier was built from.
     keys: [u8; 32],
     openapi: Arc<Value>,
@@ -111,6 +123,16 @@ impl Controls {
 }
 
 impl Generation {
+    /// The issuer of this generation's signing key, if one can sign.
+    pub fn issuer(&self) -> Option<&TokenIssuer> {
+        self.issuer.as_deref()
+    }
+
+    /// The public signing keys, as a JWK Set.
+    pub fn jwks(&self) -> Value {
+        self.verifier.jwks()
+    }
+
     /// The tenant's plan, or `FORBIDDEN` if the verified tenant is not configured here.
     pub fn tenant(&self, tenant: &str) -> Result<&TenantPlan, ProviderError> {
         self.config.tenants.get(tenant).ok_or_else(|| {
@@ -225,8 +247,14 @@ impl Host {
         ));
         let openapi = Arc::new(crate::http::openapi::document(&config));
         let audit = crate::audit::Audit::start(storage.pool().clone(), config.audit.clone());
+        let tokens = if config.auth.enabled {
+            Some(crate::auth::TokenService::new(config.auth.clone())?)
+        } else {
+            None
+        };
         let generation = Generation {
             number: 1,
+            issuer: issuer_of(&config),
             config: Arc::new(config),
             verifier: Arc::new(verifier),
             keys,
@@ -244,6 +272,7 @@ impl Host {
             draining: AtomicBool::new(false),
             generations: AtomicU64::new(1),
             audit,
+            tokens,
         }))
     }
 
@@ -255,6 +284,11 @@ impl Host {
     /// The configuration it runs now.
     pub fn config(&self) -> Arc<Config> {
         self.current.load().config.clone()
+    }
+
+    /// The token service, when `[auth] enabled`.
+    pub fn tokens(&self) -> Option<&crate::auth::TokenService> {
+        self.tokens.as_ref()
     }
 
     /// The audit trail.

@@ -6,6 +6,7 @@
 //! Nothing depends on it; it is a library only so that its tests can drive it in-process.
 
 pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod demo;
 mod guard;
@@ -15,6 +16,7 @@ pub mod instances;
 pub mod masking;
 pub mod plugins;
 pub mod rate;
+pub mod secrets;
 pub mod storage;
 
 use providers_core::{Registry, RegistryError};

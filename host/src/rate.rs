@@ -62,7 +62,7 @@ impl Rate {
         }
     }
 
-    fn quota(&self) -> Quota {
+    pub(crate) fn quota(&self) -> Quota {
         let nonzero = |n: u32| NonZeroU32::new(n.clamp(1, MAX_RATE)).unwrap_or(NonZeroU32::MIN);
         let (quota, n) = match (self.per_second, self.per_minute) {
             (None, Some(n)) => (Quota::per_minute(nonzero(n)), n),
@@ -75,7 +75,7 @@ impl Rate {
     }
 
     /// The rate in words, for errors: "10 requests per second".
-    fn words(&self) -> String {
+    pub(crate) fn words(&self) -> String {
         match (self.per_second, self.per_minute) {
             (None, Some(n)) => format!("{n} {} per minute", plural(n)),
             (s, _) => {
@@ -179,7 +179,7 @@ impl TenantRate {
     }
 }
 
-fn limited(detail: String, wait: Duration) -> Limited {
+pub(crate) fn limited(detail: String, wait: Duration) -> Limited {
     Limited {
         error: ProviderError::new(ErrorCode::RateLimited, detail),
         retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),

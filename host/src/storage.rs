@@ -65,6 +65,20 @@ fn migrator() -> Migrator {
             sqlx::AssertSqlSafe(include_str!("../migrations/0003_audit.sql")).into_sql_str(),
             false,
         ),
+        Migration::new(
+            4,
+            Cow::Borrowed("token service"),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(include_str!("../migrations/0004_auth.sql")).into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            5,
+            Cow::Borrowed("secret store"),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(include_str!("../migrations/0005_secrets.sql")).into_sql_str(),
+            false,
+        ),
     ]);
     // Provider crates keep their own migration tables; this one is the host's.
     m.dangerous_set_table_name("_host_migrations");

@@ -1,19 +1,24 @@
-//! Security for the ERP Provider Layer: bearer-token verification, roles and permissions,
-//! and secret references in configuration.
+//! Security for the ERP Provider Layer: bearer-token verification and issuing, client
+//! credentials (Argon2id), roles and permissions, secret references in configuration and the
+//! sealing of stored secrets (XChaCha20-Poly1305).
 //!
 //! The host depends on it; providers do not (they receive the verified tenant, subject and
 //! roles in their call context). It depends on no other workspace crate and runs no runtime.
 
+mod credentials;
 mod permissions;
 mod secrets;
 mod token;
+mod vault;
 
+pub use credentials::{HashSettings, SecretHasher, random_token};
 pub use permissions::Permissions;
 pub use secrets::{Reference, find_references, resolve_references};
 pub use token::{
     Algorithm, DEFAULT_MAX_TOKEN_BYTES, Identity, KeyMaterial, MAX_LEEWAY_SECONDS, TokenIssuer,
     TokenSettings, TokenVerifier,
 };
+pub use vault::{Keyring, MasterKey, Sealed, Secret};
 
 /// Everything this crate can refuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,4 +1,5 @@
-//! `${env:NAME}` references: secrets stay out of configuration files and are resolved at load.
+//! `${env:NAME}` and `${secret:NAME}` references: secrets stay out of configuration files and
+//! are resolved at load.
 
 use crate::SecurityError;
 
@@ -57,14 +58,14 @@ pub fn find_references(text: &str) -> Result<Vec<Reference>, (usize, SecurityErr
     Ok(out)
 }
 
-/// Replaces every reference in `text` with its value, using `env` to read variables.
-///
-/// `${secret:NAME}` needs a secret store, which this host does not have yet; it is refused
-/// rather than silently left in place.
+/// Replaces every reference in `text` with its value, using `lookup` to read them:
+/// `${env:NAME}` asks for `NAME`, `${secret:NAME}` for `secret:NAME` (the host answers those
+/// from its secret store). An unknown one is refused, never left in place.
 pub fn resolve_references(
     text: &str,
-    env: impl Fn(&str) -> Option<String>,
+    lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<String, (usize, SecurityError)> {
+    let env = lookup;
     let refs = find_references(text)?;
     if refs.is_empty() {
         return Ok(text.to_owned());
@@ -83,20 +84,20 @@ pub fn resolve_references(
                     )),
                 )
             })?,
-            "secret" => {
-                return Err((
+            "secret" => env(&format!("secret:{}", r.name)).ok_or_else(|| {
+                (
                     r.offset,
                     SecurityError::Reference(format!(
-                        "'${{secret:{}}}': no secret store is configured on this host; use '${{env:NAME}}'",
-                        r.name
+                        "secret '{}' is not in the secret store (store it with 'provider-host secrets set {}')",
+                        r.name, r.name
                     )),
-                ));
-            }
+                )
+            })?,
             other => {
                 return Err((
                     r.offset,
                     SecurityError::Reference(format!(
-                        "unknown reference source '{other}' in '${{{other}:{}}}' (expected 'env')",
+                        "unknown reference source '{other}' in '${{{other}:{}}}' (expected 'env' or 'secret')",
                         r.name
                     )),
                 ));
@@ -114,7 +115,11 @@ mod tests {
     use super::*;
 
     fn env(name: &str) -> Option<String> {
-        (name == "DB_PASS").then(|| "s3cr}t".to_owned())
+        match name {
+            "DB_PASS" => Some("s3cr}t".to_owned()),
+            "secret:api_key" => Some("k3y".to_owned()),
+            _ => None,
+        }
     }
 
     #[test]
@@ -142,10 +147,17 @@ mod tests {
         let (_, err) = resolve_references("${vault:X}", env).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown reference source 'vault' in '${vault:X}' (expected 'env')"
+            "unknown reference source 'vault' in '${vault:X}' (expected 'env' or 'secret')"
         );
         let (_, err) = resolve_references("${secret:X}", env).unwrap_err();
-        assert!(err.to_string().contains("no secret store"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "secret 'X' is not in the secret store (store it with 'provider-host secrets set X')"
+        );
+        assert_eq!(
+            resolve_references("Bearer ${secret:api_key}", env).unwrap(),
+            "Bearer k3y"
+        );
         let (_, err) = resolve_references("${DB_PASS}", env).unwrap_err();
         assert_eq!(
             err.to_string(),

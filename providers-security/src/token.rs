@@ -232,6 +232,24 @@ impl TokenVerifier {
             .len()
     }
 
+    /// The public keys among this verifier's keys (RS256) as a JWK Set (RFC 7517), for
+    /// `/.well-known/jwks.json`. Shared HMAC secrets are never in it; with none, the set is empty.
+    pub fn jwks(&self) -> serde_json::Value {
+        use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
+        let keys = self
+            .keys
+            .iter()
+            .filter(|k| k.algorithm == Algorithm::RS256)
+            .filter_map(|k| {
+                let mut jwk = Jwk::from_decoding_key(&k.key, Some(k.algorithm.jwt())).ok()?;
+                jwk.common.key_id = k.kid.clone();
+                jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+                Some(jwk)
+            })
+            .collect();
+        serde_json::to_value(JwkSet { keys }).unwrap_or_else(|_| serde_json::json!({"keys": []}))
+    }
+
     /// Verifies `token` (without the `Bearer ` prefix) and returns who it speaks for.
     pub fn verify(&self, token: &str) -> Result<Identity, SecurityError> {
         self.verify_at(token, now_seconds())

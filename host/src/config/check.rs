@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use providers_core::semver::VersionReq;
 use providers_core::{Factory, Registry, is_valid_name};
-use providers_security::{Algorithm, KeyMaterial, Permissions, TokenSettings};
+use providers_security::{Algorithm, KeyMaterial, Permissions, TokenIssuer, TokenSettings};
 use serde_json::Value;
 use toml::Spanned;
 
@@ -54,6 +54,8 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantPlan>,
     /// `[audit]`.
     pub audit: crate::audit::AuditSettings,
+    /// `[auth]`: the token service.
+    pub auth: crate::auth::AuthSettings,
 }
 
 /// `[security] admin_role` and `platform_tenant`: who administers what.
@@ -220,7 +222,7 @@ pub fn load_with(
 
 /// A SQLite URL whose file path is relative, made relative to `base` (the config file's
 /// folder) instead of the working directory; any other URL as it is.
-fn relative_sqlite(url: &str, base: &Path) -> String {
+pub(crate) fn relative_sqlite(url: &str, base: &Path) -> String {
     let Some(rest) = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
@@ -467,6 +469,7 @@ impl<'a> Checker<'a> {
                 format!("audit.batch: {} is out of range (1 to 10000)", audit.batch),
             );
         }
+        let auth = self.auth(raw.auth, &keys, &token);
         let registry = registry.clone();
         Config {
             source: self.src.name.to_owned(),
@@ -487,7 +490,60 @@ impl<'a> Checker<'a> {
                 .collect(),
             tenants,
             audit,
+            auth,
         }
+    }
+
+    /// `[auth]`: rates and costs in range, and a key this host can sign with when it is on.
+    fn auth(
+        &mut self,
+        auth: crate::auth::AuthSettings,
+        keys: &[KeyMaterial],
+        token: &TokenSettings,
+    ) -> crate::auth::AuthSettings {
+        for (name, rate) in [
+            ("auth.client_rate", auth.client_rate),
+            ("auth.overall_rate", auth.overall_rate),
+        ] {
+            if let Some(problem) = rate.problem() {
+                self.at(0..0, format!("{name}: {problem}"));
+            }
+        }
+        if let Err(e) = providers_security::SecretHasher::new(auth.argon2) {
+            self.at(0..0, e.to_string());
+        }
+        let secs = |d: std::time::Duration| d.as_secs();
+        if !(1..=86_400).contains(&secs(auth.access_ttl)) {
+            self.at(
+                0..0,
+                format!(
+                    "auth.access_ttl: {}s is out of range (1s to 24h)",
+                    secs(auth.access_ttl)
+                ),
+            );
+        }
+        if auth.refresh_ttl < auth.access_ttl || secs(auth.refresh_ttl) > 90 * 86_400 {
+            self.at(
+                0..0,
+                format!(
+                    "auth.refresh_ttl: {}s is out of range (access_ttl to 90 days)",
+                    secs(auth.refresh_ttl)
+                ),
+            );
+        }
+        if !(1..=1024).contains(&auth.max_hashing) {
+            self.at(
+                0..0,
+                format!(
+                    "auth.max_hashing: {} is out of range (1 to 1024)",
+                    auth.max_hashing
+                ),
+            );
+        }
+        if auth.enabled && !keys.is_empty() && TokenIssuer::new(keys, token.clone()).is_err() {
+            self.at(0..0, "auth.enabled: the token service signs with the host's key, and no [[security.keys]] entry can sign (an HS256 secret, or an RS256 key with private_key_file)");
+        }
+        auth
     }
 
     /// `limits` with its out-of-range values reported at `span` and dropped.

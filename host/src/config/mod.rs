@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub(crate) use check::relative_sqlite;
 pub use check::{
     AdminSettings, Config, ServicePlan, TenantPlan, TenantService, load, load_file, load_str,
     load_with,
@@ -40,6 +41,15 @@ pub(crate) struct RawConfig {
     pub tenants: BTreeMap<Spanned<String>, Spanned<RawTenant>>,
     #[serde(default)]
     pub audit: crate::audit::AuditSettings,
+    #[serde(default)]
+    pub auth: crate::auth::AuthSettings,
+    /// Read before the rest (see [`crate::secrets`]); here so the file is checked whole.
+    #[serde(default)]
+    #[allow(
+        dead_code,
+        reason = "read by crate::secrets::access before the typed parse"
+    )]
+    pub secrets: crate::secrets::SecretsSettings,
 }
 
 /// `[server]`.
@@ -375,7 +385,7 @@ impl Limits {
     }
 }
 
-mod duration {
+pub(crate) mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};

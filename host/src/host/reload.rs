@@ -57,15 +57,25 @@ impl ConfigSource {
         }
     }
 
-    /// Checks the source's current text.
+    /// Checks the source's current text, with its `${secret:…}` references read from the
+    /// secret store first.
     pub fn load(&self, previous: Option<&Config>) -> Result<Config, Vec<ConfigError>> {
-        let loaded = match &self.origin {
-            Origin::File(path) => config::load_file(path, &self.registry, &*self.env, previous),
-            Origin::Text { text, name, base } => {
-                config::load_with(text, name, base, &self.registry, &*self.env, previous)
+        let (text, name) = match &self.origin {
+            Origin::File(path) => {
+                let name = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    vec![ConfigError {
+                        file: name.clone(),
+                        line: 0,
+                        column: 0,
+                        message: format!("cannot read: {e}"),
+                    }]
+                })?;
+                (text, name)
             }
+            Origin::Text { text, name, .. } => (text.clone(), name.clone()),
         };
-        loaded.map(|c| self.overridden(c))
+        self.check_named(&text, &name, previous)
     }
 
     fn overridden(&self, mut config: Config) -> Config {
@@ -77,15 +87,24 @@ impl ConfigSource {
 
     /// Checks `text` as if it were the source's (relative paths against the same folder).
     pub fn check(&self, text: &str, previous: Option<&Config>) -> Result<Config, Vec<ConfigError>> {
-        config::load_with(
-            text,
-            "<request body>",
-            &self.base(),
-            &self.registry,
-            &*self.env,
-            previous,
-        )
-        .map(|c| self.overridden(c))
+        self.check_named(text, "<request body>", previous)
+    }
+
+    fn check_named(
+        &self,
+        text: &str,
+        name: &str,
+        previous: Option<&Config>,
+    ) -> Result<Config, Vec<ConfigError>> {
+        let base = self.base();
+        let secrets = crate::secrets::for_config(text, name, &base, &*self.env)?;
+        let lookup = |n: &str| match (n.strip_prefix("secret:"), &secrets) {
+            (Some(secret), Some(found)) => found.get(secret).map(|v| v.expose().to_owned()),
+            (Some(_), None) => None,
+            (None, _) => (self.env)(n),
+        };
+        config::load_with(text, name, &base, &self.registry, &lookup, previous)
+            .map(|c| self.overridden(c))
     }
 }
 
@@ -162,6 +181,7 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", old.audit),
         format!("{:?}", new.audit),
     );
+    differ("auth", format!("{:?}", old.auth), format!("{:?}", new.auth));
     differ(
         "server.max_headers",
         o.max_headers.to_string(),
@@ -221,6 +241,7 @@ fn keep_restart_only(old: &Config, new: &mut Config) {
     new.server.max_connections = old.server.max_connections;
     new.server.max_headers = old.server.max_headers;
     new.audit = old.audit.clone();
+    new.auth = old.auth.clone();
     new.server.max_header_bytes = old.server.max_header_bytes;
     new.server.cors = old.server.cors.clone();
     new.server.header_read_timeout = old.server.header_read_timeout;
@@ -396,12 +417,15 @@ impl Host {
         let changes = changes(&old.config, &config);
         let keys = keys_fingerprint(&config);
         // The same keys keep the verifier, and with it the verified-token cache.
-        let verifier = if keys == old.keys {
-            old.verifier.clone()
+        let (verifier, issuer) = if keys == old.keys {
+            (old.verifier.clone(), old.issuer.clone())
         } else {
-            Arc::new(
-                TokenVerifier::new(&config.keys, config.token.clone())
-                    .map_err(|e| ReloadError::Failed(format!("security.keys: {e}")))?,
+            (
+                Arc::new(
+                    TokenVerifier::new(&config.keys, config.token.clone())
+                        .map_err(|e| ReloadError::Failed(format!("security.keys: {e}")))?,
+                ),
+                super::issuer_of(&config),
             )
         };
         let controls = match self.storage.controls().await {
@@ -444,6 +468,7 @@ impl Host {
             openapi: Arc::new(crate::http::openapi::document(&config)),
             config: config.clone(),
             verifier,
+            issuer,
             keys,
             controls,
         });
@@ -515,6 +540,7 @@ impl Host {
             number: old.number,
             config: old.config.clone(),
             verifier: old.verifier.clone(),
+            issuer: old.issuer.clone(),
             keys: old.keys,
             openapi: old.openapi.clone(),
             controls: Arc::new(Controls::from_rows(rows)),

@@ -510,3 +510,173 @@ pub async fn audit(
         json!({"tenant": tenant, "records": records, "next": next}),
     ))
 }
+
+/// The query of `GET /admin/clients`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientsQuery {
+    /// One tenant (a tenant administrator's own, whether named or not).
+    tenant: Option<String>,
+}
+
+fn token_service(host: &Host) -> Result<&crate::auth::TokenService, ApiError> {
+    host.tokens().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Conflict,
+            "the token service is off on this host: set [auth] enabled = true to manage its clients",
+        )
+    })
+}
+
+fn store_error(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "the token service's store failed");
+    ApiError::new(
+        ErrorCode::ProviderUnavailable,
+        "the token service's store cannot be reached now; the host log has the cause",
+    )
+}
+
+/// `GET /admin/clients`: the token service's clients (never their secrets).
+pub async fn clients(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    query: Result<Query<ClientsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (_, admin) = admin(&host, &headers)?;
+    token_service(&host)?;
+    let Query(q) = query.map_err(|e| {
+        ApiError::new(
+            ErrorCode::ValidationError,
+            format!("invalid query: {}", e.body_text()),
+        )
+    })?;
+    let tenant = match (&q.tenant, &admin.scope) {
+        (Some(t), _) => {
+            admin.check(t)?;
+            Some(t.clone())
+        }
+        (None, AdminScope::Tenant(own)) => Some(own.clone()),
+        (None, AdminScope::Platform) => None,
+    };
+    let list = crate::auth::list_clients(host.storage().pool(), tenant.as_deref())
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!({ "clients": list })))
+}
+
+/// The body of `POST /admin/clients`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewClientBody {
+    /// The client's tenant: a tenant administrator's own when absent.
+    tenant: Option<String>,
+    /// Its tokens' subject (the client id when absent).
+    subject: Option<String>,
+    /// Its tokens' roles, each defined in `[security.roles]` (or the admin role).
+    roles: Vec<String>,
+    /// Its tokens' company.
+    company_id: Option<String>,
+}
+
+/// `POST /admin/clients`: a new client; its secret is in this answer and nowhere else.
+pub async fn add_client(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    body: Result<Json<NewClientBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (generation, admin) = admin(&host, &headers)?;
+    let tokens = token_service(&host)?;
+    let Json(body) = body.map_err(|e| {
+        ApiError::new(
+            ErrorCode::ValidationError,
+            format!("invalid body: {}", e.body_text()),
+        )
+    })?;
+    let tenant = match (&body.tenant, &admin.scope) {
+        (Some(t), _) => t.clone(),
+        (None, AdminScope::Tenant(own)) => own.clone(),
+        (None, AdminScope::Platform) => {
+            return Err(ApiError::new(
+                ErrorCode::ValidationError,
+                "tenant: name the tenant the client's tokens are for",
+            ));
+        }
+    };
+    admin.check(&tenant)?;
+    let new = crate::auth::NewClient {
+        tenant,
+        subject: body.subject,
+        roles: body.roles,
+        company_id: body.company_id,
+        created_by: admin.by(),
+    };
+    check_new_client(&generation, &new)
+        .map_err(|m| ApiError::new(ErrorCode::ValidationError, m))?;
+    let created = crate::auth::add_client(host.storage().pool(), tokens.hasher(), new)
+        .await
+        .map_err(store_error)?;
+    tracing::info!(client = %created.client.client_id, tenant = %created.client.tenant, by = %admin.by(), "token client created");
+    Ok((StatusCode::CREATED, Json(json!(created))).into_response())
+}
+
+/// What is wrong with a client to create: an unconfigured tenant, an undefined role, a bad name.
+pub fn check_new_client(
+    generation: &Generation,
+    new: &crate::auth::NewClient,
+) -> Result<(), String> {
+    let config = &generation.config;
+    let platform = config.admin.platform_tenant.as_deref() == Some(new.tenant.as_str());
+    if !platform && !config.tenants.contains_key(&new.tenant) {
+        return Err(format!(
+            "tenant: '{}' is not configured on this host",
+            new.tenant
+        ));
+    }
+    if new.roles.is_empty() {
+        return Err("roles: give at least one role".into());
+    }
+    for role in &new.roles {
+        let defined = config.permissions.roles().any(|r| r == role)
+            || config.admin.role.as_deref() == Some(role.as_str());
+        if !defined {
+            return Err(format!(
+                "roles: '{role}' is not defined in [security.roles] (defined: {})",
+                config.permissions.roles().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    let plain = |s: &str| !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control);
+    if let Some(subject) = &new.subject
+        && !plain(subject)
+    {
+        return Err("subject: 1 to 256 characters, no control characters".into());
+    }
+    if let Some(company) = &new.company_id
+        && !plain(company)
+    {
+        return Err("company_id: 1 to 256 characters, no control characters".into());
+    }
+    Ok(())
+}
+
+/// `POST /admin/clients/{client_id}/revoke`: the client and every refresh token it holds.
+pub async fn revoke_client(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (_, admin) = admin(&host, &headers)?;
+    token_service(&host)?;
+    let Path(client_id) = path.map_err(bad_path)?;
+    let scope = match &admin.scope {
+        AdminScope::Platform => None,
+        AdminScope::Tenant(own) => Some(own.as_str()),
+    };
+    // Another tenant's client is "not found": its existence is not told.
+    let revoked = crate::auth::revoke_client(host.storage().pool(), &client_id, scope)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no client '{client_id}'")))?;
+    tracing::info!(client = %client_id, by = %admin.by(), "token client revoked");
+    Ok(Json(json!({ "client": revoked })))
+}

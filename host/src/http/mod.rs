@@ -1,6 +1,7 @@
 //! HTTP: the router, the request-id middleware and serving with graceful shutdown.
 
 mod admin;
+mod auth;
 mod error;
 pub mod openapi;
 mod routes;
@@ -103,7 +104,7 @@ pub struct AuditSlot {
     pub payload: std::sync::OnceLock<String>,
 }
 
-fn clip(s: &str, max: usize) -> String {
+pub(super) fn clip(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => s[..i].to_owned(),
         None => s.to_owned(),
@@ -120,7 +121,14 @@ async fn audit_requests(
 ) -> Response {
     let audit = host.audit();
     let path = request.uri().path();
-    if !audit.enabled() || matches!(path, "/health" | "/ready" | "/openapi.json") {
+    // The token endpoints record their own (they know the client); the rest here are public.
+    if !audit.enabled()
+        || matches!(
+            path,
+            "/health" | "/ready" | "/openapi.json" | "/.well-known/jwks.json"
+        )
+        || path.starts_with("/auth/")
+    {
         return next.run(request).await;
     }
     let started = Instant::now();
@@ -307,6 +315,17 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/ready", get(routes::ready))
         .route("/admin/providers", get(admin::providers))
         .route("/admin/audit", get(admin::audit))
+        .route(
+            "/admin/clients",
+            get(admin::clients).post(admin::add_client),
+        )
+        .route(
+            "/admin/clients/{client_id}/revoke",
+            post(admin::revoke_client),
+        )
+        .route("/auth/token", post(auth::token))
+        .route("/auth/refresh", post(auth::refresh))
+        .route("/.well-known/jwks.json", get(auth::jwks))
         .route("/admin/config/validate", post(admin::validate))
         .route("/admin/config/reload", post(admin::reload))
         .route("/admin/plugins/reload", post(admin::reload))
