@@ -118,6 +118,8 @@ pub enum Refusal {
     InvalidClient {
         /// Which of the three, for the record.
         why: &'static str,
+        /// The client, when the id is known: the refusal goes to its tenant's trail.
+        client: Option<Box<ClientInfo>>,
     },
     /// The refresh token is unknown, spent, revoked or expired: `invalid_grant`, 400.
     InvalidGrant(String),
@@ -146,6 +148,42 @@ fn client_of(r: &sqlx::any::AnyRow) -> Result<ClientInfo, sqlx::Error> {
         created_ms: r.try_get("created_ms")?,
         revoked_ms: r.try_get("revoked_ms")?,
     })
+}
+
+/// What is wrong with a client to create: an unconfigured tenant, an undefined role, a bad name.
+pub fn check_new(config: &crate::config::Config, new: &NewClient) -> Result<(), String> {
+    let platform = config.admin.platform_tenant.as_deref() == Some(new.tenant.as_str());
+    if !platform && !config.tenants.contains_key(&new.tenant) {
+        return Err(format!(
+            "tenant: '{}' is not configured on this host",
+            new.tenant
+        ));
+    }
+    if new.roles.is_empty() {
+        return Err("roles: give at least one role".into());
+    }
+    for role in &new.roles {
+        let defined = config.permissions.roles().any(|r| r == role)
+            || config.admin.role.as_deref() == Some(role.as_str());
+        if !defined {
+            return Err(format!(
+                "roles: '{role}' is not defined in [security.roles] (defined: {})",
+                config.permissions.roles().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    let plain = |s: &str| !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control);
+    if let Some(subject) = &new.subject
+        && !plain(subject)
+    {
+        return Err("subject: 1 to 256 characters, no control characters".into());
+    }
+    if let Some(company) = &new.company_id
+        && !plain(company)
+    {
+        return Err("company_id: 1 to 256 characters, no control characters".into());
+    }
+    Ok(())
 }
 
 /// Every client, or one tenant's, by id.
@@ -351,7 +389,10 @@ impl TokenService {
             .hashing
             .acquire()
             .await
-            .map_err(|_| Refusal::InvalidClient { why: "closing" })?;
+            .map_err(|_| Refusal::InvalidClient {
+                why: "closing",
+                client: None,
+            })?;
         let matches = {
             let hasher = self.hasher.clone();
             let stored = found.as_ref().map(|(_, h)| h.clone());
@@ -364,12 +405,15 @@ impl TokenService {
         match found {
             None => Err(Refusal::InvalidClient {
                 why: "unknown client id",
+                client: None,
             }),
-            Some(_) if !matches => Err(Refusal::InvalidClient {
+            Some((c, _)) if !matches => Err(Refusal::InvalidClient {
                 why: "wrong client secret",
+                client: Some(Box::new(c)),
             }),
             Some((c, _)) if c.revoked_ms.is_some() => Err(Refusal::InvalidClient {
                 why: "client is revoked",
+                client: Some(Box::new(c)),
             }),
             Some((c, _)) => Ok(c),
         }

@@ -8,26 +8,37 @@ use anyhow::Context;
 /// Where the demo keeps its HS256 secret (relative to the working directory).
 pub const SECRET_FILE: &str = "data/demo-jwt.secret";
 
-/// Creates the demo's signing secret on first use, readable by the owner only.
+/// Where the demo keeps the master key of its secret store.
+pub const SECRETS_KEY_FILE: &str = "data/demo-secrets.key";
+
+/// Creates the demo's signing secret and secret-store key on first use, readable by the
+/// owner only.
 pub fn ensure_secret(base: &Path) -> anyhow::Result<()> {
-    let path = base.join(SECRET_FILE);
+    let hmac: String = (0..48)
+        .map(|_| char::from(b"0123456789abcdef"[rand::random_range(0..16)]))
+        .collect();
+    create_private(&base.join(SECRET_FILE), &hmac)?;
+    create_private(
+        &base.join(SECRETS_KEY_FILE),
+        &providers_security::MasterKey::generate(),
+    )
+}
+
+fn create_private(path: &Path, content: &str) -> anyhow::Result<()> {
     if path.exists() {
         return Ok(());
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let secret: String = (0..48)
-        .map(|_| char::from(b"0123456789abcdef"[rand::random_range(0..16)]))
-        .collect();
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options
-        .open(&path)
+        .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    writeln!(file, "{secret}").with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{content}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -80,7 +91,7 @@ ERP Provider Layer demo on http://{addr}  (tenants: acme, globex; storage: sqlit
 {inventory}{pricing}  curl -s http://{addr}/providers -H \"Authorization: Bearer $ACME\"
   curl -s http://{addr}/openapi.json
 
-Tokens are valid for 24 hours; mint more with: provider-host token --tenant acme --roles clerk
+Tokens are valid for 24 hours; mint more with: provider-host token --tenant acme --roles staff
 Stop with Ctrl-C.
 "
     )

@@ -14,6 +14,7 @@ use provider_host::{Host, builtin_registry, demo, http};
 use providers_security::{Identity, TokenIssuer};
 
 mod admin_cli;
+mod store_cli;
 
 #[derive(Parser)]
 #[command(
@@ -76,6 +77,16 @@ enum Command {
     },
     /// Talks to a running host's admin API: status, validate, reload, pause, resume, restart.
     Admin(admin_cli::AdminArgs),
+    /// The token service's clients (OAuth2 client credentials), in the configured database.
+    Clients {
+        #[command(subcommand)]
+        command: store_cli::ClientsCommand,
+    },
+    /// The secret store behind ${secret:NAME} references.
+    Secrets {
+        #[command(subcommand)]
+        command: store_cli::SecretsCommand,
+    },
     /// Checks the audit trail in the configured database.
     Audit {
         #[command(subcommand)]
@@ -152,6 +163,8 @@ fn main() -> ExitCode {
         } => token(config, &tenant, &roles, &subject, company, ttl, count),
         Command::Plugins { command } => plugins(command),
         Command::Admin(args) => admin_cli::run(args),
+        Command::Clients { command } => store_cli::clients(command, source),
+        Command::Secrets { command } => store_cli::secrets(command, source),
         Command::Audit {
             command: AuditCommand::Verify { config, tenant },
         } => audit_verify(config, tenant.as_deref()),
@@ -460,8 +473,8 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<Ex
                 let day = 24 * 3600;
                 Some(demo::banner(
                     &local.to_string(),
-                    &issuer.mint("demo-user", "acme", &["clerk".into()], day)?,
-                    &issuer.mint("demo-user", "globex", &["clerk".into()], day)?,
+                    &issuer.mint("demo-user", "acme", &["staff".into()], day)?,
+                    &issuer.mint("demo-user", "globex", &["staff".into()], day)?,
                     inventory.as_deref(),
                     pricing.as_deref(),
                 ))

@@ -57,10 +57,9 @@ impl ConfigSource {
         }
     }
 
-    /// Checks the source's current text, with its `${secret:…}` references read from the
-    /// secret store first.
-    pub fn load(&self, previous: Option<&Config>) -> Result<Config, Vec<ConfigError>> {
-        let (text, name) = match &self.origin {
+    /// The source's current text and its name in messages.
+    pub fn read(&self) -> Result<(String, String), Vec<ConfigError>> {
+        match &self.origin {
             Origin::File(path) => {
                 let name = path.display().to_string();
                 let text = std::fs::read_to_string(path).map_err(|e| {
@@ -71,10 +70,22 @@ impl ConfigSource {
                         message: format!("cannot read: {e}"),
                     }]
                 })?;
-                (text, name)
+                Ok((text, name))
             }
-            Origin::Text { text, name, .. } => (text.clone(), name.clone()),
-        };
+            Origin::Text { text, name, .. } => Ok((text.clone(), name.clone())),
+        }
+    }
+
+    /// What reading the secret store takes (storage and keys), from the current text.
+    pub fn secret_store(&self) -> Result<crate::secrets::StoreAccess, Vec<ConfigError>> {
+        let (text, name) = self.read()?;
+        crate::secrets::access(&text, &name, &self.base(), &*self.env)
+    }
+
+    /// Checks the source's current text, with its `${secret:…}` references read from the
+    /// secret store first.
+    pub fn load(&self, previous: Option<&Config>) -> Result<Config, Vec<ConfigError>> {
+        let (text, name) = self.read()?;
         self.check_named(&text, &name, previous)
     }
 

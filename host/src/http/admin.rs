@@ -610,53 +610,13 @@ pub async fn add_client(
         company_id: body.company_id,
         created_by: admin.by(),
     };
-    check_new_client(&generation, &new)
+    crate::auth::check_new(&generation.config, &new)
         .map_err(|m| ApiError::new(ErrorCode::ValidationError, m))?;
     let created = crate::auth::add_client(host.storage().pool(), tokens.hasher(), new)
         .await
         .map_err(store_error)?;
     tracing::info!(client = %created.client.client_id, tenant = %created.client.tenant, by = %admin.by(), "token client created");
     Ok((StatusCode::CREATED, Json(json!(created))).into_response())
-}
-
-/// What is wrong with a client to create: an unconfigured tenant, an undefined role, a bad name.
-pub fn check_new_client(
-    generation: &Generation,
-    new: &crate::auth::NewClient,
-) -> Result<(), String> {
-    let config = &generation.config;
-    let platform = config.admin.platform_tenant.as_deref() == Some(new.tenant.as_str());
-    if !platform && !config.tenants.contains_key(&new.tenant) {
-        return Err(format!(
-            "tenant: '{}' is not configured on this host",
-            new.tenant
-        ));
-    }
-    if new.roles.is_empty() {
-        return Err("roles: give at least one role".into());
-    }
-    for role in &new.roles {
-        let defined = config.permissions.roles().any(|r| r == role)
-            || config.admin.role.as_deref() == Some(role.as_str());
-        if !defined {
-            return Err(format!(
-                "roles: '{role}' is not defined in [security.roles] (defined: {})",
-                config.permissions.roles().collect::<Vec<_>>().join(", ")
-            ));
-        }
-    }
-    let plain = |s: &str| !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control);
-    if let Some(subject) = &new.subject
-        && !plain(subject)
-    {
-        return Err("subject: 1 to 256 characters, no control characters".into());
-    }
-    if let Some(company) = &new.company_id
-        && !plain(company)
-    {
-        return Err("company_id: 1 to 256 characters, no control characters".into());
-    }
-    Ok(())
 }
 
 /// `POST /admin/clients/{client_id}/revoke`: the client and every refresh token it holds.

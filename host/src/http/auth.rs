@@ -99,7 +99,7 @@ impl OAuthError {
 
 fn refused(refusal: Refusal) -> OAuthError {
     match refusal {
-        Refusal::InvalidClient { why } => {
+        Refusal::InvalidClient { why, .. } => {
             let mut e = OAuthError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",
@@ -261,7 +261,10 @@ async fn grant(
     let known = generation.config.tenants.contains_key(&client.tenant)
         || generation.config.admin.platform_tenant.as_deref() == Some(client.tenant.as_str());
     if !known {
-        let mut e = refused(Refusal::InvalidClient { why: "" });
+        let mut e = refused(Refusal::InvalidClient {
+            why: "",
+            client: None,
+        });
         e.note = format!(
             "the client's tenant '{}' is not configured on this host",
             client.tenant
@@ -363,7 +366,16 @@ pub async fn token(
                 Err(e) => Err(store_failed(&e)),
             }
         }
-        Err(refusal) => Err(refused(refusal)),
+        Err(refusal) => {
+            if let Refusal::InvalidClient {
+                client: Some(c), ..
+            } = &refusal
+            {
+                trail.tenant = c.tenant.clone();
+                trail.subject = clip(&c.subject);
+            }
+            Err(refused(refusal))
+        }
     };
     Ok(finish(&host, &request_id, trail, result).await)
 }
