@@ -883,3 +883,219 @@ async fn admin_status_follows_every_page() {
     assert_eq!(tenants.last().map(String::as_str), Some("t1199"));
     assert!(terminate(&mut child).success());
 }
+
+/// `provider-host secrets|clients …` in `dir` with `stdin`: exit code, stdout, stderr.
+fn store_cli(dir: &std::path::Path, args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(["--config", "host.toml"])
+        .current_dir(dir)
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_run_that_uses_secrets_never_shows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The HS256 signing secret and a client secret are the most sensitive values a host has.
+    let jwt = format!(
+        "store-held-signing-secret-of-this-run-{}",
+        std::process::id()
+    );
+    let keygen = Command::new(BIN)
+        .args(["secrets", "keygen"])
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    let master = String::from_utf8(keygen.stdout).unwrap();
+    std::fs::write(d.join("master.key"), &master).unwrap();
+    let config = OPS_CONFIG
+        .replace("WATCH", "false")
+        .replace("${env:OPS_JWT_SECRET}", "${secret:jwt_signing}")
+        .replace("[security]", "[secrets]\nkey_file = \"master.key\"\n\n[auth]\nenabled = true\nargon2 = { memory_kib = 256, iterations = 1, parallelism = 1 }\n\n[security]");
+    std::fs::write(d.join("host.toml"), &config).unwrap();
+    let mut seen = String::new();
+
+    let (code, out, err) = store_cli(d, &["secrets", "set", "jwt_signing"], &format!("{jwt}\n"));
+    assert_eq!(code, 0, "{err}");
+    seen += &(out.clone() + &err);
+    assert!(
+        out.starts_with("stored secret 'jwt_signing' (key "),
+        "{out}"
+    );
+    let (code, out, err) = store_cli(d, &["secrets", "list"], "");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines().nth(1).unwrap().starts_with("jwt_signing "),
+        "{out}"
+    );
+    seen += &(out + &err);
+    let (code, _, err) = store_cli(d, &["secrets", "set", "bad name"], "x");
+    assert_eq!(
+        (code, err.trim()),
+        (
+            2,
+            "error: 'bad name' is not a valid secret name (letters, digits, '_', '.', '-')"
+        )
+    );
+    let (code, out, err) = store_cli(
+        d,
+        &["clients", "add", "--tenant", "acme", "--roles", "user"],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    seen += &err;
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let (client_id, client_secret) = (field("client_id"), field("client_secret"));
+
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
+        .current_dir(d)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, logs) = wait_listening(&mut child);
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("http://{addr}{p}");
+    // A token minted with the stored key by the CLI, and one from the token service.
+    let platform = {
+        let out = Command::new(BIN)
+            .args([
+                "token",
+                "--config",
+                "host.toml",
+                "--tenant",
+                "platform",
+                "--roles",
+                "admin",
+            ])
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let grant = http
+        .post(url("/auth/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "grant_type=client_credentials&client_id={client_id}&client_secret={client_secret}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(grant.status(), 200);
+    let grant: serde_json::Value = grant.json().await.unwrap();
+    let access = grant["access_token"].as_str().unwrap().to_owned();
+    let mut answers = String::new();
+    for (method, path, token, body) in [
+        (
+            "POST",
+            "/providers/kv/set",
+            Some(access.as_str()),
+            r#"{"key":"k","value":1}"#,
+        ),
+        ("POST", "/providers/kv/set", Some("not-a-token"), "{}"),
+        (
+            "POST",
+            "/providers/kv/set",
+            Some(access.as_str()),
+            "{bad json",
+        ),
+        ("GET", "/admin/providers", Some(platform.as_str()), ""),
+        (
+            "GET",
+            "/admin/audit?tenant=acme",
+            Some(platform.as_str()),
+            "",
+        ),
+        ("GET", "/admin/clients", Some(platform.as_str()), ""),
+        ("POST", "/admin/config/reload", Some(platform.as_str()), ""),
+        (
+            "POST",
+            "/admin/config/validate",
+            Some(platform.as_str()),
+            &config,
+        ),
+        (
+            "POST",
+            "/admin/config/validate",
+            Some(platform.as_str()),
+            &config.replace("jwt_signing", "missing"),
+        ),
+        ("GET", "/openapi.json", None, ""),
+    ] {
+        let mut req = http
+            .request(method.parse().unwrap(), url(path))
+            .body(body.to_owned());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req
+            .header(
+                "content-type",
+                if path.contains("validate") {
+                    "application/toml"
+                } else {
+                    "application/json"
+                },
+            )
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        answers += &format!("{method} {path} {status} {}\n", r.text().await.unwrap());
+    }
+    assert!(answers.contains("/admin/config/reload 200"), "{answers}");
+    assert!(
+        answers.contains("secret 'missing' is not in the secret store"),
+        "{answers}"
+    );
+    assert_eq!(terminate(&mut child).code(), Some(0));
+    let logs = logs.join().unwrap();
+    assert!(
+        logs.contains("TRACE") || logs.contains("DEBUG"),
+        "the run logged at every level"
+    );
+    for (what, text) in [
+        ("the CLI output", &seen),
+        ("the answers", &answers),
+        ("the host's log", &logs),
+    ] {
+        assert!(!text.contains(&jwt), "the signing secret appears in {what}");
+        assert!(
+            !text.contains(&client_secret),
+            "the client secret appears in {what}"
+        );
+    }
+}

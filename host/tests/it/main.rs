@@ -18,6 +18,7 @@ mod operations;
 mod plugins;
 mod registry;
 mod routes;
+mod secrets;
 mod security;
 mod serving;
 mod storage;
