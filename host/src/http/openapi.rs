@@ -51,11 +51,13 @@ pub fn document(config: &Config) -> Value {
         p
     });
     paths.insert("/health".into(), plain("The process is alive."));
+    paths.insert("/openapi.json".into(), plain("This document."));
     paths.insert(
         "/ready".into(),
         plain("Storage is reachable and required providers are not failed."),
     );
     admin_paths(&mut paths);
+    auth_paths(&mut paths);
     let codes: Vec<&str> = providers_core::ErrorCode::ALL
         .iter()
         .map(|c| c.as_str())
@@ -164,6 +166,30 @@ fn admin_paths(paths: &mut Map<String, Value>) {
             ),
         );
     }
+    let mut clients = op(
+        "get",
+        "admin.clients.list",
+        "The token service's clients (never their secrets): a tenant administrator's own tenant's, a platform operator's every tenant's.",
+        vec![query("tenant", "string", "One tenant.")],
+        None,
+    );
+    clients["post"] = op("post", "admin.clients.add", "Creates a client of the token service; its secret is in this answer only (201). A tenant administrator creates clients of their own tenant.", vec![],
+        Some(json!({"required": true, "content": {"application/json": {"schema": {
+            "type": "object",
+            "required": ["roles"],
+            "properties": {
+                "tenant": {"type": "string", "description": "The tenant its tokens are for; a tenant administrator's own when absent."},
+                "subject": {"type": "string", "description": "Its tokens' sub (default: the client id)."},
+                "roles": {"type": "array", "items": {"type": "string"}, "description": "Its tokens' roles, each defined in [security.roles]."},
+                "company_id": {"type": "string", "description": "Its tokens' company_id."}
+            },
+            "additionalProperties": false
+        }}}})))["post"].take();
+    paths.insert("/admin/clients".into(), clients);
+    paths.insert(
+        "/admin/clients/{client_id}/revoke".into(),
+        op("post", "admin.clients.revoke", "Revokes a client and every refresh token it holds (another tenant's client is not found).", vec![param("client_id")], None),
+    );
     for (verb, summary) in [
         ("enable", "Enables a tenant's service again after disable."),
         (
@@ -182,4 +208,51 @@ fn admin_paths(paths: &mut Map<String, Value>) {
             ),
         );
     }
+}
+
+/// The token service (OAuth2 client credentials, RFC 6749 §4.4) and its public keys.
+fn auth_paths(paths: &mut Map<String, Value>) {
+    let form = |props: Value, required: &[&str]| {
+        json!({"required": true, "content": {
+            "application/x-www-form-urlencoded": {"schema": {"type": "object", "properties": props, "required": required}},
+            "application/json": {"schema": {"type": "object", "properties": props, "required": required}}
+        }})
+    };
+    let granted = json!({"description": "An access token and a refresh token.", "content": {"application/json": {"schema": {
+        "type": "object",
+        "properties": {
+            "access_token": {"type": "string"}, "token_type": {"const": "Bearer"}, "expires_in": {"type": "integer"},
+            "refresh_token": {"type": "string"}, "refresh_expires_in": {"type": "integer"}
+        }
+    }}}});
+    let oauth_error = json!({"description": "An OAuth2 error: error (invalid_request, invalid_client, invalid_grant, unsupported_grant_type, rate_limited), error_description, error_code, request_id."});
+    let s = |v: &str| json!({"type": "string", "description": v});
+    paths.insert("/auth/token".into(), json!({"post": {
+        "operationId": "auth.token",
+        "tags": ["auth"],
+        "summary": "Client credentials grant: a short-lived access token and a refresh token. Credentials in the body or HTTP Basic. Rate-limited per client and overall.",
+        "security": [],
+        "requestBody": form(json!({
+            "grant_type": s("client_credentials (or refresh_token, as /auth/refresh)"),
+            "client_id": s("The client's id (or HTTP Basic)."),
+            "client_secret": s("The client's secret (or HTTP Basic)."),
+            "refresh_token": s("With grant_type=refresh_token.")
+        }), &["grant_type"]),
+        "responses": {"200": granted.clone(), "default": oauth_error.clone()}
+    }}));
+    paths.insert("/auth/refresh".into(), json!({"post": {
+        "operationId": "auth.refresh",
+        "tags": ["auth"],
+        "summary": "Spends a refresh token for a new access token and the next refresh token of its family; a spent token used again revokes the whole family.",
+        "security": [],
+        "requestBody": form(json!({"refresh_token": s("The latest refresh token of the family.")}), &["refresh_token"]),
+        "responses": {"200": granted, "default": oauth_error}
+    }}));
+    paths.insert("/.well-known/jwks.json".into(), json!({"get": {
+        "operationId": "auth.jwks",
+        "tags": ["auth"],
+        "summary": "The public keys (RS256) this host's tokens are signed with, as a JWK Set; 404 when it signs with a shared secret only.",
+        "security": [],
+        "responses": {"200": {"description": "A JWK Set (RFC 7517)."}, "default": {"$ref": "#/components/responses/Error"}}
+    }}));
 }

@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod deps;
 mod instances;
+mod isolation;
 mod logic;
 mod native;
 mod operations;
