@@ -121,23 +121,25 @@ pub fn outcome_of(code: Option<ErrorCode>) -> &'static str {
 /// The hash linking a record to its chain: every field, in a fixed order, unambiguously
 /// (a JSON array), after the previous hash.
 fn link(prev: &str, seq: i64, r: &Record) -> String {
-    let fields = json!([
+    // A tuple serializes exactly as the array of its fields would, without building one.
+    let fields = (
         prev,
         seq,
-        r.tenant,
+        &r.tenant,
         r.at_ms,
-        r.kind,
-        r.subject,
-        r.service,
-        r.action,
-        r.outcome,
-        r.error_code,
-        r.request_id,
+        &r.kind,
+        &r.subject,
+        &r.service,
+        &r.action,
+        &r.outcome,
+        &r.error_code,
+        &r.request_id,
         r.latency_us,
-        r.payload_sha256,
-        r.note
-    ]);
-    sha256_hex(fields.to_string().as_bytes())
+        &r.payload_sha256,
+        &r.note,
+    );
+    let text = serde_json::to_vec(&fields).unwrap_or_default();
+    format!("{:x}", Sha256::digest(&text))
 }
 
 /// A stored record's fields, as they were hashed.
@@ -387,26 +389,26 @@ async fn write(pool: &AnyPool, records: &[Record]) -> Result<(), sqlx::Error> {
         // database unpacks: one round trip per chain per batch whatever its size (a statement
         // per row costs a thread handoff each with SQLite's driver; many parameters per
         // statement cost quadratic name lookups there).
-        let rows: Vec<Value> = links
+        let rows: Vec<_> = links
             .iter()
             .map(|(r, seq, prev_hash, hash)| {
-                json!([
+                (
                     tenant,
                     seq,
                     r.at_ms,
-                    r.kind,
-                    r.subject,
-                    r.service,
-                    r.action,
-                    r.outcome,
-                    r.error_code,
-                    r.request_id,
+                    &r.kind,
+                    &r.subject,
+                    &r.service,
+                    &r.action,
+                    &r.outcome,
+                    &r.error_code,
+                    &r.request_id,
                     r.latency_us,
-                    r.payload_sha256,
-                    r.note,
+                    &r.payload_sha256,
+                    &r.note,
                     prev_hash,
-                    hash
-                ])
+                    hash,
+                )
             })
             .collect();
         sqlx::query(if sqlite {
@@ -414,7 +416,7 @@ async fn write(pool: &AnyPool, records: &[Record]) -> Result<(), sqlx::Error> {
         } else {
             INSERT_POSTGRES
         })
-        .bind(Value::Array(rows).to_string())
+        .bind(serde_json::to_string(&rows).unwrap_or_default())
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant = $1")

@@ -97,6 +97,14 @@ async fn request_context(
     response
 }
 
+/// The audit middleware's authentication of a provider call, handed to its handler so the
+/// token is verified once, against the generation the request runs on.
+#[derive(Clone)]
+pub(crate) struct Authenticated {
+    pub generation: Arc<crate::host::Generation>,
+    pub identity: Result<providers_security::Identity, providers_core::ProviderError>,
+}
+
 /// Where a handler leaves what the audit record needs and only it knows.
 #[derive(Debug, Default)]
 pub struct AuditSlot {
@@ -154,14 +162,13 @@ async fn audit_requests(
         return ApiError::new(ErrorCode::ProviderUnavailable, why).into_response();
     }
     let generation = host.generation();
-    let identity = generation
-        .authenticate(
-            request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok()),
-        )
-        .ok();
+    let authenticated = generation.authenticate(
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let identity = authenticated.as_ref().ok();
     let request_id = request
         .extensions()
         .get::<RequestId>()
@@ -170,7 +177,7 @@ async fn audit_requests(
     let slot = Arc::new(AuditSlot::default());
     request.extensions_mut().insert(slot.clone());
     let config = &generation.config;
-    let (tenant, subject) = match &identity {
+    let (tenant, subject) = match identity {
         Some(id)
             if config.tenants.contains_key(&id.tenant)
                 || config.admin.platform_tenant.as_deref() == Some(id.tenant.as_str()) =>
@@ -180,6 +187,13 @@ async fn audit_requests(
         Some(id) => (crate::audit::NO_TENANT.to_owned(), clip(&id.subject, 256)),
         None => (crate::audit::NO_TENANT.to_owned(), String::new()),
     };
+    if call {
+        // The token is checked once per request: the handler takes this result.
+        request.extensions_mut().insert(Authenticated {
+            generation: generation.clone(),
+            identity: authenticated,
+        });
+    }
     let draft = crate::audit::Record {
         tenant,
         kind: if call { "call" } else { "admin" }.into(),

@@ -55,10 +55,17 @@ pub async fn call(
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
     let Path((service, action)) = path.map_err(bad_path)?;
-    let (parts, body) = request.into_parts();
-    // One generation for the whole request, and for the nested calls it makes.
-    let generation = host.generation();
-    let identity = generation.authenticate(authorization(&parts.headers))?;
+    let (mut parts, body) = request.into_parts();
+    // One generation for the whole request, and for the nested calls it makes: the one the
+    // audit layer authenticated against, when it did.
+    let (generation, identity) = match parts.extensions.remove::<super::Authenticated>() {
+        Some(done) => (done.generation, done.identity?),
+        None => {
+            let generation = host.generation();
+            let identity = generation.authenticate(authorization(&parts.headers))?;
+            (generation, identity)
+        }
+    };
     admit(generation.tenant(&identity.tenant)?, &identity)?;
     let server = &generation.config.server;
     let limit = server.body_limit_bytes;

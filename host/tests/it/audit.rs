@@ -325,7 +325,12 @@ async fn buffer_holds_records_to_its_bound_then_refuses(db: TestDatabase) {
     for _ in 0..3 {
         assert_eq!(get().await.status, 404);
     }
-    assert!(eventually(Duration::from_secs(5), || app.host.audit().unwritten() == 3).await);
+    // Held, and the writer has seen the store fail (its first attempt may still be running).
+    assert!(
+        eventually(Duration::from_secs(5), || app.host.audit().unwritten() == 3
+            && app.host.audit().refusal().is_some())
+        .await
+    );
     let r = get().await;
     assert_error(&r, 503, ErrorCode::ProviderUnavailable);
     assert_eq!(
