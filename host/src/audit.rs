@@ -48,6 +48,11 @@ pub struct AuditSettings {
     pub buffer: usize,
     /// Records written per transaction at most.
     pub batch: usize,
+    /// How long the writer lets a batch gather after its first record: under load, one
+    /// transaction per `linger` instead of one per handful of records (each costs thread
+    /// handoffs to the database driver). Records reach the database this much later.
+    #[serde(with = "crate::config::duration")]
+    pub linger: Duration,
 }
 
 impl Default for AuditSettings {
@@ -57,6 +62,7 @@ impl Default for AuditSettings {
             on_failure: OnFailure::Buffer,
             buffer: 10_000,
             batch: 500,
+            linger: Duration::from_millis(5),
         }
     }
 }
@@ -193,6 +199,7 @@ impl Audit {
             pool,
             rx,
             settings.batch.max(1),
+            settings.linger,
             unwritten.clone(),
             failing.clone(),
         ));
@@ -294,6 +301,7 @@ async fn write_loop(
     pool: AnyPool,
     mut rx: mpsc::Receiver<Msg>,
     batch: usize,
+    linger: Duration,
     unwritten: Arc<AtomicUsize>,
     failing: Arc<AtomicBool>,
 ) {
@@ -306,6 +314,9 @@ async fn write_loop(
                 Some(Msg::Record(r)) => held.push(r),
                 Some(Msg::Close(done)) => closing = Some(done),
                 None => return,
+            }
+            if closing.is_none() && !linger.is_zero() {
+                tokio::time::sleep(linger).await;
             }
         }
         while held.len() < batch {

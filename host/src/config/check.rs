@@ -463,6 +463,15 @@ impl<'a> Checker<'a> {
                 ),
             );
         }
+        if audit.linger > std::time::Duration::from_secs(1) {
+            self.at(
+                0..0,
+                format!(
+                    "audit.linger: {} is out of range (0 to 1s)",
+                    humantime::format_duration(audit.linger)
+                ),
+            );
+        }
         if !(1..=10_000).contains(&audit.batch) {
             self.at(
                 0..0,
