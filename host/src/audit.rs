@@ -365,6 +365,17 @@ const INSERT_POSTGRES: &str = "INSERT INTO audit_log (tenant, seq, at_ms, kind, 
      SELECT r ->> 0, (r ->> 1)::bigint, (r ->> 2)::bigint, r ->> 3, r ->> 4, r ->> 5, r ->> 6, r ->> 7, \
      r ->> 8, r ->> 9, (r ->> 10)::bigint, r ->> 11, r ->> 12, r ->> 13, r ->> 14 FROM jsonb_array_elements($1::jsonb) AS r";
 
+/// Appends `records` to their chains now, in one transaction: for what changes the store
+/// without a running host (the `clients` and `secrets` commands), so it is in the trail too.
+pub async fn append(pool: &AnyPool, mut records: Vec<Record>) -> Result<(), sqlx::Error> {
+    for r in &mut records {
+        if r.at_ms == 0 {
+            r.at_ms = now_ms();
+        }
+    }
+    write(pool, &records).await
+}
+
 /// Appends `records` to their chains in one transaction.
 async fn write(pool: &AnyPool, records: &[Record]) -> Result<(), sqlx::Error> {
     let sqlite = pool.connect_options().database_url.scheme() == "sqlite";

@@ -98,6 +98,23 @@ pub enum SecretsCommand {
     },
 }
 
+/// Puts a change made from the command line (subject `cli`) in the audit trail.
+async fn record(pool: &sqlx::AnyPool, tenant: &str, action: String) -> anyhow::Result<()> {
+    provider_host::audit::append(
+        pool,
+        vec![provider_host::audit::Record {
+            tenant: tenant.to_owned(),
+            kind: "admin".into(),
+            subject: "cli".into(),
+            action,
+            outcome: "ok".into(),
+            ..Default::default()
+        }],
+    )
+    .await
+    .context("recording the change in the audit trail")
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -152,6 +169,7 @@ pub fn clients(
                 }
                 let hasher = SecretHasher::new(config.auth.argon2)?;
                 let created = auth::add_client(pool, &hasher, new).await.context("creating the client")?;
+                record(pool, &created.client.tenant, format!("cli clients add {}", created.client.client_id)).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&created)?);
                 } else {
@@ -192,6 +210,7 @@ pub fn clients(
             }
             ClientsCommand::Revoke { client_id, .. } => match auth::revoke_client(pool, &client_id, None).await.context("revoking the client")? {
                 Some(c) => {
+                    record(pool, &c.tenant, format!("cli clients revoke {}", c.client_id)).await?;
                     println!("revoked {} (tenant {}); its refresh tokens are revoked, its access tokens expire within {}s", c.client_id, c.tenant, config.auth.access_ttl.as_secs());
                     ExitCode::SUCCESS
                 }
@@ -270,6 +289,12 @@ pub fn secrets(
                     secrets::set(pool, &keys, &name, &value)
                         .await
                         .context("storing the secret")?;
+                    record(
+                        pool,
+                        provider_host::audit::NO_TENANT,
+                        format!("cli secrets set {name}"),
+                    )
+                    .await?;
                     println!(
                         "stored secret '{name}' (key {}); reload the host for it to take effect",
                         keys.current.id()
@@ -307,6 +332,12 @@ pub fn secrets(
                     let n = secrets::rotate(pool, &keys)
                         .await
                         .context("rotating the secrets")?;
+                    record(
+                        pool,
+                        provider_host::audit::NO_TENANT,
+                        format!("cli secrets rotate ({n} re-sealed)"),
+                    )
+                    .await?;
                     println!("re-sealed {n} secret(s) under key {}", keys.current.id());
                     ExitCode::SUCCESS
                 }
@@ -317,6 +348,12 @@ pub fn secrets(
                     .await
                     .context("removing the secret")?
                 {
+                    record(
+                        pool,
+                        provider_host::audit::NO_TENANT,
+                        format!("cli secrets remove {name}"),
+                    )
+                    .await?;
                     println!("removed secret '{name}'");
                     ExitCode::SUCCESS
                 } else {

@@ -145,6 +145,13 @@ pub fn load_file(
     env: &dyn Fn(&str) -> Option<String>,
     previous: Option<&Config>,
 ) -> Result<Config, Vec<ConfigError>> {
+    let (text, name) = read_file(path)?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    load_with(&text, &name, &base, registry, env, previous)
+}
+
+/// The text of the configuration file at `path` and its name in messages.
+pub(crate) fn read_file(path: &Path) -> Result<(String, String), Vec<ConfigError>> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError {
@@ -154,8 +161,7 @@ pub fn load_file(
             message: format!("cannot read: {e}"),
         }]
     })?;
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    load_with(&text, &name, &base, registry, env, previous)
+    Ok((text, name))
 }
 
 /// Checks configuration `text` named `name`, with files relative to `base_dir` and

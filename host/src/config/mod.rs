@@ -11,11 +11,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub(crate) use check::relative_sqlite;
 pub use check::{
     AdminSettings, Config, ServicePlan, TenantPlan, TenantService, load, load_file, load_str,
     load_with,
 };
+pub(crate) use check::{read_file, relative_sqlite};
 pub use unavailable::Unavailable;
 
 mod unavailable;

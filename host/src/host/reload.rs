@@ -60,18 +60,7 @@ impl ConfigSource {
     /// The source's current text and its name in messages.
     pub fn read(&self) -> Result<(String, String), Vec<ConfigError>> {
         match &self.origin {
-            Origin::File(path) => {
-                let name = path.display().to_string();
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    vec![ConfigError {
-                        file: name.clone(),
-                        line: 0,
-                        column: 0,
-                        message: format!("cannot read: {e}"),
-                    }]
-                })?;
-                Ok((text, name))
-            }
+            Origin::File(path) => config::read_file(path),
             Origin::Text { text, name, .. } => Ok((text.clone(), name.clone())),
         }
     }

@@ -1077,6 +1077,20 @@ async fn a_run_that_uses_secrets_never_shows_them() {
         answers += &format!("{method} {path} {status} {}\n", r.text().await.unwrap());
     }
     assert!(answers.contains("/admin/config/reload 200"), "{answers}");
+    // What the command line changed is in the trail too, as the subject `cli`.
+    let trail_of = |chain: &str| {
+        http.get(url(&format!("/admin/audit?tenant={chain}&subject=cli")))
+            .bearer_auth(&platform)
+            .send()
+    };
+    let acme_trail = trail_of("acme").await.unwrap().text().await.unwrap();
+    assert!(
+        acme_trail.contains(&format!("\"action\":\"cli clients add {client_id}\"")),
+        "{acme_trail}"
+    );
+    let trail = trail_of("-").await.unwrap().text().await.unwrap();
+    assert!(trail.contains("cli secrets set jwt_signing"), "{trail}");
+    answers += &trail;
     assert!(
         answers.contains("secret 'missing' is not in the secret store"),
         "{answers}"
