@@ -225,6 +225,8 @@ impl Host {
         source: Option<ConfigSource>,
     ) -> anyhow::Result<Arc<Host>> {
         let storage = Storage::open(&config.storage).await?;
+        // The process's metrics recorder, installed by the first host.
+        providers_observability::metrics();
         let verifier = TokenVerifier::new(&config.keys, config.token.clone())?;
         let keys = reload::keys_fingerprint(&config);
         let controls = storage
@@ -342,6 +344,30 @@ impl Host {
     /// and not paused, the roles grant the permission and the payload fits the schema, then
     /// calls the tenant's instance under the deadline. Nested calls stay on `generation`.
     pub async fn call_in(
+        &self,
+        generation: &Arc<Generation>,
+        ctx: CallContext,
+        service: &str,
+        action: &str,
+        payload: Value,
+    ) -> Result<Value, ProviderError> {
+        let started = Instant::now();
+        let tenant = ctx.tenant().to_owned();
+        let result = self
+            .call_unmeasured(generation, ctx, service, action, payload)
+            .await;
+        crate::observe::call(
+            generation,
+            &tenant,
+            service,
+            action,
+            &result,
+            started.elapsed(),
+        );
+        result
+    }
+
+    async fn call_unmeasured(
         &self,
         generation: &Arc<Generation>,
         ctx: CallContext,

@@ -673,6 +673,7 @@ impl Instances {
         event: InstanceEvent,
         detail: &str,
     ) {
+        crate::observe::instance_event(service, event.as_str());
         if let Err(e) = self
             .storage
             .record(tenant, service, version, event, detail)

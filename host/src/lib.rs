@@ -14,6 +14,7 @@ pub mod host;
 pub mod http;
 pub mod instances;
 pub mod masking;
+pub mod observe;
 pub mod plugins;
 pub mod rate;
 pub mod secrets;

@@ -142,13 +142,23 @@ enum PluginsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn,sqlx=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // `serve` logs as its configuration's [observability] says, from the first line on.
+    let observability = match &cli.command {
+        Command::Serve { config, .. } => match config {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|text| provider_host::observe::settings_of(&text))
+                .unwrap_or_default(),
+            None => provider_host::observe::settings_of(config::DEMO),
+        },
+        _ => Default::default(),
+    };
+    if let Err(e) = providers_observability::init_logging(
+        observability.log_format,
+        observability.log_filter.as_deref(),
+    ) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Serve { config, listen } => serve(config, listen),
         Command::Check { config } => check(&config),

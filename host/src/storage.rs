@@ -31,7 +31,8 @@ pub enum InstanceEvent {
 }
 
 impl InstanceEvent {
-    fn as_str(self) -> &'static str {
+    /// The event's name, as stored.
+    pub fn as_str(self) -> &'static str {
         match self {
             InstanceEvent::Connected => "connected",
             InstanceEvent::ConnectFailed => "connect_failed",

@@ -56,6 +56,8 @@ pub struct Config {
     pub audit: crate::audit::AuditSettings,
     /// `[auth]`: the token service.
     pub auth: crate::auth::AuthSettings,
+    /// `[observability]`: logs and metrics.
+    pub observability: crate::observe::ObservabilitySettings,
 }
 
 /// `[security] admin_role` and `platform_tenant`: who administers what.
@@ -485,6 +487,26 @@ impl<'a> Checker<'a> {
             );
         }
         let auth = self.auth(raw.auth, &keys, &token);
+        let observability = raw.observability;
+        if let Some(filter) = &observability.log_filter
+            && let Err(e) = providers_observability::check_filter(filter)
+        {
+            self.at(
+                0..0,
+                format!("observability.log_filter: '{filter}' is not a valid filter: {e}"),
+            );
+        }
+        if observability.metrics == crate::observe::MetricsAccess::Open
+            && !raw.server.listen.ip().is_loopback()
+        {
+            self.at(
+                0..0,
+                format!(
+                    "observability.metrics: \"open\" serves /metrics without a token, which is accepted only on a loopback listener (server.listen is {}); use \"operator\"",
+                    raw.server.listen
+                ),
+            );
+        }
         let registry = registry.clone();
         Config {
             source: self.src.name.to_owned(),
@@ -506,6 +528,7 @@ impl<'a> Checker<'a> {
             tenants,
             audit,
             auth,
+            observability,
         }
     }
 

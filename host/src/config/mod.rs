@@ -43,6 +43,8 @@ pub(crate) struct RawConfig {
     pub audit: crate::audit::AuditSettings,
     #[serde(default)]
     pub auth: crate::auth::AuthSettings,
+    #[serde(default)]
+    pub observability: crate::observe::ObservabilitySettings,
     /// Read before the rest (see [`crate::secrets`]); here so the file is checked whole.
     #[serde(default)]
     #[allow(

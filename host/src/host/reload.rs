@@ -183,6 +183,16 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
     );
     differ("auth", format!("{:?}", old.auth), format!("{:?}", new.auth));
     differ(
+        "observability.log_format",
+        format!("{:?}", old.observability.log_format),
+        format!("{:?}", new.observability.log_format),
+    );
+    differ(
+        "observability.log_filter",
+        format!("{:?}", old.observability.log_filter),
+        format!("{:?}", new.observability.log_filter),
+    );
+    differ(
         "server.max_headers",
         o.max_headers.to_string(),
         n.max_headers.to_string(),
@@ -242,6 +252,8 @@ fn keep_restart_only(old: &Config, new: &mut Config) {
     new.server.max_headers = old.server.max_headers;
     new.audit = old.audit.clone();
     new.auth = old.auth.clone();
+    new.observability.log_format = old.observability.log_format;
+    new.observability.log_filter = old.observability.log_filter.clone();
     new.server.max_header_bytes = old.server.max_header_bytes;
     new.server.cors = old.server.cors.clone();
     new.server.header_read_timeout = old.server.header_read_timeout;

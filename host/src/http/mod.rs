@@ -69,7 +69,33 @@ async fn request_context(
         None => Arc::from(uuid::Uuid::new_v4().to_string()),
     };
     request.extensions_mut().insert(RequestId(id.clone()));
+    let started = Instant::now();
+    let who = Arc::new(Caller::default());
+    request.extensions_mut().insert(who.clone());
+    let method = request.method().clone();
+    let path = clip(request.uri().path(), 256);
     let mut response = next.run(request).await;
+    let code = response
+        .extensions()
+        .get::<Arc<ApiError>>()
+        .map(|e| e.error.code.as_str());
+    let (tenant, subject) = who
+        .0
+        .get()
+        .map_or(("", ""), |(t, s)| (t.as_str(), s.as_str()));
+    // The access log: one line per request, its fields documented in docs/operations.md.
+    tracing::info!(
+        target: "provider_host::access",
+        request_id = %id,
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        tenant,
+        subject,
+        error_code = code.unwrap_or(""),
+        "request"
+    );
     if let Some(error) = response.extensions_mut().remove::<Arc<ApiError>>() {
         // Headers set on the way out (CORS) stay; the body's own are the rendered ones.
         let set = std::mem::take(response.headers_mut());
@@ -104,6 +130,11 @@ pub(crate) struct Authenticated {
     pub generation: Arc<crate::host::Generation>,
     pub identity: Result<providers_security::Identity, providers_core::ProviderError>,
 }
+
+/// The verified tenant and subject of a request, for its access-log line (set by the audit
+/// layer once it has checked the token).
+#[derive(Debug, Default)]
+pub struct Caller(pub std::sync::OnceLock<(String, String)>);
 
 /// Where a handler leaves what the audit record needs and only it knows.
 #[derive(Debug, Default)]
@@ -187,6 +218,12 @@ async fn audit_requests(
         Some(id) => (crate::audit::NO_TENANT.to_owned(), clip(&id.subject, 256)),
         None => (crate::audit::NO_TENANT.to_owned(), String::new()),
     };
+    if let Some(caller) = request.extensions().get::<Arc<Caller>>() {
+        let _ = caller.0.set((
+            identity.map(|i| i.tenant.clone()).unwrap_or_default(),
+            subject.clone(),
+        ));
+    }
     if call {
         // The token is checked once per request: the handler takes this result.
         request.extensions_mut().insert(Authenticated {
@@ -327,6 +364,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/openapi.json", get(routes::openapi))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
+        .route("/metrics", get(routes::metrics))
         .route("/admin/providers", get(admin::providers))
         .route("/admin/audit", get(admin::audit))
         .route(

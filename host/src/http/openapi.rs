@@ -53,6 +53,10 @@ pub fn document(config: &Config) -> Value {
     paths.insert("/health".into(), plain("The process is alive."));
     paths.insert("/openapi.json".into(), plain("This document."));
     paths.insert(
+        "/metrics".into(),
+        plain("Every metric in the Prometheus text format: a platform operator's token unless [observability] metrics = \"open\" (loopback listeners only)."),
+    );
+    paths.insert(
         "/ready".into(),
         plain("Storage is reachable and required providers are not failed."),
     );

@@ -13,7 +13,7 @@ use providers_core::{ErrorCode, ProviderError};
 use serde_json::{Value, json};
 
 use super::{ApiError, RequestId};
-use crate::config::TenantPlan;
+use crate::config::{Config, TenantPlan};
 use crate::host::Host;
 use providers_security::Identity;
 
@@ -31,12 +31,13 @@ pub(super) fn authorization(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Counts the request against its tenant's and client's rate limits (429 with `Retry-After`).
-fn admit(plan: &TenantPlan, identity: &Identity) -> Result<(), ApiError> {
+fn admit(config: &Config, plan: &TenantPlan, identity: &Identity) -> Result<(), ApiError> {
     if !plan.rate.is_limited() {
         return Ok(());
     }
     plan.rate
         .admit(&identity.tenant, &identity.subject)
+        .inspect_err(|_| crate::observe::rate_limited(config, &identity.tenant))
         .map_err(|limited| ApiError {
             error: limited.error,
             status: None,
@@ -66,7 +67,11 @@ pub async fn call(
             (generation, identity)
         }
     };
-    admit(generation.tenant(&identity.tenant)?, &identity)?;
+    admit(
+        &generation.config,
+        generation.tenant(&identity.tenant)?,
+        &identity,
+    )?;
     let server = &generation.config.server;
     let limit = server.body_limit_bytes;
     // A body that trickles in is cut off: within the body timeout and the call's own deadline.
@@ -134,7 +139,7 @@ pub async fn list(
     let generation = host.generation();
     let identity = generation.authenticate(authorization(&headers))?;
     let tenant = generation.tenant(&identity.tenant)?;
-    admit(tenant, &identity)?;
+    admit(&generation.config, tenant, &identity)?;
     let deadline = Instant::now() + generation.config.server.ready_timeout;
     let services: Vec<_> = generation.services_of(&identity.tenant, tenant).collect();
     // Every service's status at once, under one bound.
@@ -207,7 +212,7 @@ pub async fn describe(
     let generation = host.generation();
     let identity = generation.authenticate(authorization(&headers))?;
     let tenant = generation.tenant(&identity.tenant)?;
-    admit(tenant, &identity)?;
+    admit(&generation.config, tenant, &identity)?;
     let enabled = generation.service(&identity.tenant, tenant, &service)?;
     let factory = &enabled.service.factory;
     let d = factory.descriptor();
@@ -269,4 +274,37 @@ pub async fn method_not_allowed() -> Response {
         retry_after: None,
     }
     .into_response()
+}
+
+/// `GET /metrics`: every metric in the Prometheus text format. A platform operator's token
+/// unless `[observability] metrics = "open"` (loopback listeners only); 404 when `"off"`.
+pub async fn metrics(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    use crate::observe::MetricsAccess;
+    let generation = host.generation();
+    match generation.config.observability.metrics {
+        MetricsAccess::Off => {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                "metrics are off on this host ([observability] metrics = \"off\")",
+            ));
+        }
+        MetricsAccess::Open => {}
+        MetricsAccess::Operator => {
+            generation
+                .admin(authorization(&headers))?
+                .platform("reading /metrics")?;
+        }
+    }
+    crate::observe::refresh_gauges(&host, &generation);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        providers_observability::render(),
+    )
+        .into_response())
 }

@@ -242,6 +242,15 @@ fn rows(config_text: &str, acme_client: (&str, &str), victim: &str) -> Vec<Row> 
         row("GET", "/ready", "/ready", "", [200; 5], true, false),
         row(
             "GET",
+            "/metrics",
+            "/metrics",
+            "",
+            [403, 403, 403, 403, 200],
+            false,
+            false,
+        ),
+        row(
+            "GET",
             "/.well-known/jwks.json",
             "/.well-known/jwks.json",
             "",

@@ -15,6 +15,7 @@ mod instances;
 mod isolation;
 mod logic;
 mod native;
+mod observability;
 mod operations;
 mod plugins;
 mod registry;

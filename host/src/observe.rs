@@ -1,0 +1,155 @@
+//! What the host records through the `metrics` facade, and `[observability]`.
+//!
+//! Labels come only from resolved names: a configured service, a declared action, a
+//! tenant on the `metrics_tenants` list (every other tenant is `other`), so nothing a
+//! client sends can add a series.
+
+use std::time::Duration;
+
+use providers_core::ProviderError;
+use providers_observability::LogFormat;
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::host::Generation;
+
+/// Who may read `GET /metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsAccess {
+    /// A platform operator's token.
+    #[default]
+    Operator,
+    /// Anyone who reaches the listener; only accepted on a loopback listener.
+    Open,
+    /// No `/metrics` (404).
+    Off,
+}
+
+/// `[observability]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservabilitySettings {
+    /// `text` or `json` (one object per line).
+    pub log_format: LogFormat,
+    /// Level filters per target, e.g. `info,provider_host=debug`; `RUST_LOG` wins when set.
+    pub log_filter: Option<String>,
+    /// Who may read `/metrics`.
+    pub metrics: MetricsAccess,
+    /// Tenants that get a `tenant` label of their own; every other tenant is `other`.
+    pub metrics_tenants: Vec<String>,
+}
+
+/// The `[observability]` table of a configuration's text, before the rest is checked (the
+/// log subscriber is installed first, so that loading is logged as configured). A table
+/// that does not parse gives the defaults here and its error from the full check.
+pub fn settings_of(text: &str) -> ObservabilitySettings {
+    toml::from_str::<toml::Table>(text)
+        .ok()
+        .and_then(|t| t.get("observability").cloned())
+        .and_then(|v| v.try_into().ok())
+        .unwrap_or_default()
+}
+
+impl Config {
+    /// `tenant` as a metrics label: its name when listed in `metrics_tenants`, else `other`.
+    pub fn metrics_tenant<'a>(&'a self, tenant: &'a str) -> &'a str {
+        if self
+            .observability
+            .metrics_tenants
+            .iter()
+            .any(|t| t == tenant)
+        {
+            tenant
+        } else {
+            "other"
+        }
+    }
+}
+
+/// Counts one provider call (nested ones too) and its latency.
+pub fn call(
+    generation: &Generation,
+    tenant: &str,
+    service: &str,
+    action: &str,
+    result: &Result<serde_json::Value, ProviderError>,
+    took: Duration,
+) {
+    let config = &generation.config;
+    let (service, action) = match config.services.get(service) {
+        Some(plan) if plan.factory.descriptor().find_action(action).is_some() => {
+            (service.to_owned(), action.to_owned())
+        }
+        Some(_) => (service.to_owned(), "-".to_owned()),
+        None => ("-".to_owned(), "-".to_owned()),
+    };
+    let code = result.as_ref().err().map(|e| e.code);
+    let outcome = crate::audit::outcome_of(code);
+    let code = code.map_or("none", |c| c.as_str());
+    metrics::counter!(
+        "provider_calls_total",
+        "tenant" => config.metrics_tenant(tenant).to_owned(),
+        "service" => service.clone(),
+        "action" => action.clone(),
+        "outcome" => outcome,
+        "code" => code,
+    )
+    .increment(1);
+    metrics::histogram!(
+        "provider_call_duration_seconds",
+        "service" => service,
+        "action" => action,
+    )
+    .record(took.as_secs_f64());
+}
+
+/// Counts a request refused for its tenant's or client's rate limit.
+pub fn rate_limited(config: &Config, tenant: &str) {
+    metrics::counter!("rate_limit_rejections_total", "tenant" => config.metrics_tenant(tenant).to_owned())
+        .increment(1);
+}
+
+/// Counts an instance event (`connected`, `connect_failed`, `disconnected`) of a configured service.
+pub fn instance_event(service: &str, event: &'static str) {
+    metrics::counter!("provider_instance_events_total", "service" => service.to_owned(), "event" => event)
+        .increment(1);
+}
+
+/// Sets the gauges read at scrape time: live instances by kind and state, calls in flight
+/// per service.
+pub fn refresh_gauges(host: &crate::Host, generation: &Generation) {
+    use std::collections::BTreeMap;
+    let mut instances: BTreeMap<(&'static str, &'static str), f64> = BTreeMap::new();
+    let mut inflight: BTreeMap<String, f64> = BTreeMap::new();
+    for plan in generation.config.services.values() {
+        for state in ["connected", "connecting", "failed"] {
+            instances.insert((kind_name(plan.factory.kind()), state), 0.0);
+        }
+    }
+    for info in host.instances().snapshot() {
+        let Some(plan) = generation.config.services.get(&info.service) else {
+            continue;
+        };
+        *instances
+            .entry((kind_name(plan.factory.kind()), info.state))
+            .or_default() += 1.0;
+        *inflight.entry(info.service.clone()).or_default() += info.inflight as f64;
+    }
+    for ((kind, state), n) in instances {
+        metrics::gauge!("provider_instances", "kind" => kind, "state" => state).set(n);
+    }
+    for service in generation.config.services.keys() {
+        let n = inflight.get(service).copied().unwrap_or(0.0);
+        metrics::gauge!("provider_calls_in_flight", "service" => service.clone()).set(n);
+    }
+}
+
+fn kind_name(kind: providers_core::Kind) -> &'static str {
+    match kind {
+        providers_core::Kind::Builtin => "builtin",
+        providers_core::Kind::Native => "native",
+        providers_core::Kind::Wasm => "wasm",
+        _ => "other",
+    }
+}

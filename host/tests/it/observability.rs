@@ -1,0 +1,286 @@
+//! Metrics at `GET /metrics` after known traffic (exact counts), bounded tenant labels,
+//! access to the endpoint, and the JSON access log's fields.
+
+use std::collections::BTreeMap;
+
+use providers_core::ErrorCode;
+use providers_database::testing::TestDatabase;
+use serde_json::json;
+
+use crate::support::{App, Edit, assert_error};
+
+type Labels = BTreeMap<String, String>;
+
+/// Every sample of `name` in a Prometheus text exposition.
+fn samples(text: &str, name: &str) -> Vec<(Labels, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            (metric == name).then(|| {
+                let labels = labels
+                    .split("\",")
+                    .filter(|p| !p.is_empty())
+                    .filter_map(|p| {
+                        let (k, v) = p.split_once("=\"")?;
+                        Some((k.to_owned(), v.trim_end_matches('"').to_owned()))
+                    })
+                    .collect();
+                (labels, value.parse().unwrap())
+            })
+        })
+        .collect()
+}
+
+fn count(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    samples(text, name)
+        .into_iter()
+        .filter(|(labels, _)| {
+            want.iter()
+                .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn with_metrics(access: &'static str, tenants: &'static str) -> impl FnOnce(String) -> String {
+    move |text: String| {
+        text.edit(
+            "leeway_seconds = 0\n",
+            "leeway_seconds = 0\nadmin_role = \"admin\"\nplatform_tenant = \"platform\"\n",
+        ) + &format!(
+            "\n[tenants.{tenants}]\nservices = [\"kv\"]\n\n[tenants.{tenants}-limited]\nservices = [\"kv\"]\nrate_limits = {{ client = {{ per_minute = 1 }} }}\n\n[observability]\nmetrics = \"{access}\"\nmetrics_tenants = [\"{tenants}\", \"{tenants}-limited\"]\n"
+        )
+    }
+}
+
+async fn scrape(app: &App) -> String {
+    let r = app
+        .get(Some(&app.token("platform", &["admin"])), "/metrics")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    r.body.as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_exactly() {
+    // The recorder is the process's: this test's tenants are its own, so its counts are exact.
+    let app = App::configured(
+        TestDatabase::sqlite(),
+        with_metrics("operator", "metrics-a"),
+    )
+    .await;
+    let user = app.token("metrics-a", &["user"]);
+    for i in 0..3 {
+        assert_eq!(
+            app.post(
+                Some(&user),
+                "kv/set",
+                json!({"key": format!("k{i}"), "value": i})
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    assert_error(
+        &app.post(Some(&user), "kv/get", json!({"key": "missing"}))
+            .await,
+        404,
+        ErrorCode::NotFound,
+    );
+    assert_error(
+        &app.post(
+            Some(&app.token("metrics-a", &["reader"])),
+            "kv/set",
+            json!({"key": "k", "value": 1}),
+        )
+        .await,
+        403,
+        ErrorCode::Forbidden,
+    );
+    assert_error(
+        &app.post(Some(&user), "kv/no-such-action", json!({})).await,
+        404,
+        ErrorCode::NotFound,
+    );
+    assert_error(
+        &app.post(Some(&user), "no-such-service/x", json!({})).await,
+        404,
+        ErrorCode::NotFound,
+    );
+    let limited = app.token("metrics-a-limited", &["user"]);
+    assert_eq!(
+        app.post(Some(&limited), "kv/set", json!({"key": "k", "value": 1}))
+            .await
+            .status,
+        200
+    );
+    assert_error(
+        &app.post(Some(&limited), "kv/set", json!({"key": "k", "value": 2}))
+            .await,
+        429,
+        ErrorCode::RateLimited,
+    );
+
+    let text = scrape(&app).await;
+    let calls = |labels: &[(&str, &str)]| count(&text, "provider_calls_total", labels);
+    let a = ("tenant", "metrics-a");
+    assert_eq!(
+        calls(&[
+            a,
+            ("service", "kv"),
+            ("action", "set"),
+            ("outcome", "ok"),
+            ("code", "none")
+        ]),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        calls(&[
+            a,
+            ("service", "kv"),
+            ("action", "get"),
+            ("outcome", "error"),
+            ("code", "NOT_FOUND")
+        ]),
+        1.0
+    );
+    assert_eq!(
+        calls(&[
+            a,
+            ("service", "kv"),
+            ("action", "set"),
+            ("outcome", "denied"),
+            ("code", "FORBIDDEN")
+        ]),
+        1.0
+    );
+    // Names the client made up never become labels.
+    assert_eq!(
+        calls(&[a, ("service", "kv"), ("action", "-"), ("code", "NOT_FOUND")]),
+        1.0
+    );
+    assert_eq!(
+        calls(&[a, ("service", "-"), ("action", "-"), ("code", "NOT_FOUND")]),
+        1.0
+    );
+    assert_eq!(calls(&[a]), 7.0, "every call of the tenant, once");
+    assert!(!text.contains("no-such"), "{text}");
+    assert_eq!(
+        count(
+            &text,
+            "rate_limit_rejections_total",
+            &[("tenant", "metrics-a-limited")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        calls(&[("tenant", "metrics-a-limited")]),
+        1.0,
+        "a refused request is no call"
+    );
+    assert!(
+        count(
+            &text,
+            "provider_call_duration_seconds_count",
+            &[("service", "kv"), ("action", "set")]
+        ) >= 4.0
+    );
+    assert!(
+        count(
+            &text,
+            "provider_instance_events_total",
+            &[("service", "kv"), ("event", "connected")]
+        ) >= 2.0
+    );
+    assert!(
+        count(
+            &text,
+            "provider_instances",
+            &[("kind", "builtin"), ("state", "connected")]
+        ) >= 2.0
+    );
+    assert!(!samples(&text, "provider_calls_in_flight").is_empty());
+
+    // Only a platform operator reads it.
+    assert_error(
+        &app.get(None, "/metrics").await,
+        401,
+        ErrorCode::Unauthenticated,
+    );
+    assert_error(
+        &app.get(Some(&app.token("metrics-a", &["admin"])), "/metrics")
+            .await,
+        403,
+        ErrorCode::Forbidden,
+    );
+}
+
+#[tokio::test]
+async fn tenant_labels_are_bounded_and_access_is_configurable() {
+    let many: String = (0..300)
+        .map(|i| format!("\n[tenants.crowd-{i}]\nservices = [\"kv\"]\n"))
+        .collect();
+    let app = App::configured(TestDatabase::sqlite(), move |text| {
+        with_metrics("open", "metrics-b")(text) + &many
+    })
+    .await;
+    for i in 0..300 {
+        let t = app.token(&format!("crowd-{i}"), &["user"]);
+        assert_eq!(
+            app.post(Some(&t), "kv/set", json!({"key": "k", "value": i}))
+                .await
+                .status,
+            200
+        );
+    }
+    // Open: no token needed on this loopback listener.
+    let r = app.get(None, "/metrics").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let text = r.body.as_str().unwrap();
+    assert!(
+        !text.contains("crowd-"),
+        "an unlisted tenant never becomes a label"
+    );
+    assert!(
+        count(
+            text,
+            "provider_calls_total",
+            &[("tenant", "other"), ("service", "kv"), ("action", "set")]
+        ) >= 300.0
+    );
+    let tenants: std::collections::BTreeSet<String> = samples(text, "provider_calls_total")
+        .into_iter()
+        .filter_map(|(l, _)| l.get("tenant").cloned())
+        .collect();
+    assert!(tenants.len() <= 8, "{tenants:?}");
+
+    let off = App::configured(TestDatabase::sqlite(), with_metrics("off", "metrics-c")).await;
+    let d = assert_error(
+        &off.get(Some(&off.token("platform", &["admin"])), "/metrics")
+            .await,
+        404,
+        ErrorCode::NotFound,
+    );
+    assert_eq!(
+        d,
+        "metrics are off on this host ([observability] metrics = \"off\")"
+    );
+    let text =
+        crate::support::config_text("sqlite::memory:", "\n[observability]\nmetrics = \"open\"\n")
+            .edit("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:8080\"");
+    let errors = crate::support::load(&text, &crate::support::registry(&Default::default()))
+        .err()
+        .unwrap();
+    assert!(errors[0].message.starts_with("observability.metrics: \"open\" serves /metrics without a token, which is accepted only on a loopback listener"), "{errors:?}");
+}
