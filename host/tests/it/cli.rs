@@ -19,6 +19,11 @@ fn wait_listening(child: &mut Child) -> (String, std::thread::JoinHandle<String>
         while reader.read_line(&mut line).unwrap_or(0) > 0 {
             if let Some(at) = line.find("local=") {
                 let _ = tx.send(line[at + 6..].trim().to_owned());
+            } else if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(local) = json["local"].as_str()
+            {
+                // The JSON log format.
+                let _ = tx.send(local.to_owned());
             }
             all.push_str(&line);
             line.clear();
@@ -1112,4 +1117,124 @@ async fn a_run_that_uses_secrets_never_shows_them() {
             "the client secret appears in {what}"
         );
     }
+}
+
+#[tokio::test]
+async fn json_logs_keep_their_shape_whatever_clients_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = OPS_CONFIG.replace("WATCH", "false")
+        + "\n[observability]\nlog_format = \"json\"\nlog_filter = \"info\"\n";
+    std::fs::write(d.join("host.toml"), &config).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
+        .current_dir(d)
+        .env("OPS_JWT_SECRET", OPS_SECRET)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, logs) = wait_listening(&mut child);
+    // A subject with quotes, a newline, a tab and control characters, as a signed claim.
+    let weird = "ada \"the\" admin\nsecond line\t\u{1}\u{7f}\\";
+    let key = jsonwebtoken::EncodingKey::from_secret(OPS_SECRET.as_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": weird, "tenant_id": "acme", "roles": ["user"], "iss": "ops", "aud": "providers", "exp": now + 60}),
+        &key,
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{addr}/providers/kv/set"))
+        .bearer_auth(&token)
+        .header("x-request-id", "json-log-1")
+        .body(r#"{"key":"quote\"d\nkey","value":"\u0000"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(format!("http://{addr}/no/%22such%0A%ff/route"))
+        .header("x-request-id", "json-log-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(terminate(&mut child).code(), Some(0));
+    let logs = logs.join().unwrap();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 4, "{logs}");
+    let access = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("no access line for {id}: {logs}"))
+            .clone()
+    };
+    let one = access("json-log-1");
+    let mut keys: Vec<&str> = one
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "error_code",
+            "latency_us",
+            "level",
+            "message",
+            "method",
+            "path",
+            "request_id",
+            "status",
+            "subject",
+            "target",
+            "tenant",
+            "timestamp"
+        ],
+        "{one}"
+    );
+    assert_eq!(
+        (
+            &one["level"],
+            &one["target"],
+            &one["message"],
+            &one["method"],
+            &one["path"],
+            &one["status"],
+            &one["tenant"],
+            &one["subject"],
+            &one["error_code"]
+        ),
+        (
+            &json!("INFO"),
+            &json!("provider_host::access"),
+            &json!("request"),
+            &json!("POST"),
+            &json!("/providers/kv/set"),
+            &json!(200),
+            &json!("acme"),
+            &json!(weird),
+            &json!("")
+        )
+    );
+    assert!(one["latency_us"].as_u64().unwrap() > 0);
+    let two = access("json-log-2");
+    assert_eq!(
+        (&two["status"], &two["error_code"], &two["tenant"]),
+        (&json!(404), &json!("NOT_FOUND"), &json!(""))
+    );
+    assert_eq!(two["path"], "/no/%22such%0A%ff/route");
 }
