@@ -469,7 +469,9 @@ impl Host {
                 })?),
                 None => None,
             };
-            live.provider.execute(action, payload, &ctx).await
+            let result = live.provider.execute(action, payload, &ctx).await;
+            live.count(&result);
+            result
         };
         // One deadline covers connecting (on a first call) and executing.
         let result = guard::run(

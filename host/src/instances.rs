@@ -36,6 +36,26 @@ pub struct Live {
     pub version: String,
     /// Bounds calls in flight, when the limits say so.
     pub limiter: Option<Arc<Semaphore>>,
+    /// When it connected, milliseconds since the epoch.
+    pub connected_ms: i64,
+    /// Calls it answered.
+    pub calls: AtomicU64,
+    /// Calls it answered with an error.
+    pub errors: AtomicU64,
+    /// Its last error: when, code and detail.
+    pub last_error: Mutex<Option<(i64, &'static str, String)>>,
+}
+
+impl Live {
+    /// Counts one call's result.
+    pub fn count<T>(&self, result: &Result<T, ProviderError>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((crate::audit::now_ms(), e.code.as_str(), e.detail.clone()));
+        }
+    }
 }
 
 /// How instances connect, retry and are given up on.
@@ -148,6 +168,18 @@ pub struct InstanceInfo {
     pub inflight: usize,
     /// The revision of its plan.
     pub revision: u64,
+    /// How its provider was loaded.
+    pub kind: Kind,
+    /// When it connected, ms since the epoch.
+    pub connected_ms: Option<i64>,
+    /// Calls it answered, and how many of them with an error.
+    pub calls: u64,
+    /// Calls answered with an error.
+    pub errors: u64,
+    /// Its last error: when, code and detail.
+    pub last_error: Option<(i64, &'static str, String)>,
+    /// Why its last connect failed, while it has not connected.
+    pub connect_failure: Option<String>,
 }
 
 /// Every instance of every tenant.
@@ -549,6 +581,20 @@ impl Instances {
                         version: live.map(|l| l.version.clone()),
                         inflight: slot.inflight.load(Ordering::Acquire),
                         revision: slot.revision,
+                        kind: slot.plan.factory.kind(),
+                        connected_ms: live.map(|l| l.connected_ms),
+                        calls: live.map_or(0, |l| l.calls.load(Ordering::Relaxed)),
+                        errors: live.map_or(0, |l| l.errors.load(Ordering::Relaxed)),
+                        last_error: live.and_then(|l| {
+                            l.last_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .clone()
+                        }),
+                        connect_failure: live
+                            .is_none()
+                            .then(|| slot.failure().map(|f| f.detail))
+                            .flatten(),
                     }
                 })
             })
@@ -614,6 +660,10 @@ impl Instances {
                 tracing::debug!(tenant, service, version, "instance connected");
                 Ok(Arc::new(Live {
                     provider: Arc::from(provider),
+                    connected_ms: crate::audit::now_ms(),
+                    calls: AtomicU64::new(0),
+                    errors: AtomicU64::new(0),
+                    last_error: Mutex::new(None),
                     version,
                     limiter: limits
                         .max_concurrency

@@ -640,3 +640,46 @@ pub async fn revoke_client(
     tracing::info!(client = %client_id, by = %admin.by(), "token client revoked");
     Ok(Json(json!({ "client": revoked })))
 }
+
+/// `GET /admin/instances`: every live instance (a tenant administrator's own tenant's) with
+/// its provider's own status, when it connected, its calls, errors and last error.
+pub async fn instances(
+    State(host): State<Arc<Host>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let (generation, admin) = admin(&host, &headers)?;
+    let deadline = std::time::Instant::now() + generation.config.server.ready_timeout;
+    let mine: Vec<_> = host
+        .instances()
+        .snapshot()
+        .into_iter()
+        .filter(|i| admin.may(&i.tenant))
+        .collect();
+    // Every provider's status at once, under one bound.
+    let statuses = futures_util::future::join_all(
+        mine.iter()
+            .map(|i| host.instances().status(&i.tenant, &i.service, deadline)),
+    )
+    .await;
+    let list: Vec<Value> = mine
+        .iter()
+        .zip(statuses)
+        .map(|(i, status)| {
+            json!({
+                "tenant": i.tenant,
+                "service": i.service,
+                "version": i.version,
+                "kind": i.kind,
+                "state": i.state,
+                "status": status.map(|s| json!({"state": s.state, "detail": s.detail})),
+                "connected_since_ms": i.connected_ms,
+                "calls": i.calls,
+                "errors": i.errors,
+                "calls_in_flight": i.inflight,
+                "last_error": i.last_error.as_ref().map(|(at, code, detail)| json!({"at_ms": at, "error_code": code, "detail": detail})),
+                "connect_failure": i.connect_failure,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "instances": list })))
+}

@@ -367,6 +367,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/admin/providers", get(admin::providers))
         .route("/admin/audit", get(admin::audit))
+        .route("/admin/instances", get(admin::instances))
         .route(
             "/admin/clients",
             get(admin::clients).post(admin::add_client),

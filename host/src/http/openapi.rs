@@ -170,6 +170,10 @@ fn admin_paths(paths: &mut Map<String, Value>) {
             ),
         );
     }
+    paths.insert(
+        "/admin/instances".into(),
+        op("get", "admin.instances", "Every live instance (a tenant administrator's own tenant's): tenant, service, version, kind, state, the provider's own status, when it connected, calls, errors, calls in flight, last error, or why its last connect failed.", vec![], None),
+    );
     let mut clients = op(
         "get",
         "admin.clients.list",

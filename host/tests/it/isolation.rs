@@ -291,6 +291,13 @@ fn rows(config_text: &str, acme_client: (&str, &str), victim: &str) -> Vec<Row> 
         ),
         admin(
             "GET",
+            "/admin/instances",
+            "/admin/instances",
+            "",
+            [200, 403, 403, 200, 200],
+        ),
+        admin(
+            "GET",
             "/admin/audit",
             "/admin/audit?tenant=acme&limit=5",
             "",

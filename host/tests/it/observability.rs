@@ -284,3 +284,81 @@ async fn tenant_labels_are_bounded_and_access_is_configurable() {
         .unwrap();
     assert!(errors[0].message.starts_with("observability.metrics: \"open\" serves /metrics without a token, which is accepted only on a loopback listener"), "{errors:?}");
 }
+
+#[tokio::test]
+async fn admin_instances_shows_each_live_instance_with_its_counts() {
+    let app = App::configured(TestDatabase::sqlite(), with_metrics("operator", "inst-a")).await;
+    let user = app.token("inst-a", &["user"]);
+    for i in 0..2 {
+        assert_eq!(
+            app.post(Some(&user), "kv/set", json!({"key": "k", "value": i}))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_error(
+        &app.post(Some(&user), "kv/get", json!({"key": "missing"}))
+            .await,
+        404,
+        ErrorCode::NotFound,
+    );
+    let other = app.token("inst-a-limited", &["user"]);
+    assert_eq!(
+        app.post(Some(&other), "kv/set", json!({"key": "k", "value": 1}))
+            .await
+            .status,
+        200
+    );
+
+    let r = app
+        .get(Some(&app.token("inst-a", &["admin"])), "/admin/instances")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let list = r.body["instances"].as_array().unwrap();
+    assert_eq!(
+        list.len(),
+        1,
+        "a tenant administrator sees their own tenant's only: {list:?}"
+    );
+    let kv = &list[0];
+    assert_eq!(
+        (
+            &kv["tenant"],
+            &kv["service"],
+            &kv["kind"],
+            &kv["state"],
+            &kv["calls"],
+            &kv["errors"],
+            &kv["calls_in_flight"]
+        ),
+        (
+            &json!("inst-a"),
+            &json!("kv"),
+            &json!("builtin"),
+            &json!("connected"),
+            &json!(3),
+            &json!(1),
+            &json!(0)
+        )
+    );
+    assert_eq!(kv["status"]["state"], "ready");
+    assert_eq!(kv["last_error"]["error_code"], "NOT_FOUND");
+    assert_eq!(kv["last_error"]["detail"], "key 'missing' not found");
+    assert!(kv["connected_since_ms"].as_i64().unwrap() > 0 && kv["version"].is_string());
+    let all = app
+        .get(Some(&app.token("platform", &["admin"])), "/admin/instances")
+        .await;
+    let tenants: Vec<&str> = all.body["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["tenant"].as_str().unwrap())
+        .collect();
+    assert_eq!(tenants, ["inst-a", "inst-a-limited"]);
+    assert_error(
+        &app.get(Some(&user), "/admin/instances").await,
+        403,
+        ErrorCode::Forbidden,
+    );
+}
