@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::{AnyPool, Row};
 
+mod memory;
 mod schema;
 mod text;
 
@@ -21,6 +22,8 @@ mod text;
 #[derive(Default)]
 pub struct Kv {
     state: OnceLock<Connected>,
+    /// Set instead of `state` with `backend = "memory"`.
+    memory: OnceLock<memory::Memory>,
 }
 
 struct Connected {
@@ -38,6 +41,9 @@ struct Connected {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
+    /// `sql` (the system database, default) or `memory` (this instance's map).
+    #[serde(default)]
+    backend: Backend,
     #[serde(default = "default_max_value_bytes")]
     max_value_bytes: usize,
     #[serde(default)]
@@ -48,6 +54,14 @@ struct Config {
     max_keys: Option<i64>,
     #[serde(default)]
     max_total_bytes: Option<i64>,
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum Backend {
+    #[default]
+    Sql,
+    Memory,
 }
 
 fn default_max_value_bytes() -> usize {
@@ -95,6 +109,60 @@ fn default_limit() -> i64 {
 #[derive(Deserialize)]
 struct BulkReq {
     keys: Vec<String>,
+}
+
+/// An action's payload, parsed and checked the same way for both backends.
+enum Request {
+    Get(KeyReq),
+    Set(SetReq, Value),
+    Delete(KeyReq),
+    List(ListReq),
+    BulkGet(BulkReq),
+}
+
+impl Request {
+    fn parse(action: &str, payload: Value) -> Result<Self, ProviderError> {
+        Ok(match action {
+            "get" => {
+                let req: KeyReq = parse(payload)?;
+                check_key("key", &req.key)?;
+                Request::Get(req)
+            }
+            "set" => {
+                let mut payload = payload;
+                let value = payload
+                    .get_mut("value")
+                    .map(Value::take)
+                    .ok_or_else(|| ProviderError::validation("payload: missing field `value`"))?;
+                let req: SetReq = parse(payload)?;
+                check_key("key", &req.key)?;
+                Request::Set(req, value)
+            }
+            "delete" => {
+                let req: KeyReq = parse(payload)?;
+                check_key("key", &req.key)?;
+                Request::Delete(req)
+            }
+            "list" => {
+                let req: ListReq = parse(payload)?;
+                check_key("prefix", &req.prefix)?;
+                check_key("after", &req.after)?;
+                Request::List(req)
+            }
+            "bulk_get" => {
+                let req: BulkReq = parse(payload)?;
+                for (i, key) in req.keys.iter().enumerate() {
+                    check_key(&format!("keys/{i}"), key)?;
+                }
+                Request::BulkGet(req)
+            }
+            other => {
+                return Err(ProviderError::not_found(format!(
+                    "kv has no action '{other}'"
+                )));
+            }
+        })
+    }
 }
 
 fn now_ms() -> i64 {
@@ -646,6 +714,20 @@ impl Provider for Kv {
     async fn connect(&mut self, ctx: &ConnectContext) -> Result<(), ProviderError> {
         let config: Config = serde_json::from_value(ctx.config().clone())
             .map_err(|e| ProviderError::validation(format!("kv config: {e}")))?;
+        if config.backend == Backend::Memory {
+            let memory = memory::Memory::new(
+                ctx.tenant().to_owned(),
+                config.max_value_bytes,
+                config.default_ttl_seconds,
+                config.max_page_bytes,
+                config.max_keys,
+                config.max_total_bytes,
+            );
+            return self
+                .memory
+                .set(memory)
+                .map_err(|_| ProviderError::internal("kv connected twice"));
+        }
         let pool = ctx.resource::<AnyPool>().cloned().ok_or_else(|| {
             ProviderError::unavailable(
                 "kv needs the host's system database, which was not provided",
@@ -700,59 +782,45 @@ impl Provider for Kv {
         payload: Value,
         ctx: &CallContext,
     ) -> Result<Value, ProviderError> {
+        let request = Request::parse(action, payload)?;
+        let tenant = match (self.memory.get(), self.state.get()) {
+            (Some(m), _) => m.tenant.as_str(),
+            (None, Some(s)) => s.tenant.as_str(),
+            (None, None) => return Err(ProviderError::unavailable("kv is not connected")),
+        };
+        // The host routes by tenant; this guards the invariant rather than trusting it.
+        if ctx.tenant() != tenant {
+            return Err(ProviderError::forbidden(format!(
+                "this kv instance serves tenant '{tenant}', not '{}'",
+                ctx.tenant()
+            )));
+        }
+        if let Some(m) = self.memory.get() {
+            return match request {
+                Request::Get(req) => m.get(req),
+                Request::Set(req, value) => m.set(req, value),
+                Request::Delete(req) => m.delete(req),
+                Request::List(req) => m.list(req),
+                Request::BulkGet(req) => m.bulk_get(req),
+            };
+        }
         let state = self
             .state
             .get()
             .ok_or_else(|| ProviderError::unavailable("kv is not connected"))?;
-        // The host routes by tenant; this guards the invariant rather than trusting it.
-        if ctx.tenant() != state.tenant {
-            return Err(ProviderError::forbidden(format!(
-                "this kv instance serves tenant '{}', not '{}'",
-                state.tenant,
-                ctx.tenant()
-            )));
-        }
-        match action {
-            "get" => {
-                let req: KeyReq = parse(payload)?;
-                check_key("key", &req.key)?;
-                state.get(req).await
-            }
-            "set" => {
-                let mut payload = payload;
-                let value = payload
-                    .get_mut("value")
-                    .map(Value::take)
-                    .ok_or_else(|| ProviderError::validation("payload: missing field `value`"))?;
-                let req: SetReq = parse(payload)?;
-                check_key("key", &req.key)?;
-                state.set(req, value).await
-            }
-            "delete" => {
-                let req: KeyReq = parse(payload)?;
-                check_key("key", &req.key)?;
-                state.delete(req).await
-            }
-            "list" => {
-                let req: ListReq = parse(payload)?;
-                check_key("prefix", &req.prefix)?;
-                check_key("after", &req.after)?;
-                state.list(req).await
-            }
-            "bulk_get" => {
-                let req: BulkReq = parse(payload)?;
-                for (i, key) in req.keys.iter().enumerate() {
-                    check_key(&format!("keys/{i}"), key)?;
-                }
-                state.bulk_get(req).await
-            }
-            other => Err(ProviderError::not_found(format!(
-                "kv has no action '{other}'"
-            ))),
+        match request {
+            Request::Get(req) => state.get(req).await,
+            Request::Set(req, value) => state.set(req, value).await,
+            Request::Delete(req) => state.delete(req).await,
+            Request::List(req) => state.list(req).await,
+            Request::BulkGet(req) => state.bulk_get(req).await,
         }
     }
 
     async fn get_status(&self) -> Status {
+        if self.memory.get().is_some() {
+            return Status::ready();
+        }
         let Some(state) = self.state.get() else {
             return Status::failed("not connected");
         };

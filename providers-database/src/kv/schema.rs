@@ -35,6 +35,8 @@ pub(crate) fn descriptor(version: Version) -> Descriptor {
         .description("Tenant-scoped key-value state with ETags for optimistic concurrency, optional TTLs and per-tenant quotas. A write that would grow the store past max_keys or max_total_bytes is a CONFLICT, not RATE_LIMITED: waiting does not help, deleting keys does; writes that do not grow it (a smaller value, a delete) always pass, even over a lowered quota.")
         .config_schema(object(
             json!({
+                "backend": {"enum": ["sql", "memory"],
+                    "description": "Where entries live: sql (the system database, default) or memory (this tenant's instance only, lost when it is evicted, replaced or the host restarts: for caches and tests)."},
                 "max_value_bytes": {"type": "integer", "minimum": 1, "maximum": 16_777_216,
                     "description": "Largest value accepted, as serialised JSON (default 65536)."},
                 "default_ttl_seconds": {"type": "integer", "minimum": 1,

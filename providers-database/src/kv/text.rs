@@ -16,8 +16,11 @@ impl Kv {
     /// or expired. For stores that hand values on without looking at them (the host's plugin
     /// store): no parse, no new serialisation.
     pub async fn get_text(&self, key: &str) -> Result<Option<(String, String)>, ProviderError> {
-        let state = self.connected()?;
         check_key("key", key)?;
+        if let Some(memory) = self.memory.get() {
+            return Ok(memory.get_text(key));
+        }
+        let state = self.connected()?;
         Ok(state
             .read(key)
             .await?
@@ -33,7 +36,6 @@ impl Kv {
         etag: Option<String>,
         if_absent: bool,
     ) -> Result<String, ProviderError> {
-        let state = self.connected()?;
         check_key("key", key)?;
         serde_json::from_str::<serde::de::IgnoredAny>(&value)
             .map_err(|e| ProviderError::validation(format!("value is not JSON: {e}")))?;
@@ -43,6 +45,9 @@ impl Kv {
             ttl_seconds: None,
             if_absent,
         };
-        state.set_text(req, value).await
+        if let Some(memory) = self.memory.get() {
+            return memory.set_text(req, value);
+        }
+        self.connected()?.set_text(req, value).await
     }
 }

@@ -8,5 +8,6 @@
 
 mod kv;
 mod limits;
+mod memory;
 mod storage;
 mod support;
