@@ -110,7 +110,10 @@ async fn the_memory_backend_answers_as_the_database_does() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(rows, 3, "only the database run wrote rows (b, c, d; t expired and was purged)");
+    assert_eq!(
+        rows, 3,
+        "only the database run wrote rows (b, c, d; t expired and was purged)"
+    );
 }
 
 #[tokio::test]
