@@ -334,6 +334,12 @@ impl TokenService {
         &self.hasher
     }
 
+    /// A permit to hash: creating clients over HTTP waits for one like grants do, so it
+    /// cannot run more Argon2 at once than `max_hashing` either.
+    pub async fn hashing_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.hashing.acquire().await.ok()
+    }
+
     /// Admits one grant for `client_id` (checked first, so one client over its limit does
     /// not spend everyone's budget) or one refresh (`None`), or says how long to wait.
     pub fn admit(&self, client_id: Option<&str>) -> Result<(), Limited> {
@@ -453,15 +459,17 @@ impl TokenService {
     ) -> Result<(ClientInfo, String), Refusal> {
         let digest = sha256_hex(token.as_bytes());
         let now = now_ms();
-        // Spending is one conditional update: of two requests racing with the same token,
-        // exactly one spends it and the other is a reuse.
+        // Spending and issuing the successor are one transaction: a replay racing with it
+        // either finds the token unspent (and loses the spend) or finds the successor
+        // committed with it, so the family's revocation always reaches the newest token.
+        let mut tx = pool.begin().await?;
         let spent = sqlx::query(
             "UPDATE auth_refresh_tokens SET used_ms = $1 \
              WHERE token_sha256 = $2 AND used_ms IS NULL AND revoked_ms IS NULL AND expires_ms > $1",
         )
         .bind(now)
         .bind(&digest)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected()
             == 1;
@@ -469,40 +477,60 @@ impl TokenService {
             "SELECT family, client_id, expires_ms, used_ms, revoked_ms FROM auth_refresh_tokens WHERE token_sha256 = $1",
         )
         .bind(&digest)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *tx)
         .await?
         else {
+            tx.rollback().await?;
             return Err(Refusal::InvalidGrant("refresh token is not known".into()));
         };
         let family: String = row.try_get("family")?;
         let client_id: String = row.try_get("client_id")?;
-        if !spent {
-            let revoked: Option<i64> = row.try_get("revoked_ms")?;
-            let expires: i64 = row.try_get("expires_ms")?;
-            if revoked.is_some() {
-                return Err(Refusal::InvalidGrant("refresh token is revoked".into()));
+        if spent {
+            let owner = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {CLIENT_COLUMNS} FROM auth_clients WHERE client_id = $1"
+            )))
+            .bind(&client_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(client_of)
+            .transpose()?;
+            if let Some(c) = owner.filter(|c| c.revoked_ms.is_none()) {
+                let next = random_token(32);
+                let ttl = i64::try_from(self.settings.refresh_ttl.as_millis()).unwrap_or(i64::MAX);
+                sqlx::query(
+                    "INSERT INTO auth_refresh_tokens (token_sha256, family, client_id, issued_ms, expires_ms) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(sha256_hex(next.as_bytes()))
+                .bind(&family)
+                .bind(&client_id)
+                .bind(now)
+                .bind(now.saturating_add(ttl))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok((c, next));
             }
-            if expires <= now {
-                return Err(Refusal::InvalidGrant("refresh token has expired".into()));
-            }
+            tx.commit().await?;
             self.revoke_family(pool, &family, now).await?;
             return Err(Refusal::InvalidGrant(
-                "refresh token was already used: every refresh token of its family is now revoked; ask for a new grant with the client's credentials".into(),
+                "the client of this refresh token is revoked".into(),
             ));
         }
-        let client = client(pool, &client_id).await?;
-        match client {
-            Some(c) if c.revoked_ms.is_none() => {
-                let next = self.issue_refresh(pool, &client_id, Some(&family)).await?;
-                Ok((c, next))
-            }
-            _ => {
-                self.revoke_family(pool, &family, now).await?;
-                Err(Refusal::InvalidGrant(
-                    "the client of this refresh token is revoked".into(),
-                ))
-            }
+        tx.commit().await?;
+        let revoked: Option<i64> = row.try_get("revoked_ms")?;
+        let expires: i64 = row.try_get("expires_ms")?;
+        if revoked.is_some() {
+            return Err(Refusal::InvalidGrant("refresh token is revoked".into()));
         }
+        if expires <= now {
+            return Err(Refusal::InvalidGrant("refresh token has expired".into()));
+        }
+        self.revoke_family(pool, &family, now).await?;
+        Err(Refusal::InvalidGrant(
+            "refresh token was already used: every refresh token of its family is now revoked; ask for a new grant with the client's credentials".into(),
+        ))
     }
 
     async fn revoke_family(

@@ -520,6 +520,9 @@ impl Host {
         for plan in config.tenants.values() {
             plan.rate.forget_idle_clients();
         }
+        if let Some(tokens) = &self.tokens {
+            tokens.forget_idle_clients();
+        }
         let storage = &config.storage;
         match self
             .storage

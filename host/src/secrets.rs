@@ -157,10 +157,14 @@ pub fn access(
 }
 
 /// The secrets a configuration's text references, opened; `None` when it references none
-/// (the store is not read at all). Runs on a thread of its own, so it can be called from
+/// (the store is not read at all). The store is the one `store_text` names — the running
+/// configuration's, when a submitted text is only being validated, so a request body never
+/// chooses a database or a key file. Only the referenced names are opened: an unrelated
+/// damaged value stops nothing. Runs on a thread of its own, so it can be called from
 /// synchronous code on or off the runtime.
 pub fn for_config(
     text: &str,
+    store_text: &str,
     name: &str,
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
@@ -173,7 +177,7 @@ pub fn for_config(
     if names.is_empty() {
         return Ok(None);
     }
-    let access = access(text, name, base, env)?;
+    let access = access(store_text, name, base, env)?;
     let Some(keys) = access.keys.clone() else {
         return Err(vec![error(
             name,
@@ -194,7 +198,7 @@ pub fn for_config(
                 let storage = crate::storage::Storage::open(&access.storage)
                     .await
                     .map_err(|e| vec![error(&file, format!("secret store: {e:#}"))])?;
-                let result = open_all(storage.pool(), &keys).await;
+                let result = open_named(storage.pool(), &keys, &names).await;
                 storage.close().await;
                 result
                     .map(Some)
@@ -215,6 +219,33 @@ pub struct Listed {
     pub key_id: String,
     /// When it was last set or re-sealed, milliseconds since the epoch.
     pub updated_ms: i64,
+}
+
+/// The secrets `names`, opened (those not stored are left out: the reference reports them).
+pub async fn open_named(
+    pool: &AnyPool,
+    keys: &Keyring,
+    names: &[String],
+) -> anyhow::Result<BTreeMap<String, Secret>> {
+    let mut out = BTreeMap::new();
+    for name in names {
+        if out.contains_key(name) {
+            continue;
+        }
+        let row = sqlx::query("SELECT key_id, nonce, ciphertext FROM secrets WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await?;
+        if let Some(r) = row {
+            let sealed = Sealed {
+                key_id: r.try_get("key_id")?,
+                nonce: r.try_get("nonce")?,
+                ciphertext: r.try_get("ciphertext")?,
+            };
+            out.insert(name.clone(), keys.open(name, &sealed)?);
+        }
+    }
+    Ok(out)
 }
 
 /// Every secret, opened.

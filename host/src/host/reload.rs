@@ -75,7 +75,7 @@ impl ConfigSource {
     /// secret store first.
     pub fn load(&self, previous: Option<&Config>) -> Result<Config, Vec<ConfigError>> {
         let (text, name) = self.read()?;
-        self.check_named(&text, &name, previous)
+        self.check_named(&text, &text, &name, previous)
     }
 
     fn overridden(&self, mut config: Config) -> Config {
@@ -86,18 +86,21 @@ impl ConfigSource {
     }
 
     /// Checks `text` as if it were the source's (relative paths against the same folder).
+    /// Its secrets come from the running source's store, whatever `text` names.
     pub fn check(&self, text: &str, previous: Option<&Config>) -> Result<Config, Vec<ConfigError>> {
-        self.check_named(text, "<request body>", previous)
+        let (current, _) = self.read()?;
+        self.check_named(text, &current, "<request body>", previous)
     }
 
     fn check_named(
         &self,
         text: &str,
+        store_text: &str,
         name: &str,
         previous: Option<&Config>,
     ) -> Result<Config, Vec<ConfigError>> {
         let base = self.base();
-        let secrets = crate::secrets::for_config(text, name, &base, &*self.env)?;
+        let secrets = crate::secrets::for_config(text, store_text, name, &base, &*self.env)?;
         let lookup = |n: &str| match (n.strip_prefix("secret:"), &secrets) {
             (Some(secret), Some(found)) => found.get(secret).map(|v| v.expose().to_owned()),
             (Some(_), None) => None,
@@ -105,6 +108,24 @@ impl ConfigSource {
         };
         config::load_with(text, name, &base, &self.registry, &lookup, previous)
             .map(|c| self.overridden(c))
+            .map_err(|errors| match &secrets {
+                // A message may quote a value (a schema error on a resolved field): show the
+                // reference instead, never the secret.
+                Some(found) => errors
+                    .into_iter()
+                    .map(|mut e| {
+                        for (name, value) in found {
+                            if !value.expose().is_empty() {
+                                e.message = e
+                                    .message
+                                    .replace(value.expose(), &format!("${{secret:{name}}}"));
+                            }
+                        }
+                        e
+                    })
+                    .collect(),
+                None => errors,
+            })
     }
 }
 

@@ -612,6 +612,7 @@ pub async fn add_client(
     };
     crate::auth::check_new(&generation.config, &new)
         .map_err(|m| ApiError::new(ErrorCode::ValidationError, m))?;
+    let _permit = tokens.hashing_permit().await;
     let created = crate::auth::add_client(host.storage().pool(), tokens.hasher(), new)
         .await
         .map_err(store_error)?;

@@ -345,6 +345,12 @@ pub async fn token(
         Ok(c) => c,
         Err(e) => return Ok(e.render(&request_id)),
     };
+    // Ids are short; a long one is no client, and must not become a rate-limit cell.
+    if client_id.len() > 256 {
+        return Ok(
+            OAuthError::invalid_request("client_id is longer than 256 bytes").render(&request_id),
+        );
+    }
     let mut trail = Trail {
         started,
         tenant: NO_TENANT.to_owned(),

@@ -214,6 +214,20 @@ async fn a_client_credentials_grant_gives_tokens_the_host_accepts(db: TestDataba
         ErrorCode::ValidationError,
     );
     assert_eq!(d, "client_secret is missing");
+    let long = "x".repeat(300);
+    let d = assert_oauth(
+        &form(
+            &app,
+            "/auth/token",
+            &format!("grant_type=client_credentials&client_id={long}&client_secret=s"),
+            None,
+        )
+        .await,
+        400,
+        "invalid_request",
+        ErrorCode::ValidationError,
+    );
+    assert_eq!(d, "client_id is longer than 256 bytes");
     let d = assert_oauth(
         &form(
             &app,
@@ -394,6 +408,15 @@ async fn a_refresh_token_works_once_and_its_reuse_revokes_the_family(db: TestDat
     let mut statuses = [a.status.as_u16(), b.status.as_u16()];
     statuses.sort();
     assert_eq!(statuses, [200, 400]);
+    // The loser's reuse revoked the family, the winner's new token included.
+    let winner = if a.status == 200 { &a } else { &b };
+    let d = assert_oauth(
+        &refresh(&app, winner.body["refresh_token"].as_str().unwrap()).await,
+        400,
+        "invalid_grant",
+        ErrorCode::Unauthenticated,
+    );
+    assert_eq!(d, "refresh token is revoked");
 
     let records = token_records(&app, "acme").await;
     let reuse: Vec<&Value> = records

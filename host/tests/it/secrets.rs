@@ -89,6 +89,25 @@ async fn secrets_resolve_from_the_store_rotate_and_refuse_what_does_not_open(db:
         "keys never format their material"
     );
 
+    // A message about a resolved field names the reference, never the value.
+    let mistyped = text.edit(
+        "label = \"${secret:probe_label}\"",
+        "label = \"x\"\nconnect_delay_ms = \"${secret:probe_label}\"",
+    );
+    let refused = errors(&source(mistyped.clone(), d));
+    assert!(
+        refused.iter().any(|e| e.contains("${secret:probe_label}")),
+        "{refused:?}"
+    );
+    assert!(!refused.iter().any(|e| e.contains(LABEL)), "{refused:?}");
+    // Validating a submitted text reads the running configuration's store and keys, never
+    // the ones the text names.
+    let elsewhere = text.edit(
+        "key_file = \"k1.key\"",
+        "key_file = \"/nonexistent/other.key\"",
+    );
+    assert!(source(text.clone(), d).check(&elsewhere, None).is_ok());
+
     // A name not in the store is refused where it is written.
     let missing = text.edit(
         "label = \"${secret:probe_label}\"",
