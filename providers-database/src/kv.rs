@@ -64,6 +64,9 @@ enum Backend {
     Memory,
 }
 
+/// `max_total_bytes` of a memory store that sets none: 64 MiB.
+const MEMORY_DEFAULT_MAX_BYTES: i64 = 64 * 1024 * 1024;
+
 fn default_max_value_bytes() -> usize {
     64 * 1024
 }
@@ -721,7 +724,8 @@ impl Provider for Kv {
                 config.default_ttl_seconds,
                 config.max_page_bytes,
                 config.max_keys,
-                config.max_total_bytes,
+                // Host memory is no database: a store in it is bounded even when unconfigured.
+                config.max_total_bytes.or(Some(MEMORY_DEFAULT_MAX_BYTES)),
             );
             return self
                 .memory
