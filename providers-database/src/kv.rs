@@ -95,6 +95,29 @@ struct SetReq {
     if_absent: bool,
 }
 
+impl SetReq {
+    /// What every backend checks before a write: `etag` and `if_absent` are not both given,
+    /// the value fits `max_value_bytes`, and the ETag is one a store could have issued (its
+    /// number, when given).
+    fn checked(&self, value: &str, max_value_bytes: usize) -> Result<Option<i64>, ProviderError> {
+        if self.if_absent && self.etag.is_some() {
+            return Err(ProviderError::validation(
+                "payload: `etag` and `if_absent` exclude each other",
+            ));
+        }
+        if value.len() > max_value_bytes {
+            return Err(ProviderError::validation(format!(
+                "payload/value: {} bytes exceeds the limit of {max_value_bytes} bytes (config max_value_bytes)",
+                value.len(),
+            )));
+        }
+        self.etag
+            .as_deref()
+            .map(|e| parse_etag(&self.key, e))
+            .transpose()
+    }
+}
+
 #[derive(Deserialize)]
 struct ListReq {
     #[serde(default)]
@@ -449,24 +472,8 @@ impl Connected {
 
     /// Writes `value`, JSON text, as `set` does; the new ETag.
     async fn set_text(&self, req: SetReq, value: String) -> Result<String, ProviderError> {
-        if req.if_absent && req.etag.is_some() {
-            return Err(ProviderError::validation(
-                "payload: `etag` and `if_absent` exclude each other",
-            ));
-        }
-        if value.len() > self.max_value_bytes {
-            return Err(ProviderError::validation(format!(
-                "payload/value: {} bytes exceeds the limit of {} bytes (config max_value_bytes)",
-                value.len(),
-                self.max_value_bytes
-            )));
-        }
+        let expected = req.checked(&value, self.max_value_bytes)?;
         let size = i64::try_from(value.len()).unwrap_or(i64::MAX);
-        let expected = req
-            .etag
-            .as_deref()
-            .map(|e| parse_etag(&req.key, e))
-            .transpose()?;
         let now = now_ms();
         let expires = self.expiry(req.ttl_seconds, now);
         let etag = new_etag();

@@ -98,23 +98,7 @@ impl Memory {
 
     /// Writes `value`, JSON text, with the rules of `set`; the new ETag.
     pub(super) fn set_text(&self, req: SetReq, value: String) -> Result<String, ProviderError> {
-        if req.if_absent && req.etag.is_some() {
-            return Err(ProviderError::validation(
-                "payload: `etag` and `if_absent` exclude each other",
-            ));
-        }
-        if value.len() > self.max_value_bytes {
-            return Err(ProviderError::validation(format!(
-                "payload/value: {} bytes exceeds the limit of {} bytes (config max_value_bytes)",
-                value.len(),
-                self.max_value_bytes
-            )));
-        }
-        let expected = req
-            .etag
-            .as_deref()
-            .map(|e| parse_etag(&req.key, e))
-            .transpose()?;
+        let expected = req.checked(&value, self.max_value_bytes)?;
         let now = now_ms();
         let expires = req
             .ttl_seconds
