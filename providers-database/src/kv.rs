@@ -651,16 +651,21 @@ impl Connected {
             .map(|row| Ok((row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?)))
             .collect::<Result<std::collections::HashMap<_, _>, sqlx::Error>>()
             .map_err(db)?;
+        // The budget is spent per occurrence: a key asked for twice costs twice.
         let mut spent = 0usize;
         let mut fits = Vec::new();
+        let mut fit = Vec::with_capacity(req.keys.len());
         for key in &req.keys {
+            let mut this = false;
             if let Some(bytes) = sizes.get(key) {
                 let cost = key.len() + usize::try_from(*bytes).unwrap_or(usize::MAX);
                 if spent == 0 || spent.saturating_add(cost) <= self.max_page_bytes {
                     spent = spent.saturating_add(cost);
                     fits.push(key.clone());
+                    this = true;
                 }
             }
+            fit.push(this);
         }
         let mut found = std::collections::HashMap::with_capacity(fits.len());
         if !fits.is_empty() {
@@ -676,18 +681,20 @@ impl Connected {
             }
         }
         let mut items = Vec::with_capacity(req.keys.len());
-        for key in req.keys {
-            items.push(match (found.get(&key), sizes.contains_key(&key)) {
-                (Some((value, etag)), _) => {
-                    let mut e = entry(key, value, *etag)?;
-                    e["found"] = Value::Bool(true);
-                    e
-                }
-                // Present, but past the budget (or expired between the two reads: asking
-                // again answers that too).
-                (None, true) => json!({"key": key, "found": true, "omitted": true}),
-                (None, false) => json!({"key": key, "found": false}),
-            });
+        for (key, fits) in req.keys.into_iter().zip(fit) {
+            items.push(
+                match (found.get(&key).filter(|_| fits), sizes.contains_key(&key)) {
+                    (Some((value, etag)), _) => {
+                        let mut e = entry(key, value, *etag)?;
+                        e["found"] = Value::Bool(true);
+                        e
+                    }
+                    // Present, but past the budget (or expired between the two reads: asking
+                    // again answers that too).
+                    (None, true) => json!({"key": key, "found": true, "omitted": true}),
+                    (None, false) => json!({"key": key, "found": false}),
+                },
+            );
         }
         Ok(json!({"items": items}))
     }
