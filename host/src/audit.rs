@@ -124,9 +124,9 @@ pub fn outcome_of(code: Option<ErrorCode>) -> &'static str {
     }
 }
 
-/// The hash linking a record to its chain: every field, in a fixed order, unambiguously
-/// (a JSON array), after the previous hash.
-fn link(prev: &str, seq: i64, r: &Record) -> String {
+/// What a record's hash covers, as JSON text: the previous hash, then every field in a fixed
+/// order, unambiguously (an array). The writer stores this same text, so it is made once.
+fn linked_fields(prev: &str, seq: i64, r: &Record) -> String {
     // A tuple serializes exactly as the array of its fields would, without building one.
     let fields = (
         prev,
@@ -144,8 +144,12 @@ fn link(prev: &str, seq: i64, r: &Record) -> String {
         &r.payload_sha256,
         &r.note,
     );
-    let text = serde_json::to_vec(&fields).unwrap_or_default();
-    format!("{:x}", Sha256::digest(&text))
+    serde_json::to_string(&fields).unwrap_or_default()
+}
+
+/// The hash linking a record to its chain.
+fn link(prev: &str, seq: i64, r: &Record) -> String {
+    sha256_hex(linked_fields(prev, seq, r).as_bytes())
 }
 
 /// A stored record's fields, as they were hashed.
@@ -355,15 +359,19 @@ async fn write_loop(
     }
 }
 
-const INSERT_SQLITE: &str = "INSERT INTO audit_log (tenant, seq, at_ms, kind, subject, service, action, outcome, \
-     error_code, request_id, latency_us, payload_sha256, note, prev_hash, hash) \
-     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7, \
-     value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12, value ->> 13, value ->> 14 FROM json_each($1)";
+// Each row is `[fields, hash]`, `fields` the very array the hash covers (see `linked_fields`).
+const INSERT_SQLITE: &str = "INSERT INTO audit_log (prev_hash, seq, tenant, at_ms, kind, subject, service, action, \
+     outcome, error_code, request_id, latency_us, payload_sha256, note, hash) \
+     SELECT value -> 0 ->> 0, value -> 0 ->> 1, value -> 0 ->> 2, value -> 0 ->> 3, value -> 0 ->> 4, \
+     value -> 0 ->> 5, value -> 0 ->> 6, value -> 0 ->> 7, value -> 0 ->> 8, value -> 0 ->> 9, \
+     value -> 0 ->> 10, value -> 0 ->> 11, value -> 0 ->> 12, value -> 0 ->> 13, value ->> 1 FROM json_each($1)";
 
-const INSERT_POSTGRES: &str = "INSERT INTO audit_log (tenant, seq, at_ms, kind, subject, service, action, outcome, \
-     error_code, request_id, latency_us, payload_sha256, note, prev_hash, hash) \
-     SELECT r ->> 0, (r ->> 1)::bigint, (r ->> 2)::bigint, r ->> 3, r ->> 4, r ->> 5, r ->> 6, r ->> 7, \
-     r ->> 8, r ->> 9, (r ->> 10)::bigint, r ->> 11, r ->> 12, r ->> 13, r ->> 14 FROM jsonb_array_elements($1::jsonb) AS r";
+const INSERT_POSTGRES: &str = "INSERT INTO audit_log (prev_hash, seq, tenant, at_ms, kind, subject, service, action, \
+     outcome, error_code, request_id, latency_us, payload_sha256, note, hash) \
+     SELECT r -> 0 ->> 0, (r -> 0 ->> 1)::bigint, r -> 0 ->> 2, (r -> 0 ->> 3)::bigint, r -> 0 ->> 4, \
+     r -> 0 ->> 5, r -> 0 ->> 6, r -> 0 ->> 7, r -> 0 ->> 8, r -> 0 ->> 9, \
+     r -> 0 ->> 10, (r -> 0 ->> 11)::bigint, r -> 0 ->> 12, r -> 0 ->> 13, r ->> 1 \
+     FROM jsonb_array_elements($1::jsonb) AS r";
 
 /// Appends `records` to their chains now, in one transaction: for what changes the store
 /// without a running host (the `clients` and `secrets` commands), so it is in the trail too.
@@ -401,44 +409,31 @@ async fn write(pool: &AnyPool, records: &[Record]) -> Result<(), sqlx::Error> {
         .await?;
         let mut seq: i64 = head.try_get(0)?;
         let mut prev: String = head.try_get(1)?;
-        let mut links: Vec<(&Record, i64, String, String)> = Vec::new();
-        for r in records.iter().filter(|r| r.tenant == tenant) {
-            seq += 1;
-            let hash = link(&prev, seq, r);
-            links.push((r, seq, std::mem::replace(&mut prev, hash.clone()), hash));
-        }
         // All of a chain's new rows in one statement with one parameter, a JSON array the
         // database unpacks: one round trip per chain per batch whatever its size (a statement
         // per row costs a thread handoff each with SQLite's driver; many parameters per
         // statement cost quadratic name lookups there).
-        let rows: Vec<_> = links
-            .iter()
-            .map(|(r, seq, prev_hash, hash)| {
-                (
-                    tenant,
-                    seq,
-                    r.at_ms,
-                    &r.kind,
-                    &r.subject,
-                    &r.service,
-                    &r.action,
-                    &r.outcome,
-                    &r.error_code,
-                    &r.request_id,
-                    r.latency_us,
-                    &r.payload_sha256,
-                    &r.note,
-                    prev_hash,
-                    hash,
-                )
-            })
-            .collect();
+        let mut rows = String::from("[");
+        for r in records.iter().filter(|r| r.tenant == tenant) {
+            seq += 1;
+            let fields = linked_fields(&prev, seq, r);
+            prev = sha256_hex(fields.as_bytes());
+            if rows.len() > 1 {
+                rows.push(',');
+            }
+            rows.push('[');
+            rows.push_str(&fields);
+            rows.push_str(",\"");
+            rows.push_str(&prev);
+            rows.push_str("\"]");
+        }
+        rows.push(']');
         sqlx::query(if sqlite {
             INSERT_SQLITE
         } else {
             INSERT_POSTGRES
         })
-        .bind(serde_json::to_string(&rows).unwrap_or_default())
+        .bind(rows)
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant = $1")
