@@ -256,6 +256,15 @@ fn successor(prefix: &str) -> Option<String> {
     None
 }
 
+/// A `list` answer: its items, and `next` (the last key) when more follow.
+fn page(items: Vec<Value>, more: bool) -> Value {
+    let next = match items.last() {
+        Some(last) if more => last["key"].clone(),
+        _ => Value::Null,
+    };
+    json!({"items": items, "next": next})
+}
+
 fn entry(key: String, value: &str, etag: i64) -> Result<Value, ProviderError> {
     let value: Value = serde_json::from_str(value).map_err(|e| {
         ProviderError::internal(format!("stored value of '{key}' is not JSON: {e}"))
@@ -630,15 +639,7 @@ impl Connected {
             items.push(entry(key, &value, row.try_get(2).map_err(db)?)?);
         }
         drop(rows);
-        let next = if more {
-            items
-                .last()
-                .map(|i| i["key"].clone())
-                .unwrap_or(Value::Null)
-        } else {
-            Value::Null
-        };
-        Ok(json!({"items": items, "next": next}))
+        Ok(page(items, more))
     }
 
     async fn bulk_get(&self, req: BulkReq) -> Result<Value, ProviderError> {

@@ -69,33 +69,43 @@ async fn request_context(
         None => Arc::from(uuid::Uuid::new_v4().to_string()),
     };
     request.extensions_mut().insert(RequestId(id.clone()));
-    let started = Instant::now();
-    let who = Arc::new(Caller::default());
-    request.extensions_mut().insert(who.clone());
-    let method = request.method().clone();
-    let path = clip(request.uri().path(), 256);
+    // The access line costs nothing when its target is filtered out: no caller slot for the
+    // inner layers to fill, no copy of the path.
+    let access =
+        tracing::enabled!(target: "provider_host::access", tracing::Level::INFO).then(|| {
+            let who = Arc::new(Caller::default());
+            request.extensions_mut().insert(who.clone());
+            (
+                Instant::now(),
+                who,
+                request.method().clone(),
+                clip(request.uri().path(), 256),
+            )
+        });
     let mut response = next.run(request).await;
-    let code = response
-        .extensions()
-        .get::<Arc<ApiError>>()
-        .map(|e| e.error.code.as_str());
-    let (tenant, subject) = who
-        .0
-        .get()
-        .map_or(("", ""), |(t, s)| (t.as_str(), s.as_str()));
-    // The access log: one line per request, its fields documented in docs/operations.md.
-    tracing::info!(
-        target: "provider_host::access",
-        request_id = %id,
-        method = %method,
-        path = %path,
-        status = response.status().as_u16(),
-        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        tenant,
-        subject,
-        error_code = code.unwrap_or(""),
-        "request"
-    );
+    if let Some((started, who, method, path)) = access {
+        let code = response
+            .extensions()
+            .get::<Arc<ApiError>>()
+            .map(|e| e.error.code.as_str());
+        let (tenant, subject) = who
+            .0
+            .get()
+            .map_or(("", ""), |(t, s)| (t.as_str(), s.as_str()));
+        // One line per request, its fields documented in docs/operations.md.
+        tracing::info!(
+            target: "provider_host::access",
+            request_id = %id,
+            method = %method,
+            path = %path,
+            status = response.status().as_u16(),
+            latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            tenant,
+            subject,
+            error_code = code.unwrap_or(""),
+            "request"
+        );
+    }
     if let Some(error) = response.extensions_mut().remove::<Arc<ApiError>>() {
         // Headers set on the way out (CORS) stay; the body's own are the rendered ones.
         let set = std::mem::take(response.headers_mut());

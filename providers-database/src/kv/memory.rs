@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use providers_core::ProviderError;
 use serde_json::{Value, json};
 
-use super::{BulkReq, KeyReq, ListReq, SetReq, entry, new_etag, now_ms, parse_etag};
+use super::{BulkReq, KeyReq, ListReq, SetReq, entry, new_etag, now_ms, page, parse_etag};
 
 struct Stored {
     value: String,
@@ -207,15 +207,7 @@ impl Memory {
             spent += cost;
             items.push(entry(key.clone(), &s.value, s.etag)?);
         }
-        let next = if more {
-            items
-                .last()
-                .map(|i| i["key"].clone())
-                .unwrap_or(Value::Null)
-        } else {
-            Value::Null
-        };
-        Ok(json!({"items": items, "next": next}))
+        Ok(page(items, more))
     }
 
     pub(super) fn bulk_get(&self, req: BulkReq) -> Result<Value, ProviderError> {
