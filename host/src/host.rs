@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use providers_core::{CallContext, Caller, ErrorCode, ProviderError, Resources, async_trait};
 use providers_security::{Identity, TokenIssuer, TokenVerifier};
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::config::{Config, TenantPlan, TenantService};
 use crate::guard;
@@ -352,18 +353,50 @@ impl Host {
         payload: Value,
     ) -> Result<Value, ProviderError> {
         let started = Instant::now();
-        let tenant = ctx.tenant().to_owned();
+        // Resolved once: the span and the metrics name only a configured service and a
+        // declared action (what a client sent shows as "-").
+        let plan = generation.config.services.get(service);
+        let declared = plan.and_then(|p| p.factory.descriptor().find_action(action));
+        let names = crate::observe::Names {
+            service: if plan.is_some() { service } else { "-" },
+            action: if declared.is_some() { action } else { "-" },
+            tenant: generation.config.metrics_tenant(ctx.tenant()),
+        };
+        let span = tracing::info_span!(
+            target: "provider_host::call",
+            "call",
+            service = names.service,
+            action = names.action,
+            tenant = ctx.tenant(),
+            depth = ctx.depth(),
+            version = tracing::field::Empty,
+            kind = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            error_code = tracing::field::Empty,
+            duration_us = tracing::field::Empty,
+        );
+        if let Some(plan) = plan.filter(|_| !span.is_disabled()) {
+            span.record(
+                "version",
+                tracing::field::display(&plan.factory.descriptor().version),
+            );
+            span.record("kind", crate::observe::kind_name(plan.factory.kind()));
+        }
         let result = self
             .call_unmeasured(generation, ctx, service, action, payload)
+            .instrument(span.clone())
             .await;
-        crate::observe::call(
-            generation,
-            &tenant,
-            service,
-            action,
-            &result,
-            started.elapsed(),
-        );
+        let took = started.elapsed();
+        let code = result.as_ref().err().map(|e| e.code);
+        if !span.is_disabled() {
+            span.record("outcome", crate::audit::outcome_of(code));
+            span.record("error_code", code.map_or("", |c| c.as_str()));
+            span.record(
+                "duration_us",
+                u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            );
+        }
+        crate::observe::call(&names, code, took);
         result
     }
 

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use providers_core::ProviderError;
+use providers_core::ErrorCode;
 use providers_observability::LogFormat;
 use serde::Deserialize;
 
@@ -53,53 +53,40 @@ pub fn settings_of(text: &str) -> ObservabilitySettings {
 
 impl Config {
     /// `tenant` as a metrics label: its name when listed in `metrics_tenants`, else `other`.
-    pub fn metrics_tenant<'a>(&'a self, tenant: &'a str) -> &'a str {
-        if self
-            .observability
+    pub fn metrics_tenant(&self, tenant: &str) -> &str {
+        self.observability
             .metrics_tenants
             .iter()
-            .any(|t| t == tenant)
-        {
-            tenant
-        } else {
-            "other"
-        }
+            .find(|t| *t == tenant)
+            .map_or("other", String::as_str)
     }
 }
 
+/// The labels of one provider call, resolved by the caller: a configured service and a
+/// declared action or `-`, a listed tenant or `other`.
+pub(crate) struct Names<'a> {
+    pub(crate) service: &'a str,
+    pub(crate) action: &'a str,
+    pub(crate) tenant: &'a str,
+}
+
 /// Counts one provider call (nested ones too) and its latency.
-pub fn call(
-    generation: &Generation,
-    tenant: &str,
-    service: &str,
-    action: &str,
-    result: &Result<serde_json::Value, ProviderError>,
-    took: Duration,
-) {
-    let config = &generation.config;
-    let (service, action) = match config.services.get(service) {
-        Some(plan) if plan.factory.descriptor().find_action(action).is_some() => {
-            (service.to_owned(), action.to_owned())
-        }
-        Some(_) => (service.to_owned(), "-".to_owned()),
-        None => ("-".to_owned(), "-".to_owned()),
-    };
-    let code = result.as_ref().err().map(|e| e.code);
+pub(crate) fn call(names: &Names<'_>, code: Option<ErrorCode>, took: Duration) {
     let outcome = crate::audit::outcome_of(code);
     let code = code.map_or("none", |c| c.as_str());
     metrics::counter!(
         "provider_calls_total",
-        "tenant" => config.metrics_tenant(tenant).to_owned(),
-        "service" => service.clone(),
-        "action" => action.clone(),
+        "tenant" => names.tenant.to_owned(),
+        "service" => names.service.to_owned(),
+        "action" => names.action.to_owned(),
         "outcome" => outcome,
         "code" => code,
     )
     .increment(1);
     metrics::histogram!(
         "provider_call_duration_seconds",
-        "service" => service,
-        "action" => action,
+        "service" => names.service.to_owned(),
+        "action" => names.action.to_owned(),
     )
     .record(took.as_secs_f64());
 }
@@ -145,7 +132,7 @@ pub fn refresh_gauges(host: &crate::Host, generation: &Generation) {
     }
 }
 
-fn kind_name(kind: providers_core::Kind) -> &'static str {
+pub(crate) fn kind_name(kind: providers_core::Kind) -> &'static str {
     match kind {
         providers_core::Kind::Builtin => "builtin",
         providers_core::Kind::Native => "native",

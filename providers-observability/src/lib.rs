@@ -17,7 +17,8 @@ pub enum LogFormat {
     #[default]
     Text,
     /// One JSON object per line: `timestamp`, `level`, `target`, `message`, the event's own
-    /// fields, and `span` with the fields of the span it happened in.
+    /// fields, `span` with the fields of the span it happened in and `spans` with those of
+    /// every span around it, outermost first (the request, then each provider call).
     Json,
 }
 
@@ -50,7 +51,7 @@ pub fn init_logging(format: LogFormat, filter: Option<&str>) -> Result<(), Strin
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .try_init(),
     };
     // Already installed (tests, a second host in one process): the first one stays.

@@ -323,7 +323,10 @@ impl NativeProvider {
             counters: counters.clone(),
         };
         let (send, receive) = tokio::sync::oneshot::channel();
+        // The call's span follows it onto the pool thread: the plugin's log lines land in it.
+        let span = tracing::Span::current();
         self.shared.pool.threads.spawn(move || {
+            let _span = span.enter();
             let _permits = permits;
             // The plugin's glue catches its panics; this catches the bridge's own.
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));

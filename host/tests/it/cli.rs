@@ -1238,3 +1238,114 @@ async fn json_logs_keep_their_shape_whatever_clients_send() {
     );
     assert_eq!(two["path"], "/no/%22such%0A%ff/route");
 }
+
+/// A native plugin's log line, written during a nested call, carries the request's span and
+/// one span per provider call around it, outermost first, whatever the plugin wrote.
+#[tokio::test]
+async fn plugin_logs_land_inside_the_request_and_call_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    crate::plugins::stage(
+        &d.join("plugins"),
+        &crate::plugins::built().file("fixture-1.0.0"),
+        "fixture",
+        "1.0.0",
+        "1.0.0",
+        "fixture.so",
+    );
+    let config = OPS_CONFIG
+        .replace("WATCH", "false")
+        .replace("user = [\"kv.*\"]", "user = [\"kv.*\", \"fixture.*\"]")
+        .replace(
+            "[tenants.acme]\nservices = [\"kv\"]",
+            "[[providers]]\nservice = \"fixture\"\n\n[tenants.acme]\nservices = [\"kv\", \"fixture\"]",
+        )
+        + "\n[plugins]\ndirs = [\"plugins\"]\n\n[observability]\nlog_format = \"json\"\nlog_filter = \"info\"\n";
+    std::fs::write(d.join("host.toml"), &config).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
+        .current_dir(d)
+        .env("OPS_JWT_SECRET", OPS_SECRET)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, logs) = wait_listening(&mut child);
+    let token = mint(d, "acme", "user");
+    let message = "stock \"low\"\n{\"level\":\"ERROR\"}\u{1}";
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/providers/fixture/call"))
+        .bearer_auth(&token)
+        .header("x-request-id", "span-1")
+        .json(&json!({"service": "fixture", "action": "log", "payload": {"message": message}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(terminate(&mut child).code(), Some(0));
+    let logs = logs.join().unwrap();
+    let line: serde_json::Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["target"] == "plugin")
+        .unwrap_or_else(|| panic!("no plugin line: {logs}"));
+    assert_eq!(
+        (
+            &line["level"],
+            &line["service"],
+            &line["tenant"],
+            &line["request_id"]
+        ),
+        (
+            &json!("WARN"),
+            &json!("fixture"),
+            &json!("acme"),
+            &json!("span-1")
+        ),
+        "{line}"
+    );
+    assert_eq!(line["message"], format!("{message:?}"), "{line}");
+    let spans = line["spans"].as_array().unwrap_or_else(|| panic!("{line}"));
+    let names: Vec<&str> = spans.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["request", "call", "call"], "{line}");
+    assert_eq!(
+        (
+            &spans[0]["request_id"],
+            &spans[0]["method"],
+            &spans[0]["path"],
+            &spans[0]["tenant"],
+            &spans[0]["subject"]
+        ),
+        (
+            &json!("span-1"),
+            &json!("POST"),
+            &json!("/providers/fixture/call"),
+            &json!("acme"),
+            &json!("dev")
+        ),
+        "{line}"
+    );
+    for (span, action, depth) in [(&spans[1], "call", 0), (&spans[2], "log", 1)] {
+        assert_eq!(
+            (
+                &span["service"],
+                &span["action"],
+                &span["tenant"],
+                &span["depth"],
+                &span["version"],
+                &span["kind"]
+            ),
+            (
+                &json!("fixture"),
+                &json!(action),
+                &json!("acme"),
+                &json!(depth),
+                &json!("1.0.0"),
+                &json!("native")
+            ),
+            "{line}"
+        );
+    }
+    assert_eq!(line["span"], spans[2], "the current span is the innermost");
+}
