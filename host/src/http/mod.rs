@@ -171,12 +171,13 @@ pub struct AuditSlot {
     pub payload: std::sync::OnceLock<String>,
 }
 
-/// Puts the verified tenant and subject on the request's span.
+/// Puts the verified tenant and subject (clipped, like everywhere it is logged) on the
+/// request's span; nothing is copied when the span is disabled.
 pub(super) fn record_caller(tenant: &str, subject: &str) {
     let span = tracing::Span::current();
     if !span.is_disabled() {
         span.record("tenant", tenant);
-        span.record("subject", subject);
+        span.record("subject", clip(subject, 256));
     }
 }
 

@@ -70,7 +70,7 @@ pub async fn call(
                     .0
                     .set((identity.tenant.clone(), identity.subject.clone()));
             }
-            super::record_caller(&identity.tenant, &super::clip(&identity.subject, 256));
+            super::record_caller(&identity.tenant, &identity.subject);
             (generation, identity)
         }
     };

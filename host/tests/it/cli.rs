@@ -546,14 +546,26 @@ fn ops_host(
 
 /// A host serving `dir/host.toml` on a free port: the child, its address, its log.
 fn serve_in(dir: &std::path::Path) -> (Child, String, std::thread::JoinHandle<String>) {
-    let mut child = Command::new(BIN)
+    serve_with(dir, true)
+}
+
+/// [`serve_in`]; without `inherit_rust_log`, the configuration's own `log_filter` decides
+/// what is logged whatever the test runner's environment says.
+fn serve_with(
+    dir: &std::path::Path,
+    inherit_rust_log: bool,
+) -> (Child, String, std::thread::JoinHandle<String>) {
+    let mut command = Command::new(BIN);
+    command
         .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
         .current_dir(dir)
         .env("OPS_JWT_SECRET", OPS_SECRET)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    if !inherit_rust_log {
+        command.env_remove("RUST_LOG");
+    }
+    let mut child = command.spawn().unwrap();
     let (addr, logs) = wait_listening(&mut child);
     (child, addr, logs)
 }
@@ -1126,16 +1138,7 @@ async fn json_logs_keep_their_shape_whatever_clients_send() {
     let config = OPS_CONFIG.replace("WATCH", "false")
         + "\n[observability]\nlog_format = \"json\"\nlog_filter = \"info\"\n";
     std::fs::write(d.join("host.toml"), &config).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
-        .current_dir(d)
-        .env("OPS_JWT_SECRET", OPS_SECRET)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (addr, logs) = wait_listening(&mut child);
+    let (mut child, addr, logs) = serve_with(d, false);
     // A subject with quotes, a newline, a tab and control characters, as a signed claim.
     let weird = "ada \"the\" admin\nsecond line\t\u{1}\u{7f}\\";
     let key = jsonwebtoken::EncodingKey::from_secret(OPS_SECRET.as_bytes());
@@ -1262,16 +1265,7 @@ async fn plugin_logs_land_inside_the_request_and_call_spans() {
         )
         + "\n[plugins]\ndirs = [\"plugins\"]\n\n[observability]\nlog_format = \"json\"\nlog_filter = \"info\"\n";
     std::fs::write(d.join("host.toml"), &config).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
-        .current_dir(d)
-        .env("OPS_JWT_SECRET", OPS_SECRET)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (addr, logs) = wait_listening(&mut child);
+    let (mut child, addr, logs) = serve_with(d, false);
     let token = mint(d, "acme", "user");
     let message = "stock \"low\"\n{\"level\":\"ERROR\"}\u{1}";
     let r = reqwest::Client::new()
