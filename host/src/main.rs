@@ -152,13 +152,17 @@ fn main() -> ExitCode {
         },
         _ => Default::default(),
     };
-    if let Err(e) = providers_observability::init_logging(
+    let telemetry = match providers_observability::init(
         observability.log_format,
         observability.log_filter.as_deref(),
+        observability.otlp().as_ref(),
     ) {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Serve { config, listen } => serve(config, listen),
         Command::Check { config } => check(&config),
@@ -179,6 +183,8 @@ fn main() -> ExitCode {
             command: AuditCommand::Verify { config, tenant },
         } => audit_verify(config, tenant.as_deref()),
     };
+    // The spans of the last requests still go out before the process ends.
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -27,7 +27,7 @@ pub enum MetricsAccess {
 }
 
 /// `[observability]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObservabilitySettings {
     /// `text` or `json` (one object per line).
@@ -38,6 +38,50 @@ pub struct ObservabilitySettings {
     pub metrics: MetricsAccess,
     /// Tenants that get a `tenant` label of their own; every other tenant is `other`.
     pub metrics_tenants: Vec<String>,
+    /// An OpenTelemetry collector's OTLP/HTTP base URL (`http://127.0.0.1:4318`); traces are
+    /// exported, and W3C `traceparent` honoured, only when it is set.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported traces.
+    pub otlp_service_name: String,
+    /// Finished spans waiting for export; beyond it they are dropped (and counted).
+    pub otlp_queue: usize,
+    /// How long finished spans wait to be sent together.
+    #[serde(with = "crate::config::duration")]
+    pub otlp_interval: Duration,
+    /// Per export request.
+    #[serde(with = "crate::config::duration")]
+    pub otlp_timeout: Duration,
+}
+
+impl Default for ObservabilitySettings {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::default(),
+            log_filter: None,
+            metrics: MetricsAccess::default(),
+            metrics_tenants: Vec::new(),
+            otlp_endpoint: None,
+            otlp_service_name: "provider-host".into(),
+            otlp_queue: 2048,
+            otlp_interval: Duration::from_secs(1),
+            otlp_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ObservabilitySettings {
+    /// The trace export these settings ask for, if any.
+    pub fn otlp(&self) -> Option<providers_observability::Otlp> {
+        self.otlp_endpoint
+            .as_ref()
+            .map(|endpoint| providers_observability::Otlp {
+                endpoint: endpoint.clone(),
+                service_name: self.otlp_service_name.clone(),
+                queue: self.otlp_queue,
+                interval: self.otlp_interval,
+                timeout: self.otlp_timeout,
+            })
+    }
 }
 
 /// The `[observability]` table of a configuration's text, before the rest is checked (the

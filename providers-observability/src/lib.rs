@@ -1,5 +1,5 @@
 //! Observability for the ERP Provider Layer: the process's log subscriber (human-readable
-//! text or JSON lines) and its Prometheus metrics recorder.
+//! text or JSON lines), its Prometheus metrics recorder and the OTLP export of its traces.
 //!
 //! Only the host calls this crate, once at start. Every other crate emits through the
 //! `tracing` and `metrics` facades and never knows where the data goes.
@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
+
+mod otlp;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -25,38 +27,185 @@ pub enum LogFormat {
 /// The filter used when neither the configuration nor `RUST_LOG` gives one.
 pub const DEFAULT_FILTER: &str = "info,tower_http=warn,sqlx=warn";
 
-/// Installs the process's log subscriber, writing to stderr. `RUST_LOG`, when set, wins over
-/// `filter` (an `EnvFilter` directive list such as `info,provider_host=debug`). Fails on a
-/// filter that does not parse, naming it; a second call does nothing.
-pub fn init_logging(format: LogFormat, filter: Option<&str>) -> Result<(), String> {
-    use tracing_subscriber::EnvFilter;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(from_env) if !from_env.is_empty() => EnvFilter::try_new(&from_env)
-            .map_err(|e| format!("RUST_LOG '{from_env}' is not a valid filter: {e}"))?,
+/// The span targets sent to an OTLP collector: the host's request and provider-call spans.
+const TRACED_TARGETS: [&str; 2] = ["provider_host::request", "provider_host::call"];
+
+/// The target of the host's access lines; see [`access_enabled`].
+const ACCESS_TARGET: &str = "provider_host::access";
+
+/// Whether [`init`] found the access lines on (1) or off (2); 0 before it ran.
+static ACCESS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the host's access lines (target `provider_host::access`, INFO) are written.
+///
+/// Decided once by [`init`] on a private copy of the filter: asking the installed subscriber
+/// with `tracing::enabled!` would leave its per-layer filter state set without an event to
+/// clear it, and the next span (the request's, a call's) would then be skipped by the trace
+/// export. Without [`init`] (tests with a subscriber of their own) `tracing` is asked.
+pub fn access_enabled() -> bool {
+    match ACCESS.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
+    }
+}
+
+/// Where and how traces are exported (OTLP over HTTP, protobuf).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Otlp {
+    /// The collector's base URL (`http://127.0.0.1:4318`); spans go to `<endpoint>/v1/traces`.
+    pub endpoint: String,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// Finished spans waiting for export; beyond it they are dropped and counted.
+    pub queue: usize,
+    /// How long a batch may wait before it is sent.
+    pub interval: std::time::Duration,
+    /// Per export request; a collector that does not answer in time loses the batch.
+    pub timeout: std::time::Duration,
+}
+
+/// Keeps the trace export alive; dropping it (or [`Telemetry::shutdown`]) sends what is queued.
+#[derive(Debug, Default)]
+#[must_use = "dropping the guard stops the trace export"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still queued (waiting at most the export timeout) and stops.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+static TRACING_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Installs the process's subscriber, logging to stderr and, with `otlp`, exporting the
+/// request and call spans. `RUST_LOG`, when set, wins over `filter` (an `EnvFilter` directive
+/// list such as `info,provider_host=debug`); the log filter does not limit what is exported.
+/// Fails on a filter that does not parse or an exporter that cannot be built, naming it; a
+/// second call does nothing.
+pub fn init(
+    format: LogFormat,
+    filter: Option<&str>,
+    otlp: Option<&Otlp>,
+) -> Result<Telemetry, String> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _, Registry};
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(from_env) if !from_env.is_empty() => {
+            EnvFilter::try_new(&from_env)
+                .map_err(|e| format!("RUST_LOG '{from_env}' is not a valid filter: {e}"))?;
+            from_env
+        }
         _ => {
             let written = filter.unwrap_or(DEFAULT_FILTER);
             EnvFilter::try_new(written).map_err(|e| {
                 format!("observability.log_filter '{written}' is not a valid filter: {e}")
-            })?
+            })?;
+            written.to_owned()
         }
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let done = match format {
-        LogFormat::Text => builder
+    let filter = EnvFilter::new(&directives);
+    let probe = tracing_subscriber::registry().with(EnvFilter::new(&directives));
+    let access = tracing::subscriber::with_default(
+        probe,
+        || tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
+    );
+    type Boxed = Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs: Boxed = match format {
+        LogFormat::Text => fmt
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init(),
-        LogFormat::Json => builder
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => fmt
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(true)
-            .try_init(),
+            .with_filter(filter)
+            .boxed(),
     };
+    let mut layers = vec![logs];
+    let mut telemetry = Telemetry::default();
+    if let Some(otlp) = otlp {
+        let provider = otlp::provider(otlp)?;
+        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "provider-host");
+        let targets = TRACED_TARGETS
+            .iter()
+            .fold(tracing_subscriber::filter::Targets::new(), |t, target| {
+                t.with_target(*target, tracing::Level::INFO)
+            });
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_location(false)
+                .with_threads(false)
+                .with_tracked_inactivity(false)
+                .with_filter(targets)
+                .boxed(),
+        );
+        telemetry.provider = Some(provider);
+    }
     // Already installed (tests, a second host in one process): the first one stays.
-    let _ = done;
-    Ok(())
+    if tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_ok()
+        && otlp.is_some()
+    {
+        TRACING_ON.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    ACCESS.store(
+        if access { 1 } else { 2 },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    Ok(telemetry)
+}
+
+/// Makes `span` (not yet entered) a child of the caller's W3C trace context, when traces are
+/// exported and `traceparent` is valid; otherwise it starts a trace of its own.
+pub fn adopt_remote_parent(span: &tracing::Span, traceparent: &str, tracestate: Option<&str>) {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !TRACING_ON.load(std::sync::atomic::Ordering::Relaxed) || span.is_disabled() {
+        return;
+    }
+    let carrier = otlp::Carrier {
+        traceparent: Some(traceparent.to_owned()),
+        tracestate: tracestate.map(str::to_owned),
+    };
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(cx);
+}
+
+/// The W3C `traceparent` (and `tracestate`, when there is one) naming `span` as the parent of
+/// an outgoing request; `None` when traces are not exported or `span` is not traced.
+pub fn trace_headers(span: &tracing::Span) -> Option<(String, Option<String>)> {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !TRACING_ON.load(std::sync::atomic::Ordering::Relaxed) || span.is_disabled() {
+        return None;
+    }
+    let mut carrier = otlp::Carrier::default();
+    opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .inject_context(&span.context(), &mut carrier);
+    carrier.traceparent.map(|p| (p, carrier.tracestate))
 }
 
 /// Checks a filter directive list without installing anything.

@@ -496,6 +496,31 @@ impl<'a> Checker<'a> {
                 format!("observability.log_filter: '{filter}' is not a valid filter: {e}"),
             );
         }
+        if let Some(endpoint) = &observability.otlp_endpoint {
+            match reqwest::Url::parse(endpoint) {
+                Ok(url) if url.scheme() == "http" && url.host_str().is_some() => {}
+                Ok(url) => self.at(
+                    0..0,
+                    format!(
+                        "observability.otlp_endpoint: '{endpoint}' must be an http:// URL with a host (this build links no TLS; got scheme '{}')",
+                        url.scheme()
+                    ),
+                ),
+                Err(e) => self.at(
+                    0..0,
+                    format!("observability.otlp_endpoint: '{endpoint}' is not a URL: {e}"),
+                ),
+            }
+        }
+        if !(1..=1_000_000).contains(&observability.otlp_queue) {
+            self.at(
+                0..0,
+                format!(
+                    "observability.otlp_queue: {} is out of range (1 to 1000000)",
+                    observability.otlp_queue
+                ),
+            );
+        }
         if observability.metrics == crate::observe::MetricsAccess::Open
             && !raw.server.listen.ip().is_loopback()
         {

@@ -214,6 +214,11 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", new.observability.log_filter),
     );
     differ(
+        "observability.otlp",
+        format!("{:?}", old.observability.otlp()),
+        format!("{:?}", new.observability.otlp()),
+    );
+    differ(
         "server.max_headers",
         o.max_headers.to_string(),
         n.max_headers.to_string(),

@@ -68,19 +68,6 @@ async fn request_context(
         None => Arc::from(uuid::Uuid::new_v4().to_string()),
     };
     request.extensions_mut().insert(RequestId(id.clone()));
-    // The access line costs nothing when its target is filtered out: no caller slot for the
-    // inner layers to fill, no copy of the path.
-    let access =
-        tracing::enabled!(target: "provider_host::access", tracing::Level::INFO).then(|| {
-            let who = Arc::new(Caller::default());
-            request.extensions_mut().insert(who.clone());
-            (
-                Instant::now(),
-                who,
-                request.method().clone(),
-                clip(request.uri().path(), 256),
-            )
-        });
     // One span per request (target `provider_host::request`); the provider calls it makes
     // nest inside. Disabled by the filter, it costs one check.
     let span = tracing::info_span!(
@@ -94,6 +81,31 @@ async fn request_context(
         status = tracing::field::Empty,
         error_code = tracing::field::Empty,
     );
+    // The access line costs nothing when its target is filtered out: no caller slot for the
+    // inner layers to fill, no copy of the path.
+    let access = providers_observability::access_enabled().then(|| {
+        let who = Arc::new(Caller::default());
+        request.extensions_mut().insert(who.clone());
+        (
+            Instant::now(),
+            who,
+            request.method().clone(),
+            clip(request.uri().path(), 256),
+        )
+    });
+    // A W3C trace context from the caller makes this request part of its trace (only when
+    // traces are exported; otherwise the header is not even read).
+    if let Some(parent) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        let state = request
+            .headers()
+            .get("tracestate")
+            .and_then(|v| v.to_str().ok());
+        providers_observability::adopt_remote_parent(&span, parent, state);
+    }
     let mut response = next.run(request).instrument(span.clone()).await;
     if !span.is_disabled() {
         span.record("status", response.status().as_u16());

@@ -240,8 +240,21 @@ impl Http for HostHttp {
             ProviderError::validation(format!("invalid HTTP method '{}'", request.method))
         })?;
         let mut builder = self.client.request(method, url).body(request.body);
+        // When traces are exported the host owns the trace context: the downstream service
+        // becomes a child of this provider call, whatever the plugin wrote.
+        let trace = providers_observability::trace_headers(&tracing::Span::current());
         for (name, value) in &request.headers {
-            builder = builder.header(name.as_str(), value.as_str());
+            let trace_header =
+                name.eq_ignore_ascii_case("traceparent") || name.eq_ignore_ascii_case("tracestate");
+            if !(trace.is_some() && trace_header) {
+                builder = builder.header(name.as_str(), value.as_str());
+            }
+        }
+        if let Some((parent, state)) = trace {
+            builder = builder.header("traceparent", parent);
+            if let Some(state) = state {
+                builder = builder.header("tracestate", state);
+            }
         }
         if let Some(deadline) = request.deadline {
             builder =

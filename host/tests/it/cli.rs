@@ -1343,3 +1343,247 @@ async fn plugin_logs_land_inside_the_request_and_call_spans() {
     }
     assert_eq!(line["span"], spans[2], "the current span is the innermost");
 }
+
+/// What the test collector received: decoded OTLP spans and the `traceparent` of each request
+/// made to its `/echo`.
+#[derive(Default)]
+struct Collected {
+    spans: std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>,
+    echoed: std::sync::Mutex<Vec<Option<String>>>,
+}
+
+/// An OTLP/HTTP receiver on loopback (`POST /v1/traces`, protobuf) that also answers
+/// `GET /echo`, recording the trace context it was sent.
+async fn collector() -> (std::net::SocketAddr, std::sync::Arc<Collected>) {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
+    use prost::Message as _;
+    let collected = std::sync::Arc::new(Collected::default());
+    let traces = collected.clone();
+    let echoes = collected.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v1/traces",
+            axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                let traces = traces.clone();
+                async move {
+                    assert_eq!(headers["content-type"], "application/x-protobuf");
+                    let request = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body)
+                        .expect("a valid OTLP export request");
+                    let mut spans = traces.spans.lock().unwrap();
+                    for resource in request.resource_spans {
+                        for scope in resource.scope_spans {
+                            spans.extend(scope.spans);
+                        }
+                    }
+                    ""
+                }
+            }),
+        )
+        .route(
+            "/echo",
+            axum::routing::get(move |headers: HeaderMap| {
+                let echoes = echoes.clone();
+                async move {
+                    let parent = headers
+                        .get("traceparent")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    echoes.echoed.lock().unwrap().push(parent);
+                    "echoed"
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, collected)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let value = span
+        .attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref()?.value.clone());
+    match value {
+        Some(Value::StringValue(s)) => s,
+        Some(Value::IntValue(i)) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// `OPS_CONFIG` with the wasm fixture as `fixture` and as `patient` (which may reach
+/// `allowed`), trace export to `otlp`, and `/metrics` open on the loopback listener.
+fn traced_host(
+    dir: &std::path::Path,
+    otlp: &str,
+    allowed: &str,
+) -> (Child, String, std::thread::JoinHandle<String>) {
+    let b = crate::plugins::wasm_built();
+    crate::plugins::stage_wasm(
+        &dir.join("plugins"),
+        &b.dir.join("fixture.wasm"),
+        "fixture",
+        "1.0.0",
+        "fixture.wasm",
+    );
+    let config = OPS_CONFIG
+        .replace("WATCH", "false")
+        .replace("user = [\"kv.*\"]", "user = [\"kv.*\", \"fixture.*\", \"patient.*\"]")
+        .replace(
+            "[tenants.acme]\nservices = [\"kv\"]",
+            &format!(
+                "[[providers]]\nservice = \"fixture\"\n\n[[providers]]\nservice = \"patient\"\nplugin = \"fixture\"\nallowed_hosts = [\"{allowed}\"]\n\n[tenants.acme]\nservices = [\"kv\", \"fixture\", \"patient\"]"
+            ),
+        )
+        + &format!(
+            "\n[plugins]\ndirs = [\"plugins\"]\n\n[observability]\nmetrics = \"open\"\notlp_endpoint = \"{otlp}\"\notlp_interval = \"100ms\"\notlp_timeout = \"1s\"\notlp_service_name = \"erp-test\"\n"
+        );
+    std::fs::write(dir.join("host.toml"), &config).unwrap();
+    serve_in(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_reach_an_otlp_collector_with_the_callers_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (at, collected) = collector().await;
+    let (mut child, addr, logs) = traced_host(d, &format!("http://{at}"), &at.to_string());
+    let token = mint(d, "acme", "user");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/providers/fixture/call"))
+        .bearer_auth(&token)
+        .header("x-request-id", "traced-1")
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+        .header("tracestate", "vendor=opaque")
+        .json(&json!({"service": "patient", "action": "fetch", "payload": {"url": format!("http://{at}/echo")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["data"]["nested"]["body"], "echoed", "{body}");
+    // SIGTERM flushes what is queued before the process exits.
+    assert_eq!(terminate(&mut child).code(), Some(0));
+    let logs = logs.join().unwrap();
+    let spans = collected.spans.lock().unwrap().clone();
+    let named = |name: &str, action: Option<&str>| {
+        spans
+            .iter()
+            .find(|s| s.name == name && action.is_none_or(|a| attribute(s, "action") == a))
+            .unwrap_or_else(|| panic!("no {name} {action:?} span in {spans:#?}\n{logs}"))
+            .clone()
+    };
+    let request = named("request", None);
+    let outer = named("call", Some("call"));
+    let inner = named("call", Some("fetch"));
+    assert_eq!(spans.len(), 3, "one request, two calls: {spans:#?}");
+    for span in [&request, &outer, &inner] {
+        assert_eq!(hex(&span.trace_id), trace_id, "{span:?}");
+    }
+    assert_eq!(hex(&request.parent_span_id), caller_span);
+    assert_eq!(request.trace_state, "vendor=opaque");
+    assert_eq!(outer.parent_span_id, request.span_id);
+    assert_eq!(inner.parent_span_id, outer.span_id);
+    assert_eq!(
+        (
+            attribute(&request, "request_id"),
+            attribute(&request, "tenant"),
+            attribute(&request, "status"),
+            attribute(&outer, "service"),
+            attribute(&inner, "service"),
+            attribute(&inner, "kind"),
+            attribute(&inner, "version"),
+            attribute(&inner, "outcome"),
+        ),
+        (
+            "traced-1".to_owned(),
+            "acme".to_owned(),
+            "200".to_owned(),
+            "fixture".to_owned(),
+            "patient".to_owned(),
+            "wasm".to_owned(),
+            "1.0.0".to_owned(),
+            "ok".to_owned(),
+        ),
+        "{inner:?}"
+    );
+    // The outbound request of `patient.fetch` continues the trace as a child of that call.
+    assert_eq!(
+        *collected.echoed.lock().unwrap(),
+        [Some(format!("00-{trace_id}-{}-01", hex(&inner.span_id)))]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_costs_spans_not_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (mut child, addr, logs) = traced_host(d, &format!("http://{closed}"), "127.0.0.1:1");
+    let token = mint(d, "acme", "user");
+    let client = reqwest::Client::new();
+    for i in 0..10 {
+        let started = Instant::now();
+        let r = client
+            .post(format!("http://{addr}/providers/kv/set"))
+            .bearer_auth(&token)
+            .json(&json!({"key": format!("k{i}"), "value": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "not held by the export"
+        );
+    }
+    let dropped = |text: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("otlp_spans_dropped_total{reason=\"export_failed\"} "))
+            .map_or(0.0, |v| v.parse().unwrap())
+    };
+    // Ten requests, each a request span and a call span: all twenty are lost, and counted,
+    // with the request spans of the scrapes before the one that reads the counter.
+    let mut last = String::new();
+    let mut scrapes = 0;
+    for _ in 0..100 {
+        scrapes += 1;
+        last = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if dropped(&last) >= 20.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lost = dropped(&last);
+    assert!(
+        lost >= 20.0 && lost < f64::from(20 + scrapes),
+        "{lost} after {scrapes} scrapes: {last}"
+    );
+    assert!(!last.contains("otlp_spans_exported_total"), "{last}");
+    assert_eq!(terminate(&mut child).code(), Some(0));
+    let logs = logs.join().unwrap();
+    assert_eq!(
+        logs.matches("the trace collector refuses spans").count(),
+        1,
+        "one warning per outage: {logs}"
+    );
+}

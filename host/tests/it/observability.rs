@@ -362,3 +362,45 @@ async fn admin_instances_shows_each_live_instance_with_its_counts() {
         ErrorCode::Forbidden,
     );
 }
+
+#[test]
+fn otlp_settings_are_checked_at_their_edges() {
+    let errors_of = |settings: &str| -> Vec<String> {
+        let text = crate::support::config_text(
+            "sqlite::memory:",
+            &format!("\n[observability]\n{settings}\n"),
+        );
+        match crate::support::load(&text, &crate::support::registry(&Default::default())) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.into_iter().map(|e| e.message).collect(),
+        }
+    };
+    for fine in [
+        "otlp_endpoint = \"http://127.0.0.1:4318\"\notlp_queue = 1",
+        "otlp_endpoint = \"http://collector.internal:4318/base\"\notlp_queue = 1000000",
+        "otlp_interval = \"10ms\"\notlp_timeout = \"30s\"\notlp_service_name = \"erp-eu\"",
+    ] {
+        assert_eq!(errors_of(fine), Vec::<String>::new(), "{fine}");
+    }
+    assert_eq!(
+        errors_of("otlp_endpoint = \"https://collector:4318\""),
+        ["observability.otlp_endpoint: 'https://collector:4318' must be an http:// URL with a host (this build links no TLS; got scheme 'https')"]
+    );
+    assert_eq!(
+        errors_of("otlp_endpoint = \"collector:4318\""),
+        ["observability.otlp_endpoint: 'collector:4318' must be an http:// URL with a host (this build links no TLS; got scheme 'collector')"]
+    );
+    assert_eq!(
+        errors_of("otlp_endpoint = \"127.0.0.1:4318\""),
+        ["observability.otlp_endpoint: '127.0.0.1:4318' is not a URL: relative URL without a base"]
+    );
+    for (queue, shown) in [("0", "0"), ("1000001", "1000001")] {
+        assert_eq!(
+            errors_of(&format!("otlp_queue = {queue}")),
+            [format!("observability.otlp_queue: {shown} is out of range (1 to 1000000)")]
+        );
+    }
+    let bad_interval = errors_of("otlp_interval = \"soon\"");
+    assert_eq!(bad_interval.len(), 1, "{bad_interval:?}");
+    assert!(bad_interval[0].contains("soon"), "{bad_interval:?}");
+}
