@@ -174,6 +174,10 @@ pub fn refresh_gauges(host: &crate::Host, generation: &Generation) {
         let n = inflight.get(service).copied().unwrap_or(0.0);
         metrics::gauge!("provider_calls_in_flight", "service" => service.clone()).set(n);
     }
+    let (threads, busy, overdue) = generation.config.native_pool.figures();
+    metrics::gauge!("native_pool_threads").set(threads as f64);
+    metrics::gauge!("native_pool_busy").set(busy as f64);
+    metrics::gauge!("native_pool_overdue").set(overdue as f64);
 }
 
 pub(crate) fn kind_name(kind: providers_core::Kind) -> &'static str {

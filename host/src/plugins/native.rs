@@ -56,6 +56,19 @@ impl NativePool {
         }
     }
 
+    /// `(threads, busy, overdue)`: the pool's size, the threads running a call now, and the
+    /// calls among them that ran past their deadline.
+    pub fn figures(&self) -> (usize, usize, usize) {
+        let busy = self
+            .threads_total
+            .saturating_sub(self.global.available_permits());
+        (
+            self.threads_total,
+            busy,
+            self.overdue.load(Ordering::Acquire),
+        )
+    }
+
     /// `(threads, per_provider)`, for telling whether a reload may keep this pool.
     pub fn settings(&self) -> (usize, usize) {
         (self.threads_total, self.per_provider)

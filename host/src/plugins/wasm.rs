@@ -226,7 +226,7 @@ impl WasmEngine {
         })?;
         let caps = Arc::new(Caps::none());
         let limits = SandboxLimits::default();
-        let mut warm = instantiate(self, &pre, caps, limits)
+        let mut warm = instantiate(self, &pre, caps, limits, None)
             .await
             .map_err(|e| format!("cannot instantiate: {}", e.detail))?;
         warm.store.data_mut().deadline = Some(Instant::now() + DESCRIBE_TIMEOUT);
@@ -383,6 +383,35 @@ impl WasiView for Guest {
 struct Limiter {
     memory: usize,
     exceeded: bool,
+    /// Linear memory this instance holds now, for its service's gauges.
+    holds: usize,
+    gauges: Option<Gauges>,
+}
+
+/// A service's `wasm_instances` and `wasm_memory_bytes`, moved by its instances as they are
+/// made, grow and go (nothing to compute at scrape time).
+#[derive(Clone)]
+struct Gauges {
+    instances: metrics::Gauge,
+    memory: metrics::Gauge,
+}
+
+impl Gauges {
+    fn of(service: &str) -> Self {
+        Self {
+            instances: metrics::gauge!("wasm_instances", "service" => service.to_owned()),
+            memory: metrics::gauge!("wasm_memory_bytes", "service" => service.to_owned()),
+        }
+    }
+}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gauges {
+            g.instances.decrement(1.0);
+            g.memory.decrement(self.holds as f64);
+        }
+    }
 }
 
 impl ResourceLimiter for Limiter {
@@ -396,6 +425,11 @@ impl ResourceLimiter for Limiter {
             self.exceeded = true;
             return Ok(false);
         }
+        if let Some(g) = &self.gauges {
+            g.memory
+                .increment(desired.saturating_sub(self.holds) as f64);
+        }
+        self.holds = desired;
         Ok(true)
     }
 
@@ -420,7 +454,11 @@ async fn instantiate(
     pre: &bindings::ProviderPre<Guest>,
     caps: Arc<Caps>,
     limits: SandboxLimits,
+    gauges: Option<Gauges>,
 ) -> Result<Warm, ProviderError> {
+    if let Some(g) = &gauges {
+        g.instances.increment(1.0);
+    }
     let stderr = MemoryOutputPipe::new(STDERR_KEPT);
     let wasi = WasiCtx::builder()
         .stderr(stderr.clone())
@@ -441,6 +479,8 @@ async fn instantiate(
             limiter: Limiter {
                 memory,
                 exceeded: false,
+                holds: 0,
+                gauges,
             },
             caps,
             call: None,
@@ -740,6 +780,7 @@ struct TenantPool {
     idle: Mutex<Vec<Warm>>,
     /// Instances in use or idle; a call past the cap waits for one.
     slots: Arc<Semaphore>,
+    gauges: Gauges,
 }
 
 impl TenantPool {
@@ -773,6 +814,7 @@ impl WasmProvider {
             &self.shared.pre,
             pool.caps.clone(),
             pool.limits,
+            Some(pool.gauges.clone()),
         )
         .await?;
         warm.store.data_mut().deadline = deadline;
@@ -809,6 +851,7 @@ impl Provider for WasmProvider {
             limits: ctx.limits(),
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(settings.per_tenant.max(1) as usize)),
+            gauges: Gauges::of(ctx.service()),
         });
         // The first instance is made now, so a config the guest refuses fails the connect.
         let warm = self.fresh(&pool, None).await?;
@@ -951,6 +994,7 @@ pub mod reference {
             &prepared.pre,
             Arc::new(Caps::none()),
             SandboxLimits::default(),
+            None,
         )
         .await
         .map_err(|e| e.detail)

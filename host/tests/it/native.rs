@@ -347,7 +347,8 @@ async fn plugin_store_and_nested_calls_act_for_the_caller_only(
 async fn a_hung_plugin_times_out_degrades_and_cannot_exhaust_the_pool() {
     let dir = plugin_dir();
     let db = providers_database::testing::TestDatabase::sqlite();
-    let app = Arc::new(on(db, dir.path(), "").await);
+    let text = text(&db.url, dir.path(), "") + "\n[observability]\nmetrics = \"open\"\n";
+    let app = Arc::new(app(db, &text).await);
     let t = app.token("acme", &["clerk"]);
     let started = std::time::Instant::now();
     let r = app.post(Some(&t), "fixture/hang", json!({})).await;
@@ -390,6 +391,24 @@ async fn a_hung_plugin_times_out_degrades_and_cannot_exhaust_the_pool() {
     assert_eq!(r.status, 200, "{}", r.body);
     let ready = app.get(None, "/ready").await;
     assert_eq!(ready.status, 200, "{}", ready.body);
+    // The pool's figures: the two hung calls hold two of its eight threads, both overdue.
+    // The gauges are the process's and set at scrape time, so another test's scrape can land
+    // in between: look again (bounded) until this host's own figures are read.
+    let mut seen = (0.0, 0.0, 0.0);
+    for _ in 0..20 {
+        let r = app.get(None, "/metrics").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let text = r.body.as_str().unwrap();
+        seen = (
+            crate::observability::count(text, "native_pool_threads", &[]),
+            crate::observability::count(text, "native_pool_busy", &[]),
+            crate::observability::count(text, "native_pool_overdue", &[]),
+        );
+        if seen == (8.0, 2.0, 2.0) {
+            break;
+        }
+    }
+    assert_eq!(seen, (8.0, 2.0, 2.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

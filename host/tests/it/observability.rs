@@ -12,7 +12,7 @@ use crate::support::{App, Edit, assert_error};
 type Labels = BTreeMap<String, String>;
 
 /// Every sample of `name` in a Prometheus text exposition.
-fn samples(text: &str, name: &str) -> Vec<(Labels, f64)> {
+pub fn samples(text: &str, name: &str) -> Vec<(Labels, f64)> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -36,7 +36,7 @@ fn samples(text: &str, name: &str) -> Vec<(Labels, f64)> {
         .collect()
 }
 
-fn count(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+pub fn count(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
     samples(text, name)
         .into_iter()
         .filter(|(labels, _)| {
@@ -384,11 +384,15 @@ fn otlp_settings_are_checked_at_their_edges() {
     }
     assert_eq!(
         errors_of("otlp_endpoint = \"https://collector:4318\""),
-        ["observability.otlp_endpoint: 'https://collector:4318' must be an http:// URL with a host (this build links no TLS; got scheme 'https')"]
+        [
+            "observability.otlp_endpoint: 'https://collector:4318' must be an http:// URL with a host (this build links no TLS; got scheme 'https')"
+        ]
     );
     assert_eq!(
         errors_of("otlp_endpoint = \"collector:4318\""),
-        ["observability.otlp_endpoint: 'collector:4318' must be an http:// URL with a host (this build links no TLS; got scheme 'collector')"]
+        [
+            "observability.otlp_endpoint: 'collector:4318' must be an http:// URL with a host (this build links no TLS; got scheme 'collector')"
+        ]
     );
     assert_eq!(
         errors_of("otlp_endpoint = \"127.0.0.1:4318\""),
@@ -397,7 +401,9 @@ fn otlp_settings_are_checked_at_their_edges() {
     for (queue, shown) in [("0", "0"), ("1000001", "1000001")] {
         assert_eq!(
             errors_of(&format!("otlp_queue = {queue}")),
-            [format!("observability.otlp_queue: {shown} is out of range (1 to 1000000)")]
+            [format!(
+                "observability.otlp_queue: {shown} is out of range (1 to 1000000)"
+            )]
         );
     }
     let bad_interval = errors_of("otlp_interval = \"soon\"");

@@ -913,3 +913,64 @@ async fn a_tenants_calls_run_side_by_side_and_nested_calls_exist_only_in_a_call(
     );
     stop(&app).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_each_services_wasm_instances_and_memory() {
+    use crate::observability::count;
+    const MIB: f64 = 1024.0 * 1024.0;
+    let s = staged();
+    // A service of its own: the gauges are the process's, and no other test moves this one.
+    let db = providers_database::testing::TestDatabase::sqlite();
+    let text = text(
+        &db.url,
+        &s,
+        "",
+        "\n[[providers]]\nservice = \"gauged\"\nplugin = \"fixture\"\nlimits = { timeout = \"30s\", memory = \"16MiB\" }\n",
+    )
+    .replacen(
+        "services = [\"kv\", \"pricing\", \"fixture\", \"patient\"]",
+        "services = [\"kv\", \"pricing\", \"fixture\", \"patient\", \"gauged\"]",
+        1,
+    )
+    .replacen("\"patient.*\", \"kv.*\"]", "\"patient.*\", \"kv.*\", \"gauged.*\"]", 1)
+        + "\n[observability]\nmetrics = \"open\"\n";
+    let app = app(db, &text).await;
+    let acme = app.token("acme", &["clerk"]);
+    let scrape = || async {
+        let r = app.get(None, "/metrics").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let text = r.body.as_str().unwrap().to_owned();
+        (
+            count(&text, "wasm_instances", &[("service", "gauged")]),
+            count(&text, "wasm_memory_bytes", &[("service", "gauged")]),
+        )
+    };
+    assert_eq!(scrape().await, (0.0, 0.0), "nothing connected yet");
+    let r = app.post(Some(&acme), "gauged/ping", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (instances, first) = scrape().await;
+    assert_eq!(instances, 1.0);
+    assert!(first > 0.0 && first < 16.0 * MIB, "{first}");
+    let r = app.post(Some(&acme), "gauged/grow", json!({"mb": 4})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (instances, grown) = scrape().await;
+    assert_eq!(instances, 1.0);
+    assert!(
+        grown >= first + 4.0 * MIB && grown <= 16.0 * MIB,
+        "{first} then {grown}"
+    );
+    // A trap discards the instance: its memory goes with it.
+    let r = app.post(Some(&acme), "gauged/trap", json!({})).await;
+    assert_error(&r, 502, ErrorCode::ProviderError);
+    assert_eq!(scrape().await, (0.0, 0.0));
+    let r = app.post(Some(&acme), "gauged/ping", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (instances, fresh) = scrape().await;
+    assert_eq!(
+        (instances, fresh),
+        (1.0, first),
+        "a fresh instance starts as small"
+    );
+    stop(&app).await;
+    assert_eq!(scrape().await, (0.0, 0.0), "disconnected at shutdown");
+}
