@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 
+mod fields;
 mod otlp;
 
 /// How log lines are written.
@@ -138,6 +139,7 @@ pub fn init(
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(true)
+            .fmt_fields(fields::AppendJson)
             .with_filter(filter)
             .boxed(),
     };
@@ -233,6 +235,17 @@ pub fn metrics() -> Option<&'static PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
+            // Histogram samples wait in buckets until they are folded in; without this a host
+            // nobody scrapes would keep every sample it ever took.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                });
             Some(handle)
         })
         .as_ref()
