@@ -177,17 +177,14 @@ fn parent() {
 }
 
 fn child(observed: bool) {
-    if observed {
-        let _telemetry = providers_observability::init(
-            providers_observability::LogFormat::Json,
-            Some("info"),
-            None,
-        )
-        .unwrap();
-        std::mem::forget(_telemetry);
+    // Held to the end of the measurements (it exports nothing here: no OTLP endpoint).
+    let _telemetry = if observed {
+        providers_observability::init(providers_observability::LogFormat::Json, Some("info"), None)
+            .unwrap()
     } else {
         metrics::set_global_recorder(metrics::NoopRecorder).unwrap();
-    }
+        providers_observability::Telemetry::default()
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

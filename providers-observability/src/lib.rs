@@ -188,9 +188,9 @@ pub fn adopt_remote_parent(span: &tracing::Span, traceparent: &str, tracestate: 
     if !TRACING_ON.load(std::sync::atomic::Ordering::Relaxed) || span.is_disabled() {
         return;
     }
-    let carrier = otlp::Carrier {
-        traceparent: Some(traceparent.to_owned()),
-        tracestate: tracestate.map(str::to_owned),
+    let carrier = otlp::Incoming {
+        traceparent,
+        tracestate,
     };
     let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(cx);

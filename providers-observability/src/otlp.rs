@@ -145,18 +145,17 @@ fn export_loop(
     }
 }
 
-/// A W3C trace-context carrier holding just the two headers.
-#[derive(Default)]
-pub(crate) struct Carrier {
-    pub(crate) traceparent: Option<String>,
-    pub(crate) tracestate: Option<String>,
+/// The two W3C trace-context headers of a request, borrowed from it.
+pub(crate) struct Incoming<'a> {
+    pub(crate) traceparent: &'a str,
+    pub(crate) tracestate: Option<&'a str>,
 }
 
-impl opentelemetry::propagation::Extractor for Carrier {
+impl opentelemetry::propagation::Extractor for Incoming<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         match key {
-            "traceparent" => self.traceparent.as_deref(),
-            "tracestate" => self.tracestate.as_deref(),
+            "traceparent" => Some(self.traceparent),
+            "tracestate" => self.tracestate,
             _ => None,
         }
     }
@@ -164,6 +163,13 @@ impl opentelemetry::propagation::Extractor for Carrier {
     fn keys(&self) -> Vec<&str> {
         vec!["traceparent", "tracestate"]
     }
+}
+
+/// The two W3C trace-context headers for an outgoing request.
+#[derive(Default)]
+pub(crate) struct Carrier {
+    pub(crate) traceparent: Option<String>,
+    pub(crate) tracestate: Option<String>,
 }
 
 impl opentelemetry::propagation::Injector for Carrier {
