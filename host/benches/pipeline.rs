@@ -245,8 +245,13 @@ enabled = false
         company_id: None,
     };
     let body = Bytes::from(payload().to_string());
+    // `PIPELINE_ONLY=<name>` measures one set alone, for a profiler (`perf record`).
+    let only = std::env::var("PIPELINE_ONLY").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
 
-    let direct = {
+    let direct = if !wanted("direct") {
+        0.0
+    } else {
         let provider: Arc<dyn Provider> = Arc::new(Echo);
         let ctx = CallContext::new("bench", "r");
         measure(&rt, || {
@@ -256,13 +261,17 @@ enabled = false
             }
         })
     };
-    let host_call = measure(&rt, || {
-        let (host, identity) = (host.clone(), identity.clone());
-        async move {
-            let ctx = host.context(identity, "r");
-            std::hint::black_box(host.call(ctx, "echo", "echo", payload()).await.unwrap());
-        }
-    });
+    let host_call = if !wanted("host_call") {
+        0.0
+    } else {
+        measure(&rt, || {
+            let (host, identity) = (host.clone(), identity.clone());
+            async move {
+                let ctx = host.context(identity, "r");
+                std::hint::black_box(host.call(ctx, "echo", "echo", payload()).await.unwrap());
+            }
+        })
+    };
     let bare = Router::new().route(
         "/providers/echo/echo",
         post(|body: Bytes| async move {
@@ -283,13 +292,25 @@ enabled = false
             std::hint::black_box(response.into_body().collect().await.unwrap().to_bytes());
         }
     };
-    let bare_router = measure(&rt, || request(&bare, None));
-    let host_router = measure(&rt, || request(&router, Some(&token)));
-    let host_verifying = measure(&rt, || {
-        let i = next_token.get();
-        next_token.set((i + 1) % tokens.len());
-        request(&router, Some(&tokens[i]))
-    });
+    let bare_router = if wanted("bare_router") {
+        measure(&rt, || request(&bare, None))
+    } else {
+        0.0
+    };
+    let host_router = if wanted("host_router") {
+        measure(&rt, || request(&router, Some(&token)))
+    } else {
+        0.0
+    };
+    let host_verifying = if wanted("host_verifying") {
+        measure(&rt, || {
+            let i = next_token.get();
+            next_token.set((i + 1) % tokens.len());
+            request(&router, Some(&tokens[i]))
+        })
+    } else {
+        0.0
+    };
 
     println!(
         "{}",

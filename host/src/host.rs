@@ -356,32 +356,24 @@ impl Host {
         // Resolved once: the span and the metrics name only a configured service and a
         // declared action (what a client sent shows as "-").
         let plan = generation.config.services.get(service);
-        let declared = plan.and_then(|p| p.factory.descriptor().find_action(action));
-        let names = crate::observe::Names {
-            service: if plan.is_some() { service } else { "-" },
-            action: if declared.is_some() { action } else { "-" },
-            tenant: generation.config.metrics_tenant(ctx.tenant()),
-        };
+        let descriptor = plan.map(|p| p.factory.descriptor());
+        let declared = descriptor.is_some_and(|d| d.find_action(action).is_some());
+        // Everything known before the call is given when the span opens: each field recorded
+        // later is one more trip through every layer.
         let span = tracing::info_span!(
             target: "provider_host::call",
             "call",
-            service = names.service,
-            action = names.action,
+            service = if plan.is_some() { service } else { "-" },
+            action = if declared { action } else { "-" },
             tenant = ctx.tenant(),
             depth = ctx.depth(),
-            version = tracing::field::Empty,
-            kind = tracing::field::Empty,
+            version = descriptor.map(|d| tracing::field::display(&d.version)),
+            kind = plan.map(|p| crate::observe::kind_name(p.factory.kind())),
             outcome = tracing::field::Empty,
             error_code = tracing::field::Empty,
             duration_us = tracing::field::Empty,
         );
-        if let Some(plan) = plan.filter(|_| !span.is_disabled()) {
-            span.record(
-                "version",
-                tracing::field::display(&plan.factory.descriptor().version),
-            );
-            span.record("kind", crate::observe::kind_name(plan.factory.kind()));
-        }
+        let tenant = generation.config.metrics_tenant_index(ctx.tenant());
         let result = self
             .call_unmeasured(generation, ctx, service, action, payload)
             .instrument(span.clone())
@@ -389,14 +381,21 @@ impl Host {
         let took = started.elapsed();
         let code = result.as_ref().err().map(|e| e.code);
         if !span.is_disabled() {
-            span.record("outcome", crate::audit::outcome_of(code));
-            span.record("error_code", code.map_or("", |c| c.as_str()));
-            span.record(
-                "duration_us",
-                u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            tracing::record_all!(
+                span,
+                outcome = crate::audit::outcome_of(code),
+                error_code = code.map(|c| c.as_str()),
+                duration_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
             );
         }
-        crate::observe::call(&names, code, took);
+        crate::observe::call(
+            &generation.config,
+            plan.map(|p| &**p),
+            action,
+            tenant,
+            code,
+            took,
+        );
         result
     }
 

@@ -4,13 +4,15 @@
 //! tenant on the `metrics_tenants` list (every other tenant is `other`), so nothing a
 //! client sends can add a series.
 
+use std::collections::HashMap;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use providers_core::ErrorCode;
 use providers_observability::LogFormat;
 use serde::Deserialize;
 
-use crate::config::Config;
+use crate::config::{Config, ServicePlan};
 use crate::host::Generation;
 
 /// Who may read `GET /metrics`.
@@ -98,41 +100,108 @@ pub fn settings_of(text: &str) -> ObservabilitySettings {
 impl Config {
     /// `tenant` as a metrics label: its name when listed in `metrics_tenants`, else `other`.
     pub fn metrics_tenant(&self, tenant: &str) -> &str {
+        self.metrics_tenant_index(tenant)
+            .map_or("other", |i| &self.observability.metrics_tenants[i])
+    }
+
+    /// Which of `metrics_tenants` `tenant` is; `None` for `other`.
+    pub(crate) fn metrics_tenant_index(&self, tenant: &str) -> Option<usize> {
         self.observability
             .metrics_tenants
             .iter()
-            .find(|t| *t == tenant)
-            .map_or("other", String::as_str)
+            .position(|t| t == tenant)
     }
 }
 
-/// The labels of one provider call, resolved by the caller: a configured service and a
-/// declared action or `-`, a listed tenant or `other`.
-pub(crate) struct Names<'a> {
-    pub(crate) service: &'a str,
-    pub(crate) action: &'a str,
-    pub(crate) tenant: &'a str,
+/// The handles of one service's call metrics, each registered with the recorder on its first
+/// use and kept: a call then records without building a label set or looking it up in the
+/// recorder's registry (that was most of the cost of a call's metrics).
+#[derive(Default)]
+pub struct CallMetrics {
+    /// By (action index, tenant label index, outcome code index).
+    counters: RwLock<HashMap<(usize, usize, usize), metrics::Counter>>,
+    /// By action index.
+    latencies: RwLock<HashMap<usize, metrics::Histogram>>,
 }
 
-/// Counts one provider call (nested ones too) and its latency.
-pub(crate) fn call(names: &Names<'_>, code: Option<ErrorCode>, took: Duration) {
-    let outcome = crate::audit::outcome_of(code);
-    let code = code.map_or("none", |c| c.as_str());
+/// Counts one provider call (nested ones too) and its latency. `plan` is the configured
+/// service and `action` its declared action, when they are (anything else is `-`);
+/// `tenant_index` its tenant's place in `metrics_tenants` (`None`: `other`).
+pub(crate) fn call(
+    config: &Config,
+    plan: Option<&ServicePlan>,
+    action: &str,
+    tenant_index: Option<usize>,
+    code: Option<ErrorCode>,
+    took: Duration,
+) {
+    let declared = plan.and_then(|p| {
+        p.factory
+            .descriptor()
+            .actions
+            .iter()
+            .position(|a| a.name == action)
+            .map(|i| (p, i))
+    });
+    let tenant = tenant_index.map_or("other", |i| &config.observability.metrics_tenants[i]);
+    let Some((plan, action_index)) = declared else {
+        let service = plan.map_or("-", |p| p.service.as_str());
+        counter(service, "-", tenant, code).increment(1);
+        latency(service, "-").record(took.as_secs_f64());
+        return;
+    };
+    let key = (
+        action_index,
+        tenant_index.unwrap_or(usize::MAX),
+        code.and_then(|c| ErrorCode::ALL.iter().position(|k| *k == c))
+            .unwrap_or(usize::MAX),
+    );
+    let calls = &plan.calls;
+    cached(&calls.counters, key, || {
+        counter(&plan.service, action, tenant, code)
+    })
+    .increment(1);
+    cached(&calls.latencies, action_index, || {
+        latency(&plan.service, action)
+    })
+    .record(took.as_secs_f64());
+}
+
+/// The handle under `key`, registered with `make` the first time.
+fn cached<K: std::hash::Hash + Eq, V: Clone>(
+    handles: &RwLock<HashMap<K, V>>,
+    key: K,
+    make: impl FnOnce() -> V,
+) -> V {
+    if let Some(handle) = handles.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return handle.clone();
+    }
+    let handle = make();
+    handles
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key)
+        .or_insert(handle)
+        .clone()
+}
+
+fn counter(service: &str, action: &str, tenant: &str, code: Option<ErrorCode>) -> metrics::Counter {
     metrics::counter!(
         "provider_calls_total",
-        "tenant" => names.tenant.to_owned(),
-        "service" => names.service.to_owned(),
-        "action" => names.action.to_owned(),
-        "outcome" => outcome,
-        "code" => code,
+        "tenant" => tenant.to_owned(),
+        "service" => service.to_owned(),
+        "action" => action.to_owned(),
+        "outcome" => crate::audit::outcome_of(code),
+        "code" => code.map_or("none", |c| c.as_str()),
     )
-    .increment(1);
+}
+
+fn latency(service: &str, action: &str) -> metrics::Histogram {
     metrics::histogram!(
         "provider_call_duration_seconds",
-        "service" => names.service.to_owned(),
-        "action" => names.action.to_owned(),
+        "service" => service.to_owned(),
+        "action" => action.to_owned(),
     )
-    .record(took.as_secs_f64());
 }
 
 /// Counts a request refused for its tenant's or client's rate limit.

@@ -2,9 +2,16 @@
 //!
 //! - `loadtest bare <addr>`: a bare axum handler answering `POST /providers/kv/get` with the
 //!   same JSON the host returns, from memory: the ceiling for any axum service.
+//! - `loadtest map <addr>`: a bare axum handler doing the JSON work of `kv/get` on the memory
+//!   backend: parse the body, read the value of its `key` from a `HashMap`, answer the same
+//!   envelope. The reference for the host on `kv`'s memory backend.
 //! - `loadtest sql <addr> <sqlite-url>`: the same handler doing the same SELECT the `kv`
 //!   provider does, on the same database, with no auth, validation or instance routing: the
 //!   ceiling for a host that must read storage.
+//! - `loadtest rate <url> <rps> <seconds> <token> <body>`: a client, not a server. Sends
+//!   `POST <url>` at a fixed rate (wrk has no rate mode), open loop: each request's latency is
+//!   counted from when it was due, so a stalled server is not hidden by requests that were
+//!   never sent. Prints `sent p50 p99 p999` (latencies in microseconds).
 
 use std::sync::Arc;
 
@@ -53,6 +60,72 @@ async fn sql(State(pool): State<Arc<AnyPool>>, body: axum::body::Bytes) -> impl 
     axum::Json(json!({"data": data, "request_id": uuid_like()}))
 }
 
+type Map = Arc<std::collections::HashMap<String, Value>>;
+
+async fn lookup(State(map): State<Map>, body: axum::body::Bytes) -> axum::response::Response {
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return axum::http::StatusCode::BAD_REQUEST.into_response();
+    };
+    let key = request["key"].as_str().unwrap_or_default();
+    match map.get(key) {
+        Some(value) => axum::Json(json!({
+            "data": {"key": key, "value": value, "etag": "1"},
+            "request_id": uuid_like(),
+        }))
+        .into_response(),
+        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// Open-loop requests at `rps` for `seconds` (after one second of warm-up).
+async fn rate(url: &str, rps: u32, seconds: u64, token: &str, body: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let send = |due: tokio::time::Instant| {
+        let request = client
+            .post(url)
+            .header("content-type", "application/json")
+            .bearer_auth(token)
+            .body(body.to_owned())
+            .send();
+        async move {
+            let ok = matches!(request.await, Ok(r) if r.status().is_success());
+            (ok, due.elapsed())
+        }
+    };
+    let period = std::time::Duration::from_secs(1) / rps.max(1);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let warmup = u64::from(rps);
+    let total = warmup + u64::from(rps) * seconds;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let due = tick.tick().await;
+        let request = send(due);
+        tasks.spawn(async move { (i >= warmup, request.await) });
+    }
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut failed = 0u64;
+    while let Some(done) = tasks.join_next().await {
+        let (measured, (ok, took)) = done?;
+        failed += u64::from(!ok);
+        if measured {
+            latencies.push(took.as_micros() as u64);
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {total} requests to {url} failed");
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    #[allow(clippy::print_stdout, reason = "the figures are this mode's output")]
+    {
+        println!("{} {} {} {}", latencies.len(), at(0.5), at(0.99), at(0.999));
+    }
+    Ok(())
+}
+
 fn uuid_like() -> &'static str {
     "00000000-0000-4000-8000-000000000000"
 }
@@ -63,6 +136,31 @@ async fn main() -> anyhow::Result<()> {
     let (router, addr) = match args.as_slice() {
         [mode, addr] if mode == "bare" => {
             (Router::new().route("/providers/kv/get", post(bare)), addr)
+        }
+        [mode, addr] if mode == "map" => {
+            let values: Map = Arc::new(
+                [(
+                    "bench".to_owned(),
+                    json!({"sku": "A-100", "qty": 42, "warehouse": "north"}),
+                )]
+                .into(),
+            );
+            (
+                Router::new()
+                    .route("/providers/kv/get", post(lookup))
+                    .with_state(values),
+                addr,
+            )
+        }
+        [mode, url, rps, seconds, token, body] if mode == "rate" => {
+            return rate(
+                url,
+                rps.parse().context("rps")?,
+                seconds.parse().context("seconds")?,
+                token,
+                body,
+            )
+            .await;
         }
         [mode, addr, url] if mode == "sql" => {
             sqlx::any::install_default_drivers();
@@ -78,7 +176,10 @@ async fn main() -> anyhow::Result<()> {
                 addr,
             )
         }
-        _ => bail!("usage: loadtest bare <addr> | loadtest sql <addr> <sqlite-url>"),
+        _ => bail!(
+            "usage: loadtest bare <addr> | loadtest map <addr> | loadtest sql <addr> <sqlite-url> \
+             | loadtest rate <url> <rps> <seconds> <token> <body>"
+        ),
     };
     let listener = tokio::net::TcpListener::bind(addr.as_str()).await?;
     axum::serve(listener, router).await?;

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 mod fields;
 mod otlp;
+mod writer;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -66,11 +67,14 @@ pub struct Otlp {
     pub timeout: std::time::Duration,
 }
 
-/// Keeps the trace export alive; dropping it (or [`Telemetry::shutdown`]) sends what is queued.
+/// Keeps the log writer and the trace export alive; dropping it (or [`Telemetry::shutdown`])
+/// writes the queued log lines and sends the queued spans.
 #[derive(Debug, Default)]
 #[must_use = "dropping the guard stops the trace export"]
 pub struct Telemetry {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    /// The log writer's thread; dropping it writes the lines still waiting.
+    logs: Option<writer::Flusher>,
 }
 
 impl Telemetry {
@@ -83,6 +87,7 @@ impl Telemetry {
         if let Some(provider) = self.provider.take() {
             let _ = provider.shutdown();
         }
+        self.logs.take();
     }
 }
 
@@ -128,7 +133,9 @@ pub fn init(
         || tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
     );
     type Boxed = Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>;
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Lines are written in batches by a thread of their own (see `writer`).
+    let (writer, guard) = writer::stderr();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let logs: Boxed = match format {
         LogFormat::Text => fmt
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -144,7 +151,10 @@ pub fn init(
             .boxed(),
     };
     let mut layers = vec![logs];
-    let mut telemetry = Telemetry::default();
+    let mut telemetry = Telemetry {
+        provider: None,
+        logs: Some(guard),
+    };
     if let Some(otlp) = otlp {
         let provider = otlp::provider(otlp)?;
         let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "provider-host");

@@ -96,6 +96,8 @@ pub struct ServicePlan {
     pub store: Value,
     /// Hosts the plugin's outbound HTTP may reach.
     pub allowed_hosts: Arc<[String]>,
+    /// Its calls' metric handles, registered on first use.
+    pub(crate) calls: crate::observe::CallMetrics,
 }
 
 /// One tenant: its enabled services with their merged config and limits.
@@ -1006,6 +1008,7 @@ impl<'a> Checker<'a> {
                         unavailable: Some(reason),
                         store,
                         allowed_hosts: Arc::from(Vec::new()),
+                        calls: Default::default(),
                     }),
                     plugin: plugin.get_ref().clone(),
                     base: Value::Object(Default::default()),

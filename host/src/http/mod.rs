@@ -108,10 +108,14 @@ async fn request_context(
     }
     let mut response = next.run(request).instrument(span.clone()).await;
     if !span.is_disabled() {
-        span.record("status", response.status().as_u16());
-        if let Some(e) = response.extensions().get::<Arc<ApiError>>() {
-            span.record("error_code", e.error.code.as_str());
-        }
+        tracing::record_all!(
+            span,
+            status = response.status().as_u16(),
+            error_code = response
+                .extensions()
+                .get::<Arc<ApiError>>()
+                .map(|e| e.error.code.as_str()),
+        );
     }
     if let Some((started, who, method, path)) = access {
         let code = response
@@ -148,6 +152,8 @@ async fn request_context(
         }
     }
     let headers = response.headers_mut();
+    // Room for what follows at once, rather than growing the map on the way.
+    headers.reserve(SECURITY_HEADERS.len() + 2);
     if let Ok(value) = HeaderValue::from_str(&id) {
         headers.insert(REQUEST_ID, value);
     }
@@ -188,8 +194,7 @@ pub struct AuditSlot {
 pub(super) fn record_caller(tenant: &str, subject: &str) {
     let span = tracing::Span::current();
     if !span.is_disabled() {
-        span.record("tenant", tenant);
-        span.record("subject", clip(subject, 256));
+        tracing::record_all!(span, tenant = tenant, subject = clip(subject, 256).as_str());
     }
 }
 

@@ -65,6 +65,7 @@ impl Checker<'_> {
             unavailable: None,
             store,
             allowed_hosts,
+            calls: Default::default(),
         }))
     }
 
