@@ -357,14 +357,14 @@ impl Host {
         // declared action (what a client sent shows as "-").
         let plan = generation.config.services.get(service);
         let descriptor = plan.map(|p| p.factory.descriptor());
-        let declared = descriptor.is_some_and(|d| d.find_action(action).is_some());
+        let declared = descriptor.and_then(|d| d.actions.iter().position(|a| a.name == action));
         // Everything known before the call is given when the span opens: each field recorded
         // later is one more trip through every layer.
         let span = tracing::info_span!(
             target: "provider_host::call",
             "call",
             service = if plan.is_some() { service } else { "-" },
-            action = if declared { action } else { "-" },
+            action = if declared.is_some() { action } else { "-" },
             tenant = ctx.tenant(),
             depth = ctx.depth(),
             version = descriptor.map(|d| tracing::field::display(&d.version)),
@@ -391,7 +391,7 @@ impl Host {
         crate::observe::call(
             &generation.config,
             plan.map(|p| &**p),
-            action,
+            declared.map(|i| (i, action)),
             tenant,
             code,
             took,

@@ -125,26 +125,18 @@ pub struct CallMetrics {
 }
 
 /// Counts one provider call (nested ones too) and its latency. `plan` is the configured
-/// service and `action` its declared action, when they are (anything else is `-`);
-/// `tenant_index` its tenant's place in `metrics_tenants` (`None`: `other`).
+/// service and `action` the index and name of its declared action, when they are (anything
+/// else is `-`); `tenant_index` its tenant's place in `metrics_tenants` (`None`: `other`).
 pub(crate) fn call(
     config: &Config,
     plan: Option<&ServicePlan>,
-    action: &str,
+    action: Option<(usize, &str)>,
     tenant_index: Option<usize>,
     code: Option<ErrorCode>,
     took: Duration,
 ) {
-    let declared = plan.and_then(|p| {
-        p.factory
-            .descriptor()
-            .actions
-            .iter()
-            .position(|a| a.name == action)
-            .map(|i| (p, i))
-    });
     let tenant = tenant_index.map_or("other", |i| &config.observability.metrics_tenants[i]);
-    let Some((plan, action_index)) = declared else {
+    let (Some(plan), Some((action_index, action))) = (plan, action) else {
         let service = plan.map_or("-", |p| p.service.as_str());
         counter(service, "-", tenant, code).increment(1);
         latency(service, "-").record(took.as_secs_f64());
