@@ -43,6 +43,8 @@ pub struct Host {
     audit: crate::audit::Audit,
     /// The token service, when `[auth] enabled`.
     tokens: Option<crate::auth::TokenService>,
+    /// The workflow executor, when a service runs the builtin `workflows`.
+    workflows: Option<crate::workflows::Running>,
 }
 
 /// The issuer of `config`'s signing key, if one can sign.
@@ -248,6 +250,22 @@ impl Host {
             resources,
             settings_of(&config),
         ));
+        // Started before the host exists: on SQLite a second host process is refused here,
+        // before it opens its port.
+        let runs_workflows = config.services.values().any(|p| {
+            p.unavailable.is_none()
+                && p.factory.kind() == providers_core::Kind::Builtin
+                && p.factory.descriptor().service == "workflows"
+        });
+        let executor = if runs_workflows {
+            Some(
+                crate::workflows::Running::start(storage.builtin_pool().clone(), &config.workflows)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        let poll = config.workflows.poll;
         let openapi = Arc::new(crate::http::openapi::document(&config));
         let audit = crate::audit::Audit::start(storage.pool().clone(), config.audit.clone());
         let tokens = if config.auth.enabled {
@@ -276,6 +294,7 @@ impl Host {
             generations: AtomicU64::new(1),
             audit,
             tokens,
+            workflows: executor.map(|e| crate::workflows::Running::spawn(e, me.clone(), poll)),
         }))
     }
 
@@ -647,6 +666,10 @@ impl Host {
     /// Refuses new calls, lets in-flight ones finish until `deadline` (cancelling those that
     /// do not), disconnects every instance, then closes storage.
     pub async fn shutdown(&self, deadline: Instant) {
+        // First: steps in flight still need their instances, and no new step should start.
+        if let Some(workflows) = &self.workflows {
+            workflows.stop(deadline).await;
+        }
         self.instances.shutdown(deadline).await;
         // After the instances: calls finishing during their drain are recorded too. The trail
         // gets time of its own: a grace spent to its end must not cost the records.

@@ -19,6 +19,7 @@ pub mod plugins;
 pub mod rate;
 pub mod secrets;
 pub mod storage;
+pub mod workflows;
 
 use providers_core::{Registry, RegistryError};
 
@@ -26,6 +27,7 @@ use providers_core::{Registry, RegistryError};
 // from dropping one whose items nothing else references.
 use providers_database as _;
 use providers_logic as _;
+use providers_workflows as _;
 
 pub use host::Host;
 
@@ -34,5 +36,8 @@ pub fn builtin_registry() -> Result<Registry, RegistryError> {
     // Touch a symbol of each builtin crate so its registrations are linked in.
     std::hint::black_box(providers_database::Kv::default as fn() -> providers_database::Kv);
     std::hint::black_box(providers_logic::Uid::default as fn() -> providers_logic::Uid);
+    std::hint::black_box(
+        providers_workflows::Workflows::default as fn() -> providers_workflows::Workflows,
+    );
     Ok(Registry::builder().with_builtins()?.build())
 }

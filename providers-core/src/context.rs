@@ -38,6 +38,7 @@ pub struct CallContext {
     request_id: Arc<str>,
     deadline: Option<Instant>,
     depth: u32,
+    idempotency_key: Option<Arc<str>>,
     caller: Option<Arc<dyn Caller>>,
 }
 
@@ -52,6 +53,7 @@ impl CallContext {
             request_id: request_id.into(),
             deadline: None,
             depth: 0,
+            idempotency_key: None,
             caller: None,
         }
     }
@@ -93,6 +95,14 @@ impl CallContext {
         self
     }
 
+    /// Sets the key that identifies this call across retries: the same key means the same
+    /// intended effect, so a provider that has applied it once may answer with the first
+    /// result instead of applying it again. The workflow executor sets one per step.
+    pub fn with_idempotency_key(mut self, key: Option<impl Into<Arc<str>>>) -> Self {
+        self.idempotency_key = key.map(Into::into);
+        self
+    }
+
     /// Sets the handle used by [`CallContext::call`]; set it last, after the identity.
     pub fn with_caller(mut self, caller: Arc<dyn Caller>) -> Self {
         self.caller = Some(caller);
@@ -129,6 +139,13 @@ impl CallContext {
         self.deadline
     }
 
+    /// The caller's key for this call's effect, if it gave one (see
+    /// [`with_idempotency_key`](Self::with_idempotency_key)). Nested calls do not inherit it:
+    /// a key names one call, and a provider that calls others derives keys of its own.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
+    }
+
     /// How many provider-to-provider hops led here (0 for a client's call).
     pub fn depth(&self) -> u32 {
         self.depth
@@ -144,6 +161,7 @@ impl CallContext {
         }
         let mut next = self.clone();
         next.depth += 1;
+        next.idempotency_key = None;
         Ok(next)
     }
 
@@ -173,6 +191,7 @@ impl fmt::Debug for CallContext {
             .field("request_id", &self.request_id)
             .field("deadline", &self.deadline)
             .field("depth", &self.depth)
+            .field("idempotency_key", &self.idempotency_key)
             .finish_non_exhaustive()
     }
 }

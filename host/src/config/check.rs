@@ -58,6 +58,8 @@ pub struct Config {
     pub auth: crate::auth::AuthSettings,
     /// `[observability]`: logs and metrics.
     pub observability: crate::observe::ObservabilitySettings,
+    /// `[workflows]`, its folder resolved against the config's.
+    pub workflows: crate::workflows::WorkflowSettings,
 }
 
 /// `[security] admin_role` and `platform_tenant`: who administers what.
@@ -422,6 +424,7 @@ impl<'a> Checker<'a> {
             }
             provided.insert(name, p);
         }
+        let workflows = self.workflows(raw.workflows, &raw.server, &mut provided);
         let mut tenants = BTreeMap::new();
         for (name, tenant) in raw.tenants {
             let span = name.span();
@@ -556,7 +559,79 @@ impl<'a> Checker<'a> {
             audit,
             auth,
             observability,
+            workflows,
         }
+    }
+
+    /// `[workflows]`: its settings, and its definitions checked against the configured
+    /// services and given to every service the builtin `workflows` provider serves.
+    fn workflows(
+        &mut self,
+        raw: Option<Spanned<crate::workflows::WorkflowSettings>>,
+        server: &ServerConfig,
+        provided: &mut BTreeMap<String, Provided>,
+    ) -> crate::workflows::WorkflowSettings {
+        let (span, mut settings) = match raw {
+            Some(s) => (s.span(), s.into_inner()),
+            None => (0..0, Default::default()),
+        };
+        let mut problems = Vec::new();
+        crate::workflows::check_settings(
+            &settings,
+            server.request_timeout,
+            |span, message| problems.push((span, message)),
+            span.clone(),
+        );
+        for (span, message) in problems {
+            self.at(span, message);
+        }
+        let served: Vec<String> = provided
+            .iter()
+            .filter(|(_, p)| {
+                p.plugin == "workflows" && p.plan.factory.kind() == providers_core::Kind::Builtin
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let definitions = match &mut settings.definitions {
+            Some(dir) => {
+                *dir = self.base_dir.join(&*dir);
+                let actions: BTreeMap<String, Vec<String>> = provided
+                    .iter()
+                    .map(|(name, p)| {
+                        let d = p.plan.factory.descriptor();
+                        (
+                            name.clone(),
+                            d.actions.iter().map(|a| a.name.clone()).collect(),
+                        )
+                    })
+                    .collect();
+                let loaded = crate::workflows::load_definitions(dir, &actions);
+                self.errors.extend(loaded.errors);
+                loaded.definitions
+            }
+            None => Vec::new(),
+        };
+        if served.is_empty() && settings.definitions.is_some() {
+            self.warnings.push(format!(
+                "{}: [workflows] definitions are set, but no [[providers]] entry serves the builtin `workflows`",
+                self.src.name
+            ));
+        }
+        let definitions: Value = serde_json::to_value(&definitions).unwrap_or_default();
+        for name in served {
+            if let Some(p) = provided.get_mut(&name)
+                && let Value::Object(base) = &mut p.base
+            {
+                if base.contains_key("definitions") {
+                    self.at(
+                        span.clone(),
+                        format!("service '{name}' config: `definitions` comes from [workflows] definitions, not from the provider's config"),
+                    );
+                }
+                base.insert("definitions".into(), definitions.clone());
+            }
+        }
+        settings
     }
 
     /// `[auth]`: rates and costs in range, and a key this host can sign with when it is on.

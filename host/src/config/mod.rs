@@ -1,7 +1,7 @@
 //! The host's TOML configuration: its shape, and loading it with errors that point at file, line and column.
 
 mod check;
-mod source;
+pub(crate) mod source;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -45,6 +45,8 @@ pub(crate) struct RawConfig {
     pub auth: crate::auth::AuthSettings,
     #[serde(default)]
     pub observability: crate::observe::ObservabilitySettings,
+    #[serde(default)]
+    pub workflows: Option<Spanned<crate::workflows::WorkflowSettings>>,
     /// Read before the rest (see [`crate::secrets`]); here so the file is checked whole.
     #[serde(default)]
     #[allow(

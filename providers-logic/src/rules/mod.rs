@@ -5,7 +5,7 @@
 //! config). A set is an ordered list of rules, each a CEL condition (`when`) and the decision
 //! it gives (`then`); the first rule that holds decides, and the set's `default` decides when
 //! none does. Evaluation is bounded: the input's size, each expression's size and nesting,
-//! and an upper bound of the evaluation's cost (see [`engine`]) are all limited.
+//! and an upper bound of the evaluation's cost (see `providers_cel`) are all limited.
 
 use std::sync::OnceLock;
 
@@ -16,7 +16,7 @@ use providers_core::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-pub mod engine;
+use providers_cel as engine;
 
 use engine::{CompileError, Expression, SourceLimits, Variables};
 

@@ -1,4 +1,4 @@
-//! CEL expressions: compiled once with bounded size and nesting, evaluated under a cost bound.
+//! CEL expressions for business logic: compiled once with bounded size and nesting, evaluated under a cost bound.
 //!
 //! CEL always terminates, but a comprehension over a large list inside another one does work
 //! proportional to the product of their sizes. Before evaluating, the cost of an expression on

@@ -1,0 +1,934 @@
+//! The executor: claims instances that have something due, runs their steps, and writes their
+//! state before and after each step.
+//!
+//! A claim is a lease on the instance row (`lease_owner`, `lease_until_ms`): on PostgreSQL,
+//! hosts claim with `FOR UPDATE SKIP LOCKED`, so several share the work and a host that dies
+//! holding leases has them taken over once they expire; on SQLite one process runs the
+//! executor and a second is refused. Every write names the revision it read, so a write from
+//! a lease that was taken over changes nothing; the step the new holder runs again carries the
+//! same idempotency key, so a provider that deduplicates applies its effect once.
+//!
+//! A step's result and the start of the next step are written in one transaction: a chain of
+//! call steps costs one commit per step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use providers_core::ProviderError;
+use rand::Rng;
+use serde_json::{Value, json};
+use sqlx::{AnyPool, Row};
+
+use crate::definition::StepKind;
+use crate::store::{self, Event, Instance, Loaded, state};
+use crate::template::{self, Scope};
+
+/// Where the executor's time comes from; tests and demos may run it faster.
+pub trait Clock: Send + Sync {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// How the executor claims and paces work.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long a claim holds an instance before another executor may take it over.
+    pub lease: Duration,
+    /// Most instances claimed at once.
+    pub batch: usize,
+    /// Most instances driven at once by this executor.
+    pub concurrency: usize,
+    /// Definitions' durations (SLAs, escalations, timers, backoffs) are divided by this: a
+    /// demo or a test runs a 72 h escalation in 72 ms with 3,600,000.
+    pub time_scale: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(30),
+            batch: 32,
+            concurrency: 64,
+            time_scale: 1.0,
+        }
+    }
+}
+
+/// One provider call a step makes.
+#[derive(Debug, Clone)]
+pub struct StepCall {
+    /// The instance's tenant.
+    pub tenant: String,
+    /// The requester: steps call as them.
+    pub subject: String,
+    /// The requester's roles when the instance started.
+    pub roles: Vec<String>,
+    /// The requester's company.
+    pub company_id: Option<String>,
+    /// The instance.
+    pub instance: String,
+    /// The step.
+    pub step: String,
+    /// The service.
+    pub service: String,
+    /// The action.
+    pub action: String,
+    /// The payload, references resolved.
+    pub payload: Value,
+    /// `<instance>:<step>:<round>` (`:undo` for a compensation): the same on every retry and
+    /// after a crash, new when a send-back runs the step again on purpose.
+    pub idempotency_key: String,
+}
+
+/// Makes a step's call; the host implements it with its own call pipeline.
+#[async_trait]
+pub trait Runner: Send + Sync {
+    /// Runs `call`.
+    async fn call(&self, call: StepCall) -> Result<Value, ProviderError>;
+}
+
+/// Why the executor could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// The executor of one host process.
+pub struct Executor {
+    pool: AnyPool,
+    owner: String,
+    postgres: bool,
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// A process's name in leases: host name, process id and a random part.
+fn owner_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Whether the process named in `owner` is gone, when it ran on this machine.
+fn gone(owner: &str) -> bool {
+    let mut parts = owner.split(':');
+    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let here = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    host == here
+        && std::path::Path::new("/proc/self").exists()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// How long a SQLite executor's heartbeat may be silent before another process may start.
+const SQLITE_STALE_MS: i64 = 5_000;
+
+impl Executor {
+    /// Prepares the tables and starts an executor on `pool`. On SQLite it takes the
+    /// database's one executor slot, or refuses when another live process holds it.
+    pub async fn start(
+        pool: AnyPool,
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartError> {
+        crate::prepare(&pool)
+            .await
+            .map_err(|e| StartError(format!("preparing the workflow tables: {e}")))?;
+        let postgres = crate::migrate::is_postgres(&pool);
+        let owner = owner_name();
+        let executor = Self {
+            pool,
+            owner,
+            postgres,
+            permits: Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1))),
+            settings,
+            clock,
+        };
+        if !postgres {
+            executor.take_sqlite_slot().await?;
+        }
+        Ok(executor)
+    }
+
+    async fn take_sqlite_slot(&self) -> Result<(), StartError> {
+        let now = self.clock.now_ms();
+        let holder: Option<(String, i64)> =
+            sqlx::query("SELECT owner, heartbeat_ms FROM wf_executors WHERE name = 'sqlite'")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| StartError(format!("reading the workflow executor slot: {e}")))?
+                .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
+                .transpose()
+                .map_err(|e| StartError(format!("reading the workflow executor slot: {e}")))?;
+        let stale_before = match &holder {
+            Some((owner, _)) if gone(owner) => i64::MAX,
+            _ => now - SQLITE_STALE_MS,
+        };
+        let taken = sqlx::query(
+            "INSERT INTO wf_executors (name, owner, heartbeat_ms) VALUES ('sqlite', $1, $2) \
+             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, heartbeat_ms = excluded.heartbeat_ms \
+             WHERE wf_executors.heartbeat_ms < $3 RETURNING owner",
+        )
+        .bind(&self.owner)
+        .bind(now)
+        .bind(stale_before)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StartError(format!("taking the workflow executor slot: {e}")))?;
+        if taken.is_none() {
+            let (owner, seen) = holder.unwrap_or_default();
+            return Err(StartError(format!(
+                "workflows on SQLite run in one host process, and '{owner}' runs them on this database \
+                 (last seen {} ms ago); run several hosts on PostgreSQL, or stop the other one",
+                now - seen
+            )));
+        }
+        // The only executor: leases left by a process that died are free now.
+        sqlx::query(
+            "UPDATE wf_instances SET lease_owner = NULL, lease_until_ms = NULL WHERE lease_owner IS NOT NULL",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StartError(format!("freeing old leases: {e}")))?;
+        Ok(())
+    }
+
+    /// This executor's name in leases.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Keeps the SQLite slot: called at least every second while the executor runs.
+    pub async fn heartbeat(&self) {
+        if self.postgres {
+            return;
+        }
+        let result = sqlx::query(
+            "UPDATE wf_executors SET heartbeat_ms = $1 WHERE name = 'sqlite' AND owner = $2",
+        )
+        .bind(self.clock.now_ms())
+        .bind(&self.owner)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(r) if r.rows_affected() == 0 => {
+                tracing::error!(owner = %self.owner, "another process took the SQLite workflow executor slot");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "workflow executor heartbeat failed"),
+        }
+    }
+
+    /// Claims what is due, up to the batch size and the free concurrency, and drives each
+    /// claimed instance on a task of its own. Returns how many it claimed.
+    pub async fn tick(self: &Arc<Self>, runner: &Arc<dyn Runner>) -> Result<usize, sqlx::Error> {
+        let free = self
+            .permits
+            .available_permits()
+            .min(self.settings.batch.max(1));
+        if free == 0 {
+            return Ok(0);
+        }
+        let claimed = self.claim(free).await?;
+        let n = claimed.len();
+        for inst in claimed {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                // Cannot happen (claims never exceed the free permits); the lease expires.
+                break;
+            };
+            let me = self.clone();
+            let runner = runner.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let id = inst.id.clone();
+                if let Err(e) = me.drive(inst, runner.as_ref()).await {
+                    tracing::warn!(instance = %id, error = %e, "workflow step could not be recorded; it runs again when its lease expires");
+                    me.release(&id).await;
+                }
+            });
+        }
+        Ok(n)
+    }
+
+    /// Waits until every driven instance is done or `deadline`, then frees this executor's
+    /// leases (so another host may take over at once) and, on SQLite, its slot.
+    pub async fn stop(&self, deadline: std::time::Instant) {
+        let all = u32::try_from(self.settings.concurrency.max(1)).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout_at(deadline.into(), self.permits.acquire_many(all)).await;
+        self.permits.close();
+        let _ = sqlx::query(
+            "UPDATE wf_instances SET lease_owner = NULL, lease_until_ms = NULL WHERE lease_owner = $1",
+        )
+        .bind(&self.owner)
+        .execute(&self.pool)
+        .await;
+        if !self.postgres {
+            let _ = sqlx::query("DELETE FROM wf_executors WHERE name = 'sqlite' AND owner = $1")
+                .bind(&self.owner)
+                .execute(&self.pool)
+                .await;
+        }
+    }
+
+    async fn claim(&self, limit: usize) -> Result<Vec<Instance>, sqlx::Error> {
+        let now = self.clock.now_ms();
+        let until = now + lease_ms(&self.settings);
+        // PostgreSQL: rows another host is claiming are skipped, not waited for. SQLite has
+        // one executor, so nothing else claims.
+        let lock = if self.postgres {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE wf_instances SET lease_owner = $1, lease_until_ms = $2, rev = rev + 1 \
+             WHERE id IN (SELECT id FROM wf_instances WHERE due_ms <= $3 \
+             AND (lease_until_ms IS NULL OR lease_until_ms < $3) ORDER BY due_ms LIMIT $4{lock}) \
+             RETURNING {}",
+            store::COLUMNS
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&self.owner)
+            .bind(until)
+            .bind(now)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(Instance::from_row).collect()
+    }
+
+    async fn release(&self, id: &str) {
+        let _ = sqlx::query(
+            "UPDATE wf_instances SET lease_owner = NULL, lease_until_ms = NULL WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(id)
+        .bind(&self.owner)
+        .execute(&self.pool)
+        .await;
+    }
+
+    /// Runs `inst` until it waits, ends, or its state changed under it.
+    async fn drive(&self, mut inst: Instance, runner: &dyn Runner) -> Result<(), sqlx::Error> {
+        let loaded = match store::snapshot(&self.pool, &inst.digest).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(instance = %inst.id, error = %e, "workflow definition unreadable");
+                self.release(&inst.id).await;
+                return Ok(());
+            }
+        };
+        let mut outcome: Option<Result<Value, ProviderError>> = None;
+        // Bounded: a workflow of n steps needs about n transitions; a loop cannot spin here.
+        for _ in 0..(loaded.definition.steps.len() * 4 + 16) {
+            let now = self.clock.now_ms();
+            let mut events = Vec::new();
+            let next = advance(
+                &mut inst,
+                &loaded,
+                now,
+                outcome.take(),
+                &mut events,
+                &self.settings,
+            );
+            let hold = !matches!(next, Next::Stop);
+            if hold {
+                // Held: due as soon as the lease would expire, should this process die.
+                inst.due_ms = Some(now);
+            }
+            let lease = hold.then(|| (self.owner.as_str(), now + lease_ms(&self.settings)));
+            match store::save(&self.pool, &inst, &events, now, lease).await? {
+                Some(cancel) => {
+                    inst.rev += 1;
+                    inst.cancel_requested = cancel;
+                }
+                None => {
+                    // Changed meanwhile (a decision, or a lease taken over): whoever changed
+                    // it moves it on.
+                    self.release(&inst.id).await;
+                    return Ok(());
+                }
+            }
+            for e in &events {
+                tracing::debug!(instance = %inst.id, tenant = %inst.tenant, kind = e.kind, step = e.step.as_deref(), "workflow event");
+            }
+            match next {
+                Next::Stop => return Ok(()),
+                Next::Continue => {}
+                Next::Call(call) => {
+                    outcome = Some(runner.call(*call).await);
+                }
+                Next::Signal(name, deadline) => {
+                    if let Some(payload) = self.signal(&inst.id, &name).await? {
+                        outcome = Some(Ok(payload));
+                        continue;
+                    }
+                    // Released as waiting first, then the signals read again: a signal sent
+                    // before the release is seen here; one sent after finds the instance
+                    // waiting and makes it due itself.
+                    sqlx::query(
+                        "UPDATE wf_instances SET lease_owner = NULL, lease_until_ms = NULL, due_ms = $1 \
+                         WHERE id = $2 AND lease_owner = $3",
+                    )
+                    .bind(deadline)
+                    .bind(&inst.id)
+                    .bind(&self.owner)
+                    .execute(&self.pool)
+                    .await?;
+                    if self.signal(&inst.id, &name).await?.is_some() {
+                        sqlx::query("UPDATE wf_instances SET due_ms = $1 WHERE id = $2 AND state = 'WAITING'")
+                            .bind(self.clock.now_ms())
+                            .bind(&inst.id)
+                            .execute(&self.pool)
+                            .await?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        self.release(&inst.id).await;
+        Ok(())
+    }
+
+    async fn signal(&self, instance: &str, name: &str) -> Result<Option<Value>, sqlx::Error> {
+        let row = sqlx::query("SELECT payload FROM wf_signals WHERE instance = $1 AND name = $2")
+            .bind(instance)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => {
+                Some(serde_json::from_str(&r.try_get::<String, _>(0)?).unwrap_or(Value::Null))
+            }
+            None => None,
+        })
+    }
+}
+
+fn lease_ms(settings: &Settings) -> i64 {
+    i64::try_from(settings.lease.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What the executor does after a transition is written.
+enum Next {
+    /// Release the instance: it waits, or it ended.
+    Stop,
+    /// Look again at once (a step was skipped or ended).
+    Continue,
+    /// Make this call, then apply its outcome.
+    Call(Box<StepCall>),
+    /// Read whether this signal has arrived; apply it if so, else wait for it until the
+    /// deadline (if any).
+    Signal(String, Option<i64>),
+}
+
+/// Scales a definition's duration to the executor's clock.
+fn scaled(ms: u64, settings: &Settings) -> i64 {
+    let ms = (ms as f64 / settings.time_scale.max(f64::MIN_POSITIVE)).ceil();
+    if ms >= i64::MAX as f64 {
+        i64::MAX
+    } else {
+        (ms as i64).max(1)
+    }
+}
+
+/// The wait before a retry: the policy's delay, scaled, with equal jitter (half fixed, half
+/// random) so that instances failing together do not retry together.
+fn backoff(delay_ms: u64, settings: &Settings) -> i64 {
+    let full = scaled(delay_ms, settings);
+    let half = full / 2;
+    half + rand::rng().random_range(0..=full - half)
+}
+
+fn event(kind: &'static str, step: &str, detail: Value) -> Event {
+    Event::new(kind, Some(step), detail)
+}
+
+/// Moves `inst` one transition on, given the outcome of the call the last transition asked
+/// for. Pure: what it decides is written by the caller, fenced by the revision.
+fn advance(
+    inst: &mut Instance,
+    loaded: &Loaded,
+    now: i64,
+    outcome: Option<Result<Value, ProviderError>>,
+    events: &mut Vec<Event>,
+    settings: &Settings,
+) -> Next {
+    let steps = &loaded.definition.steps;
+    inst.due_ms = None;
+    if let Some(outcome) = outcome {
+        if let Some(next) = apply(inst, loaded, now, outcome, events, settings) {
+            return next;
+        }
+    }
+    if inst.cancel_requested && !state::is_final(&inst.state) && inst.state != state::COMPENSATING {
+        events.push(Event::new("cancelling", None, json!({})));
+        begin_compensation(inst, state::CANCELLED);
+    }
+    let cursor = usize::try_from(inst.cursor).unwrap_or(usize::MAX);
+    match inst.state.as_str() {
+        state::COMPENSATING => {
+            while let Some(last) = inst.done.last() {
+                match loaded.definition.step(last).map(|(_, s)| &s.kind) {
+                    Some(StepKind::Call {
+                        compensate: Some(_),
+                        ..
+                    }) => break,
+                    _ => {
+                        inst.done.pop();
+                    }
+                }
+            }
+            let Some(last) = inst.done.last().cloned() else {
+                let ending = inst.ending.take().unwrap_or_else(|| state::FAILED.into());
+                events.push(Event::new(
+                    "ended",
+                    None,
+                    json!({"state": ending, "error": inst.error}),
+                ));
+                inst.state = ending;
+                inst.role = None;
+                inst.escalated_to = None;
+                return Next::Stop;
+            };
+            let Some((_, step)) = loaded.definition.step(&last) else {
+                return Next::Stop;
+            };
+            let StepKind::Call {
+                compensate: Some(c),
+                ..
+            } = &step.kind
+            else {
+                return Next::Stop;
+            };
+            let key = format!("{}:{}:{}:undo", inst.id, step.id, inst.round);
+            match template::resolve(&c.payload, &scope(inst, &key)) {
+                Ok(payload) => {
+                    events.push(event(
+                        "compensation_started",
+                        &step.id,
+                        json!({"attempt": inst.attempt + 1}),
+                    ));
+                    Next::Call(Box::new(call_of(
+                        inst, &step.id, &c.service, &c.action, payload, key,
+                    )))
+                }
+                Err(e) => {
+                    events.push(event("compensation_failed", &step.id, json!({"error": e})));
+                    note_error(inst, format!("compensation of step '{}': {e}", step.id));
+                    inst.done.pop();
+                    Next::Continue
+                }
+            }
+        }
+        state::INITIATED | state::RUNNING | state::APPROVED | state::WAITING => {
+            if inst.state == state::INITIATED {
+                inst.state = state::RUNNING.into();
+            }
+            let Some(step) = steps.get(cursor) else {
+                events.push(Event::new("completed", None, json!({})));
+                inst.state = state::COMPLETED.into();
+                return Next::Stop;
+            };
+            if inst.entered_ms.is_none() && inst.attempt == 0 {
+                if let Some(condition) = loaded.conditions.get(&step.id) {
+                    match holds(condition, inst) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            events.push(event("skipped", &step.id, json!({"when": step.when})));
+                            inst.cursor += 1;
+                            return Next::Continue;
+                        }
+                        Err(e) => {
+                            events.push(event("step_failed", &step.id, json!({"error": e})));
+                            note_error(inst, format!("step '{}' when: {e}", step.id));
+                            begin_compensation(inst, state::FAILED);
+                            return Next::Continue;
+                        }
+                    }
+                }
+            }
+            match &step.kind {
+                StepKind::Call {
+                    service,
+                    action,
+                    payload,
+                    ..
+                } => {
+                    let key = format!("{}:{}:{}", inst.id, step.id, inst.round);
+                    match template::resolve(payload, &scope(inst, &key)) {
+                        Ok(payload) => {
+                            if inst.state == state::WAITING {
+                                inst.state = state::RUNNING.into();
+                            }
+                            events.push(event(
+                                "step_started",
+                                &step.id,
+                                json!({"attempt": inst.attempt + 1, "idempotency_key": key}),
+                            ));
+                            Next::Call(Box::new(call_of(
+                                inst, &step.id, service, action, payload, key,
+                            )))
+                        }
+                        Err(e) => {
+                            events.push(event("step_failed", &step.id, json!({"error": e})));
+                            note_error(inst, format!("step '{}': {e}", step.id));
+                            begin_compensation(inst, state::FAILED);
+                            Next::Continue
+                        }
+                    }
+                }
+                StepKind::Approval {
+                    role,
+                    sla_ms,
+                    escalate_after_ms,
+                    escalate_to,
+                    ..
+                } => {
+                    inst.state = state::PENDING_APPROVAL.into();
+                    inst.entered_ms = Some(now);
+                    inst.role = Some(role.clone());
+                    inst.escalated_to = None;
+                    inst.reminders = 0;
+                    let sla_due = sla_ms.map(|ms| now + scaled(ms, settings));
+                    let escalate_at = escalate_after_ms.map(|ms| now + scaled(ms, settings));
+                    inst.due_ms = [sla_due, escalate_at].into_iter().flatten().min();
+                    events.push(event(
+                        "awaiting_approval",
+                        &step.id,
+                        json!({"role": role, "sla_due_ms": sla_due, "escalate_to": escalate_to, "escalate_at_ms": escalate_at}),
+                    ));
+                    Next::Stop
+                }
+                StepKind::Timer { duration_ms } => match inst.entered_ms {
+                    None => {
+                        inst.entered_ms = Some(now);
+                        inst.state = state::WAITING.into();
+                        inst.due_ms = Some(now + scaled(*duration_ms, settings));
+                        events.push(event(
+                            "timer_started",
+                            &step.id,
+                            json!({"fires_ms": inst.due_ms}),
+                        ));
+                        Next::Stop
+                    }
+                    Some(at) if now >= at + scaled(*duration_ms, settings) => {
+                        events.push(event("timer_fired", &step.id, json!({})));
+                        step_done(inst, &step.id, Value::Null);
+                        Next::Continue
+                    }
+                    Some(at) => {
+                        inst.due_ms = Some(at + scaled(*duration_ms, settings));
+                        Next::Stop
+                    }
+                },
+                StepKind::Signal { signal, timeout_ms } => {
+                    let entered = *inst.entered_ms.get_or_insert(now);
+                    let deadline = timeout_ms.map(|ms| entered + scaled(ms, settings));
+                    if deadline.is_some_and(|d| now >= d) {
+                        events.push(event(
+                            "step_failed",
+                            &step.id,
+                            json!({"error": format!("signal '{signal}' did not arrive in time")}),
+                        ));
+                        note_error(
+                            inst,
+                            format!(
+                                "step '{}': signal '{signal}' did not arrive in time",
+                                step.id
+                            ),
+                        );
+                        begin_compensation(inst, state::FAILED);
+                        return Next::Continue;
+                    }
+                    if inst.state != state::WAITING {
+                        events.push(event(
+                            "waiting_for_signal",
+                            &step.id,
+                            json!({"signal": signal, "timeout_ms": deadline}),
+                        ));
+                    }
+                    inst.state = state::WAITING.into();
+                    Next::Signal(signal.clone(), deadline)
+                }
+            }
+        }
+        state::PENDING_APPROVAL => {
+            // Claimed because an SLA event is due.
+            let Some(step) = steps.get(cursor) else {
+                return Next::Stop;
+            };
+            let StepKind::Approval {
+                role,
+                sla_ms,
+                remind_every_ms,
+                escalate_to,
+                escalate_after_ms,
+                ..
+            } = &step.kind
+            else {
+                return Next::Stop;
+            };
+            let entered = inst.entered_ms.unwrap_or(now);
+            let sla_at = sla_ms.map(|ms| entered + scaled(ms, settings));
+            let every = remind_every_ms.map(|ms| scaled(ms, settings));
+            if let Some(at) = sla_at {
+                if inst.reminders == 0 && now >= at {
+                    inst.reminders = 1;
+                    events.push(event(
+                        "sla_breached",
+                        &step.id,
+                        json!({"role": role, "sla_due_ms": at}),
+                    ));
+                    tracing::warn!(instance = %inst.id, tenant = %inst.tenant, step = %step.id, role = %role, "workflow approval is past its SLA");
+                } else if let Some(every) = every
+                    && inst.reminders > 0
+                    && now >= at + inst.reminders * every
+                {
+                    inst.reminders += 1;
+                    events.push(event("reminder", &step.id, json!({"role": inst.escalated_to.as_deref().unwrap_or(role), "reminder": inst.reminders - 1})));
+                }
+            }
+            let escalate_at = escalate_after_ms.map(|ms| entered + scaled(ms, settings));
+            if let (Some(at), Some(to)) = (escalate_at, escalate_to)
+                && inst.escalated_to.is_none()
+                && now >= at
+            {
+                inst.escalated_to = Some(to.clone());
+                events.push(event(
+                    "escalated",
+                    &step.id,
+                    json!({"from": role, "to": to}),
+                ));
+                tracing::warn!(instance = %inst.id, tenant = %inst.tenant, step = %step.id, to = %to, "workflow approval escalated");
+            }
+            let next_reminder = match (sla_at, every) {
+                (Some(at), _) if inst.reminders == 0 => Some(at),
+                (Some(at), Some(every)) => Some(at + inst.reminders * every),
+                _ => None,
+            };
+            let next_escalation = escalate_at.filter(|_| inst.escalated_to.is_none());
+            inst.due_ms = [next_reminder, next_escalation].into_iter().flatten().min();
+            Next::Stop
+        }
+        _ => Next::Stop,
+    }
+}
+
+/// Applies a call's outcome; `Some` when that already decides what comes next.
+fn apply(
+    inst: &mut Instance,
+    loaded: &Loaded,
+    now: i64,
+    outcome: Result<Value, ProviderError>,
+    events: &mut Vec<Event>,
+    settings: &Settings,
+) -> Option<Next> {
+    let cursor = usize::try_from(inst.cursor).unwrap_or(usize::MAX);
+    if inst.state == state::COMPENSATING {
+        let last = inst.done.last().cloned()?;
+        let retry = match loaded.definition.step(&last).map(|(_, s)| &s.kind) {
+            Some(StepKind::Call { retry, .. }) => retry.clone(),
+            _ => Default::default(),
+        };
+        match outcome {
+            Ok(_) => {
+                events.push(event(
+                    "compensated",
+                    &last,
+                    json!({"attempt": inst.attempt + 1}),
+                ));
+                inst.done.pop();
+                inst.attempt = 0;
+            }
+            Err(e) => {
+                let tries = u32::try_from(inst.attempt + 1).unwrap_or(u32::MAX);
+                if retry.again(e.code, tries) {
+                    let at = now + backoff(retry.delay_ms(tries), settings);
+                    inst.attempt += 1;
+                    inst.due_ms = Some(at);
+                    events.push(event(
+                        "compensation_failed",
+                        &last,
+                        json!({"code": e.code.as_str(), "error": e.detail, "retry_at_ms": at}),
+                    ));
+                    return Some(Next::Stop);
+                }
+                events.push(event(
+                    "compensation_failed",
+                    &last,
+                    json!({"code": e.code.as_str(), "error": e.detail, "final": true}),
+                ));
+                note_error(
+                    inst,
+                    format!("compensation of step '{last}' failed: {}", e.detail),
+                );
+                inst.done.pop();
+                inst.attempt = 0;
+            }
+        }
+        return None;
+    }
+    let step = loaded.definition.steps.get(cursor)?;
+    let StepKind::Call { retry, .. } = &step.kind else {
+        // A signal step's payload.
+        if let Ok(payload) = outcome {
+            events.push(event("signal_received", &step.id, json!({})));
+            step_done(inst, &step.id, payload);
+            if inst.state == state::WAITING {
+                inst.state = state::RUNNING.into();
+            }
+        }
+        return None;
+    };
+    match outcome {
+        Ok(output) => {
+            events.push(event(
+                "step_completed",
+                &step.id,
+                json!({"attempt": inst.attempt + 1}),
+            ));
+            inst.done.push(step.id.clone());
+            step_done(inst, &step.id, output);
+            None
+        }
+        Err(e) => {
+            let tries = u32::try_from(inst.attempt + 1).unwrap_or(u32::MAX);
+            if retry.again(e.code, tries) {
+                let at = now + backoff(retry.delay_ms(tries), settings);
+                inst.attempt += 1;
+                inst.due_ms = Some(at);
+                events.push(event("step_failed", &step.id, json!({"code": e.code.as_str(), "error": e.detail, "attempt": tries, "retry_at_ms": at})));
+                return Some(Next::Stop);
+            }
+            events.push(event("step_failed", &step.id, json!({"code": e.code.as_str(), "error": e.detail, "attempt": tries, "final": true})));
+            note_error(
+                inst,
+                format!(
+                    "step '{}' failed: {}: {}",
+                    step.id,
+                    e.code.as_str(),
+                    e.detail
+                ),
+            );
+            begin_compensation(inst, state::FAILED);
+            None
+        }
+    }
+}
+
+fn step_done(inst: &mut Instance, step: &str, output: Value) {
+    inst.outputs.insert(step.to_owned(), output);
+    inst.cursor += 1;
+    inst.attempt = 0;
+    inst.entered_ms = None;
+}
+
+fn note_error(inst: &mut Instance, error: String) {
+    inst.error = Some(match inst.error.take() {
+        Some(earlier) => format!("{earlier}; {error}"),
+        None => error,
+    });
+}
+
+/// Starts undoing completed steps, to end in `ending`.
+pub(crate) fn begin_compensation(inst: &mut Instance, ending: &str) {
+    inst.state = state::COMPENSATING.into();
+    inst.ending = Some(ending.to_owned());
+    inst.attempt = 0;
+    inst.entered_ms = None;
+    inst.role = None;
+    inst.escalated_to = None;
+}
+
+fn scope<'a>(inst: &'a Instance, key: &'a str) -> Scope<'a> {
+    Scope {
+        input: &inst.input,
+        outputs: &inst.outputs,
+        id: &inst.id,
+        requester: &inst.requester,
+        tenant: &inst.tenant,
+        idempotency_key: key,
+    }
+}
+
+fn call_of(
+    inst: &Instance,
+    step: &str,
+    service: &str,
+    action: &str,
+    payload: Value,
+    idempotency_key: String,
+) -> StepCall {
+    StepCall {
+        tenant: inst.tenant.clone(),
+        subject: inst.requester.clone(),
+        roles: inst.roles.clone(),
+        company_id: inst.company_id.clone(),
+        instance: inst.id.clone(),
+        step: step.to_owned(),
+        service: service.to_owned(),
+        action: action.to_owned(),
+        payload,
+        idempotency_key,
+    }
+}
+
+/// Evaluates a `when` on the instance: variables `input`, `steps` (outputs by step id) and
+/// `workflow` (`id`, `requester`, `tenant`).
+fn holds(condition: &providers_cel::Expression, inst: &Instance) -> Result<bool, String> {
+    let steps = Value::Object(inst.outputs.clone());
+    let workflow = json!({"id": inst.id, "requester": inst.requester, "tenant": inst.tenant});
+    let vars = providers_cel::Variables::new([
+        ("input", &inst.input),
+        ("steps", &steps),
+        ("workflow", &workflow),
+    ]);
+    const MAX_COST: u64 = 1_000_000;
+    let cost = condition.cost(vars.elements);
+    if cost > MAX_COST {
+        return Err(format!(
+            "the condition's cost bound on this input is {cost}, over {MAX_COST}"
+        ));
+    }
+    match condition.evaluate(&vars)? {
+        Value::Bool(b) => Ok(b),
+        other => Err(format!("the condition gave {other}, not true or false")),
+    }
+}

@@ -1,0 +1,370 @@
+//! Instances and their history in the database, written once for SQLite and PostgreSQL.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use providers_core::ProviderError;
+use serde_json::{Map, Value, json};
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, Row};
+
+use crate::definition::Definition;
+
+/// Instance states.
+pub mod state {
+    /// Started; no step has run yet.
+    pub const INITIATED: &str = "INITIATED";
+    /// Running steps.
+    pub const RUNNING: &str = "RUNNING";
+    /// Waiting for an approval step's decision.
+    pub const PENDING_APPROVAL: &str = "PENDING_APPROVAL";
+    /// Every approval step is approved; the remaining steps run.
+    pub const APPROVED: &str = "APPROVED";
+    /// Waiting on a timer or a signal.
+    pub const WAITING: &str = "WAITING";
+    /// Sent back to the requester, who may resubmit.
+    pub const SENT_BACK: &str = "SENT_BACK";
+    /// Undoing completed steps before ending as `ending` says.
+    pub const COMPENSATING: &str = "COMPENSATING";
+    /// Done: every step ran.
+    pub const COMPLETED: &str = "COMPLETED";
+    /// An approver rejected it.
+    pub const REJECTED: &str = "REJECTED";
+    /// Cancelled by a caller.
+    pub const CANCELLED: &str = "CANCELLED";
+    /// A step failed for good.
+    pub const FAILED: &str = "FAILED";
+
+    /// Whether nothing more happens to an instance in `state`.
+    pub fn is_final(state: &str) -> bool {
+        matches!(state, COMPLETED | REJECTED | CANCELLED | FAILED)
+    }
+}
+
+/// One instance as stored.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// Its id.
+    pub id: String,
+    /// The tenant it belongs to.
+    pub tenant: String,
+    /// The definition's name.
+    pub definition: String,
+    /// The definition's version.
+    pub version: i64,
+    /// The snapshot it runs.
+    pub digest: String,
+    /// The key it was started with, if any.
+    pub idempotency_key: Option<String>,
+    pub(crate) request_hash: String,
+    /// Who started it; its steps call as this subject.
+    pub requester: String,
+    /// The requester's roles when it started; its steps call with them.
+    pub roles: Vec<String>,
+    /// The requester's company.
+    pub company_id: Option<String>,
+    /// See [`state`].
+    pub state: String,
+    /// While compensating: the state it ends in.
+    pub ending: Option<String>,
+    /// The current step's index.
+    pub cursor: i64,
+    /// Counts passes through the steps (a send-back or resubmit starts a new one), so a step
+    /// run again on purpose gets a new idempotency key and a retry keeps its old one.
+    pub round: i64,
+    /// Failed tries of the current call.
+    pub attempt: i64,
+    /// When the current waiting step began.
+    pub entered_ms: Option<i64>,
+    /// The role the pending approval waits for.
+    pub role: Option<String>,
+    /// The role it was escalated to.
+    pub escalated_to: Option<String>,
+    /// SLA reminders sent for the current approval.
+    pub reminders: i64,
+    /// The input.
+    pub input: Value,
+    /// Outputs of completed steps, by step id.
+    pub outputs: Map<String, Value>,
+    /// Completed call steps in order, for compensation.
+    pub done: Vec<String>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// A cancel was asked for.
+    pub cancel_requested: bool,
+    /// When the executor should look at it next (none: only a caller's action moves it).
+    pub due_ms: Option<i64>,
+    /// The revision read.
+    pub rev: i64,
+    /// When it started.
+    pub created_ms: i64,
+    /// When it last changed.
+    pub updated_ms: i64,
+}
+
+/// Every column, in the order [`Instance::from_row`] reads them.
+pub(crate) const COLUMNS: &str = "id, tenant, definition, version, digest, idempotency_key, request_hash, \
+    requester, roles, company_id, state, ending, cursor, round, attempt, entered_ms, role, escalated_to, \
+    reminders, input, outputs, done, error, cancel_requested, due_ms, rev, created_ms, updated_ms";
+
+fn parse_json(text: &str, column: &str) -> Result<Value, sqlx::Error> {
+    serde_json::from_str(text).map_err(|e| sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: Box::new(e),
+    })
+}
+
+impl Instance {
+    pub(crate) fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
+        let roles: Vec<String> = match parse_json(&row.try_get::<String, _>("roles")?, "roles")? {
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let outputs = match parse_json(&row.try_get::<String, _>("outputs")?, "outputs")? {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        let done = match parse_json(&row.try_get::<String, _>("done")?, "done")? {
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Self {
+            id: row.try_get("id")?,
+            tenant: row.try_get("tenant")?,
+            definition: row.try_get("definition")?,
+            version: row.try_get("version")?,
+            digest: row.try_get("digest")?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            request_hash: row.try_get("request_hash")?,
+            requester: row.try_get("requester")?,
+            roles,
+            company_id: row.try_get("company_id")?,
+            state: row.try_get("state")?,
+            ending: row.try_get("ending")?,
+            cursor: row.try_get("cursor")?,
+            round: row.try_get("round")?,
+            attempt: row.try_get("attempt")?,
+            entered_ms: row.try_get("entered_ms")?,
+            role: row.try_get("role")?,
+            escalated_to: row.try_get("escalated_to")?,
+            reminders: row.try_get("reminders")?,
+            input: parse_json(&row.try_get::<String, _>("input")?, "input")?,
+            outputs,
+            done,
+            error: row.try_get("error")?,
+            cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+            due_ms: row.try_get("due_ms")?,
+            rev: row.try_get("rev")?,
+            created_ms: row.try_get("created_ms")?,
+            updated_ms: row.try_get("updated_ms")?,
+        })
+    }
+
+    /// The summary `list` shows.
+    pub fn summary(&self, definition: Option<&Definition>) -> Value {
+        let step = definition
+            .and_then(|d| d.steps.get(usize::try_from(self.cursor).ok()?))
+            .filter(|_| !state::is_final(&self.state));
+        json!({
+            "id": self.id,
+            "definition": self.definition,
+            "version": self.version,
+            "state": self.state,
+            "step": step.map(|s| s.id.clone()),
+            "step_name": step.map(|s| s.name.clone()),
+            "role": self.role,
+            "escalated_to": self.escalated_to,
+            "requester": self.requester,
+            "created_ms": self.created_ms,
+            "updated_ms": self.updated_ms,
+        })
+    }
+}
+
+/// One history entry to write.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// What happened (`started`, `step_completed`, `approved`, `escalated`, …).
+    pub kind: &'static str,
+    /// The step it concerns.
+    pub step: Option<String>,
+    /// Who did it (a subject; none for the executor).
+    pub actor: Option<String>,
+    /// The actor's comment.
+    pub comment: Option<String>,
+    /// Anything else, as JSON.
+    pub detail: Value,
+}
+
+impl Event {
+    /// An event of the executor's.
+    pub fn new(kind: &'static str, step: Option<&str>, detail: Value) -> Self {
+        Self {
+            kind,
+            step: step.map(str::to_owned),
+            actor: None,
+            comment: None,
+            detail,
+        }
+    }
+}
+
+pub(crate) async fn write_events<'c>(
+    tx: &mut sqlx::Transaction<'c, sqlx::Any>,
+    instance: &str,
+    at_ms: i64,
+    events: &[Event],
+) -> Result<(), sqlx::Error> {
+    for e in events {
+        sqlx::query(
+            "INSERT INTO wf_history (instance, at_ms, kind, step, actor, comment, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(instance)
+        .bind(at_ms)
+        .bind(e.kind)
+        .bind(e.step.as_deref())
+        .bind(e.actor.as_deref())
+        .bind(e.comment.as_deref())
+        .bind(e.detail.to_string())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Writes `inst` (read at revision `inst.rev`) and `events` in one transaction. The lease is
+/// released when `release`, else extended to `lease_until`. Returns whether a cancel was
+/// asked for, or `None` when the instance changed since it was read (nothing is written).
+pub(crate) async fn save(
+    pool: &AnyPool,
+    inst: &Instance,
+    events: &[Event],
+    now_ms: i64,
+    lease: Option<(&str, i64)>,
+) -> Result<Option<bool>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(
+        "UPDATE wf_instances SET state = $1, ending = $2, cursor = $3, round = $4, attempt = $5, \
+         entered_ms = $6, role = $7, escalated_to = $8, reminders = $9, input = $10, outputs = $11, \
+         done = $12, error = $13, due_ms = $14, updated_ms = $15, rev = rev + 1, \
+         lease_owner = $16, lease_until_ms = $17 \
+         WHERE id = $18 AND rev = $19 RETURNING cancel_requested",
+    )
+    .bind(&inst.state)
+    .bind(inst.ending.as_deref())
+    .bind(inst.cursor)
+    .bind(inst.round)
+    .bind(inst.attempt)
+    .bind(inst.entered_ms)
+    .bind(inst.role.as_deref())
+    .bind(inst.escalated_to.as_deref())
+    .bind(inst.reminders)
+    .bind(inst.input.to_string())
+    .bind(Value::Object(inst.outputs.clone()).to_string())
+    .bind(json!(inst.done).to_string())
+    .bind(inst.error.as_deref())
+    .bind(inst.due_ms)
+    .bind(now_ms)
+    .bind(lease.map(|(owner, _)| owner))
+    .bind(lease.map(|(_, until)| until))
+    .bind(&inst.id)
+    .bind(inst.rev)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    write_events(&mut tx, &inst.id, now_ms, events).await?;
+    tx.commit().await?;
+    Ok(Some(row.try_get::<i64, _>(0)? != 0))
+}
+
+/// The instance `id` of `tenant`.
+pub(crate) async fn load(
+    pool: &AnyPool,
+    tenant: &str,
+    id: &str,
+) -> Result<Option<Instance>, sqlx::Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM wf_instances WHERE tenant = $1 AND id = $2"
+    )))
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(Instance::from_row).transpose()
+}
+
+/// A definition snapshot with its compiled conditions and input schema.
+pub struct Loaded {
+    /// The definition.
+    pub definition: Definition,
+    /// Its digest.
+    pub digest: String,
+    /// Compiled `when` conditions by step id.
+    pub conditions: std::collections::BTreeMap<String, providers_cel::Expression>,
+    /// The input schema, compiled.
+    pub input: Option<jsonschema::Validator>,
+}
+
+impl Loaded {
+    /// Compiles `definition`.
+    pub fn new(definition: Definition) -> Result<Self, String> {
+        let conditions = definition.conditions()?;
+        let input = match &definition.input {
+            Some(schema) => {
+                Some(jsonschema::validator_for(schema).map_err(|e| format!("input schema: {e}"))?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            digest: definition.digest(),
+            definition,
+            conditions,
+            input,
+        })
+    }
+}
+
+/// Snapshots this process has read, by digest: a snapshot never changes.
+static SNAPSHOTS: RwLock<Option<HashMap<String, Arc<Loaded>>>> = RwLock::new(None);
+
+pub(crate) fn remember(loaded: &Arc<Loaded>) {
+    if let Ok(mut map) = SNAPSHOTS.write() {
+        map.get_or_insert_with(HashMap::new)
+            .entry(loaded.digest.clone())
+            .or_insert_with(|| loaded.clone());
+    }
+}
+
+/// The snapshot with `digest`, from memory or the database.
+pub(crate) async fn snapshot(pool: &AnyPool, digest: &str) -> Result<Arc<Loaded>, ProviderError> {
+    if let Some(found) = SNAPSHOTS
+        .read()
+        .ok()
+        .and_then(|m| m.as_ref().and_then(|m| m.get(digest).cloned()))
+    {
+        return Ok(found);
+    }
+    let row = sqlx::query("SELECT body FROM wf_definitions WHERE digest = $1")
+        .bind(digest)
+        .fetch_optional(pool)
+        .await
+        .map_err(crate::db_error)?
+        .ok_or_else(|| {
+            ProviderError::internal(format!("definition snapshot {digest} is missing"))
+        })?;
+    let body: String = row.try_get(0).map_err(crate::db_error)?;
+    let definition: Definition = serde_json::from_str(&body)
+        .map_err(|e| ProviderError::internal(format!("definition snapshot {digest}: {e}")))?;
+    let loaded = Arc::new(Loaded::new(definition).map_err(ProviderError::internal)?);
+    remember(&loaded);
+    Ok(loaded)
+}

@@ -1,0 +1,3 @@
+//! Definitions parsed from TOML: what is accepted and where each mistake is reported.
+
+mod definitions;
