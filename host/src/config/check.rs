@@ -323,7 +323,16 @@ impl<'a> Checker<'a> {
             }
             self.at(span, message);
         }
-        self.errors.sort_by_key(|e| (e.line, e.column));
+        // The configuration file's errors first, then each definition file's, each in order.
+        let main = self.src.name.to_owned();
+        self.errors.sort_by(|a, b| {
+            (a.file != main, &a.file, a.line, a.column).cmp(&(
+                b.file != main,
+                &b.file,
+                b.line,
+                b.column,
+            ))
+        });
         self.errors
     }
 

@@ -26,3 +26,4 @@ mod serving;
 mod storage;
 mod support;
 mod wasm;
+mod workflows;

@@ -32,6 +32,9 @@ pub struct Counters {
     /// instead of sleeping themselves.
     pub sleeping: AtomicUsize,
     pub probing: AtomicUsize,
+    /// `flaky` calls by idempotency key ("-" without one), and the order keys were applied in.
+    pub keys: Mutex<std::collections::HashMap<String, u64>>,
+    pub applied: Mutex<Vec<String>>,
 }
 
 impl Counters {
@@ -82,6 +85,7 @@ impl Provider for Probe {
             .action(Action::new("sleep").permission("probe.use").input(json!({"type": "object", "properties": {"ms": {"type": "integer"}}, "required": ["ms"]})))
             .action(Action::new("panic").permission("probe.use").input(any.clone()))
             .action(Action::new("fail").permission("probe.use").input(any.clone()))
+            .action(Action::new("flaky").permission("probe.use").input(any.clone()))
             .action(Action::new("call").permission("probe.use").input(any.clone()))
             .action(Action::new("keep").permission("probe.use").input(any.clone()))
             .action(Action::new("big").permission("probe.use").input(any.clone()))
@@ -171,6 +175,33 @@ impl Provider for Probe {
             }
             "panic" => panic!("probe panics on purpose"),
             "fail" => Err(ProviderError::conflict("probe reports a conflict")),
+            // Fails `fail_times` times per idempotency key with `code` (PROVIDER_UNAVAILABLE
+            // by default), then applies its effect once per key: a repeat answers as the first.
+            "flaky" => {
+                let key = ctx.idempotency_key().unwrap_or("-").to_owned();
+                let calls = {
+                    let mut keys = self.counters.keys.lock().unwrap();
+                    let n = keys.entry(key.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                if calls <= payload["fail_times"].as_u64().unwrap_or(0) {
+                    let code = match payload["code"].as_str() {
+                        Some("VALIDATION_ERROR") => ErrorCode::ValidationError,
+                        Some("TIMEOUT") => ErrorCode::Timeout,
+                        _ => ErrorCode::ProviderUnavailable,
+                    };
+                    return Err(ProviderError::new(
+                        code,
+                        format!("flaky: call {calls} fails"),
+                    ));
+                }
+                let mut applied = self.counters.applied.lock().unwrap();
+                if !applied.contains(&key) {
+                    applied.push(key.clone());
+                }
+                Ok(json!({"key": key, "calls": calls, "label": payload["label"]}))
+            }
             "call" => {
                 let (s, a) = (
                     payload["service"].as_str().unwrap_or(""),
