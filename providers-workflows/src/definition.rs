@@ -399,14 +399,14 @@ pub fn parse_placed(text: &str) -> Result<(Definition, Vec<CallPlace>), Vec<Defi
         } else if !seen.insert(id.clone()) {
             errors.at(s.id.span(), format!("a second step has the id '{id}'"));
         }
-        if let Some(when) = &s.when {
-            if let Err(found) = providers_cel::compile(when.get_ref(), WHEN_LIMITS) {
-                for e in found {
-                    errors.at(
-                        when.span(),
-                        format!("step '{id}' when, {}:{}: {}", e.line, e.column, e.message),
-                    );
-                }
+        if let Some(when) = &s.when
+            && let Err(found) = providers_cel::compile(when.get_ref(), WHEN_LIMITS)
+        {
+            for e in found {
+                errors.at(
+                    when.span(),
+                    format!("step '{id}' when, {}:{}: {}", e.line, e.column, e.message),
+                );
             }
         }
         let kind_name = s.kind.get_ref().as_str();
@@ -552,13 +552,14 @@ pub fn parse_placed(text: &str) -> Result<(Definition, Vec<CallPlace>), Vec<Defi
                 } else {
                     errors.misplaced(&s.duration, "duration", "signal", "timer");
                     let signal = required(&mut errors, &s.signal, "signal", &id, span.clone());
-                    if !signal.is_empty() && !valid_id(&signal) {
-                        if let Some(sig) = &s.signal {
-                            errors.at(
-                                sig.span(),
-                                format!("invalid signal name '{signal}' (expected a-z, 0-9, '_')"),
-                            );
-                        }
+                    if !signal.is_empty()
+                        && !valid_id(&signal)
+                        && let Some(sig) = &s.signal
+                    {
+                        errors.at(
+                            sig.span(),
+                            format!("invalid signal name '{signal}' (expected a-z, 0-9, '_')"),
+                        );
                     }
                     StepKind::Signal {
                         signal,
@@ -653,10 +654,10 @@ fn retry(errors: &mut Errors, raw: Option<Spanned<RawRetry>>) -> Retry {
     if let Some(ms) = errors.duration(&raw.max_backoff, "retry.max_backoff") {
         retry.max_backoff_ms = ms;
     }
-    if retry.max_backoff_ms < retry.backoff_ms {
-        if let Some(b) = &raw.max_backoff {
-            errors.at(b.span(), "retry.max_backoff is shorter than retry.backoff");
-        }
+    if retry.max_backoff_ms < retry.backoff_ms
+        && let Some(b) = &raw.max_backoff
+    {
+        errors.at(b.span(), "retry.max_backoff is shorter than retry.backoff");
     }
     if let Some(on) = raw.on {
         for code in on.get_ref() {

@@ -367,6 +367,12 @@ impl Executor {
                 &mut events,
                 &self.settings,
             );
+            if let (Next::Call(_), Some(started)) = (&next, events.last_mut())
+                && let Value::Object(detail) = &mut started.detail
+            {
+                // Which host ran it: after a takeover, the history shows both.
+                detail.insert("host".into(), Value::from(self.owner.as_str()));
+            }
             let hold = !matches!(next, Next::Stop);
             if hold {
                 // Held: due as soon as the lease would expire, should this process die.
@@ -492,10 +498,10 @@ fn advance(
 ) -> Next {
     let steps = &loaded.definition.steps;
     inst.due_ms = None;
-    if let Some(outcome) = outcome {
-        if let Some(next) = apply(inst, loaded, now, outcome, events, settings) {
-            return next;
-        }
+    if let Some(outcome) = outcome
+        && let Some(next) = apply(inst, loaded, now, outcome, events, settings)
+    {
+        return next;
     }
     if inst.cancel_requested && !state::is_final(&inst.state) && inst.state != state::COMPENSATING {
         events.push(Event::new("cancelling", None, json!({})));
@@ -566,21 +572,22 @@ fn advance(
                 inst.state = state::COMPLETED.into();
                 return Next::Stop;
             };
-            if inst.entered_ms.is_none() && inst.attempt == 0 {
-                if let Some(condition) = loaded.conditions.get(&step.id) {
-                    match holds(condition, inst) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            events.push(event("skipped", &step.id, json!({"when": step.when})));
-                            inst.cursor += 1;
-                            return Next::Continue;
-                        }
-                        Err(e) => {
-                            events.push(event("step_failed", &step.id, json!({"error": e})));
-                            note_error(inst, format!("step '{}' when: {e}", step.id));
-                            begin_compensation(inst, state::FAILED);
-                            return Next::Continue;
-                        }
+            if inst.entered_ms.is_none()
+                && inst.attempt == 0
+                && let Some(condition) = loaded.conditions.get(&step.id)
+            {
+                match holds(condition, inst) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        events.push(event("skipped", &step.id, json!({"when": step.when})));
+                        inst.cursor += 1;
+                        return Next::Continue;
+                    }
+                    Err(e) => {
+                        events.push(event("step_failed", &step.id, json!({"error": e})));
+                        note_error(inst, format!("step '{}' when: {e}", step.id));
+                        begin_compensation(inst, state::FAILED);
+                        return Next::Continue;
                     }
                 }
             }

@@ -107,9 +107,7 @@ fn check_path(reference: &str, earlier: &[String], own: Option<&str>) -> Result<
         ["workflow", "id" | "requester" | "tenant"] => Ok(()),
         ["step", "idempotency_key"] => Ok(()),
         ["steps", step, "output", ..] => {
-            if earlier.iter().any(|e| e == step) {
-                Ok(())
-            } else if own == Some(*step) {
+            if earlier.iter().any(|e| e == step) || own == Some(*step) {
                 Ok(())
             } else {
                 Err(format!("no step '{step}' runs before this one"))

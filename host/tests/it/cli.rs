@@ -1587,3 +1587,260 @@ async fn a_collector_that_is_down_costs_spans_not_requests() {
         "one warning per outage: {logs}"
     );
 }
+
+/// A chain of call steps for the process tests: each writes `effects/<its idempotency key>`,
+/// so a step applied twice under two keys would show as an extra entry, and a pause in the
+/// middle keeps instances in flight while a host is killed.
+const CHAIN: &str = r#"
+name = "chain"
+version = 1
+
+[[steps]]
+id = "one"
+type = "call"
+service = "kv"
+action = "set"
+payload = { key = "effects/${step.idempotency_key}", value = "${step.idempotency_key}" }
+
+[[steps]]
+id = "two"
+type = "call"
+service = "kv"
+action = "set"
+payload = { key = "effects/${step.idempotency_key}", value = "${step.idempotency_key}" }
+
+[[steps]]
+id = "pause"
+type = "timer"
+duration = "PAUSE"
+
+[[steps]]
+id = "three"
+type = "call"
+service = "kv"
+action = "set"
+payload = { key = "effects/${step.idempotency_key}", value = "${step.idempotency_key}" }
+"#;
+
+/// `OPS_CONFIG` on `url` with `workflows` for acme and the chain (pausing `pause`) in `dir/flows`.
+fn workflow_host(dir: &std::path::Path, url: &str, pause: &str) {
+    std::fs::create_dir_all(dir.join("flows")).unwrap();
+    std::fs::write(dir.join("flows/chain.toml"), CHAIN.replace("PAUSE", pause)).unwrap();
+    let text = OPS_CONFIG
+        .replace("WATCH", "false\nrequest_timeout = \"2s\"")
+        .replace("sqlite://data/host.db", url)
+        .replace("user = [\"kv.*\"]", "user = [\"kv.*\", \"workflows.*\"]")
+        .replace("services = [\"kv\"]", "services = [\"kv\", \"workflows\"]")
+        + "\n[[providers]]\nservice = \"workflows\"\n\n[workflows]\ndefinitions = \"flows\"\npoll = \"50ms\"\nlease = \"3s\"\n";
+    std::fs::write(dir.join("host.toml"), text).unwrap();
+}
+
+/// Starts `n` chains through `addrs` in turn, 50 at a time; returns their ids.
+async fn start_chains(addrs: &[&str], token: &str, n: usize) -> Vec<String> {
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for batch in (0..n).collect::<Vec<_>>().chunks(50) {
+        let calls = batch.iter().map(|i| {
+            client
+                .post(format!("http://{}/providers/workflows/start", addrs[i % addrs.len()]))
+                .bearer_auth(token)
+                .json(&json!({"definition": "chain", "input": {"n": i}, "idempotency_key": format!("chain-{i}")}))
+                .send()
+        });
+        for r in futures_util::future::join_all(calls).await {
+            let r = r.unwrap();
+            assert_eq!(r.status(), 200);
+            let body: serde_json::Value = r.json().await.unwrap();
+            ids.push(body["data"]["id"].as_str().unwrap().to_owned());
+        }
+    }
+    ids
+}
+
+async fn count(pool: &sqlx::AnyPool, sql: &'static str) -> i64 {
+    use sqlx::Row;
+    sqlx::query(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .get::<i64, _>(0)
+}
+
+/// Waits (within `limit`) until every instance is COMPLETED.
+async fn all_completed(pool: &sqlx::AnyPool, n: i64, limit: Duration) {
+    let end = Instant::now() + limit;
+    loop {
+        let done = count(
+            pool,
+            "SELECT count(*) FROM wf_instances WHERE state = 'COMPLETED'",
+        )
+        .await;
+        if done == n {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "only {done} of {n} workflows completed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What every run must show once all chains completed: each step recorded once, each
+/// effect applied under exactly one key, and that key the step's.
+async fn effects_once(pool: &sqlx::AnyPool, n: i64) {
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM wf_history WHERE kind = 'step_completed'"
+        )
+        .await,
+        n * 3
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM (SELECT instance, step FROM wf_history WHERE kind = 'step_completed' \
+             GROUP BY instance, step HAVING count(*) > 1) AS twice"
+        )
+        .await,
+        0,
+        "no step is recorded twice"
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM kv_entries WHERE tenant = 'acme' AND key LIKE 'effects/%'"
+        )
+        .await,
+        n * 3,
+        "one effect per step, none under a second key"
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM kv_entries WHERE tenant = 'acme' AND key LIKE 'effects/%' \
+             AND value <> '\"' || substr(key, 9) || '\"'"
+        )
+        .await,
+        0
+    );
+}
+
+/// SIGKILL in the middle of 100 workflows, then a restart: every workflow completes, no step
+/// is lost, and none is applied twice (a step in flight at the kill runs again under the
+/// same idempotency key once the dead host's lease expires).
+#[tokio::test]
+async fn a_host_killed_mid_run_resumes_every_workflow_once_restarted() {
+    let db = providers_database::testing::TestDatabase::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    workflow_host(d, &db.url, "300ms");
+    let (mut host, addr, _logs) = serve_in(d);
+    let token = mint(d, "acme", "user");
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    let ids = start_chains(&[&addr], &token, 100).await;
+    // Kill once a quarter of the steps ran: the pause holds the rest back.
+    let end = Instant::now() + Duration::from_secs(30);
+    while count(
+        &pool,
+        "SELECT count(*) FROM wf_history WHERE kind = 'step_completed'",
+    )
+    .await
+        < 75
+    {
+        assert!(Instant::now() < end, "the workflows did not run");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    host.kill().unwrap();
+    host.wait().unwrap();
+    let unfinished = count(
+        &pool,
+        "SELECT count(*) FROM wf_instances WHERE state <> 'COMPLETED'",
+    )
+    .await;
+    assert!(unfinished > 0, "the kill came after the run");
+    let (mut again, addr, _logs) = serve_in(d);
+    all_completed(&pool, 100, Duration::from_secs(60)).await;
+    effects_once(&pool, 100).await;
+    assert_eq!(
+        count(&pool, "SELECT count(DISTINCT (detail::jsonb ->> 'host')) FROM wf_history WHERE kind = 'step_started'").await,
+        2,
+        "the restarted host took over what the killed one held"
+    );
+    // Starting them again returns the same instances.
+    assert_eq!(start_chains(&[&addr], &token, 100).await, ids);
+    assert!(terminate(&mut again).success());
+}
+
+/// Two hosts on one PostgreSQL share 1,000 workflows: every step runs exactly once, and both
+/// hosts ran some.
+#[tokio::test]
+async fn two_hosts_on_one_postgres_run_each_workflow_step_once() {
+    let db = providers_database::testing::TestDatabase::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    workflow_host(d, &db.url, "1ms");
+    let (mut one, a1, _l1) = serve_in(d);
+    let (mut two, a2, _l2) = serve_in(d);
+    let token = mint(d, "acme", "user");
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    start_chains(&[&a1, &a2], &token, 1000).await;
+    all_completed(&pool, 1000, Duration::from_secs(180)).await;
+    effects_once(&pool, 1000).await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wf_history WHERE kind = 'step_started'"
+        )
+        .await,
+        3000,
+        "without a crash no step starts twice"
+    );
+    let hosts = count(
+        &pool,
+        "SELECT count(DISTINCT (detail::jsonb ->> 'host')) FROM wf_history WHERE kind = 'step_started'",
+    )
+    .await;
+    assert_eq!(hosts, 2, "both hosts ran steps");
+    assert!(terminate(&mut one).success());
+    assert!(terminate(&mut two).success());
+}
+
+/// On SQLite one host process runs workflows: a second is refused before it listens, saying
+/// why; after the first is killed, a new one starts at once.
+#[tokio::test]
+async fn a_second_host_on_one_sqlite_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    sqlx::any::install_default_drivers();
+    workflow_host(d, "sqlite://data/host.db", "1ms");
+    let (mut first, addr, _logs) = serve_in(d);
+    let out = Command::new(BIN)
+        .args(["serve", "--config", "host.toml", "--listen", "127.0.0.1:0"])
+        .current_dir(d)
+        .env("OPS_JWT_SECRET", OPS_SECRET)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("workflows on SQLite run in one host process")
+            && stderr.contains("run several hosts on PostgreSQL"),
+        "{stderr}"
+    );
+    // The first one still serves.
+    let token = mint(d, "acme", "user");
+    let ids = start_chains(&[&addr], &token, 5).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (mut next, addr, _logs) = serve_in(d);
+    let pool = sqlx::AnyPool::connect(&format!("sqlite://{}", d.join("data/host.db").display()))
+        .await
+        .unwrap();
+    all_completed(&pool, 5, Duration::from_secs(30)).await;
+    effects_once(&pool, 5).await;
+    assert_eq!(start_chains(&[&addr], &token, 5).await, ids);
+    assert!(terminate(&mut next).success());
+}
