@@ -11,6 +11,33 @@ pub const SECRET_FILE: &str = "data/demo-jwt.secret";
 /// Where the demo keeps the master key of its secret store.
 pub const SECRETS_KEY_FILE: &str = "data/demo-secrets.key";
 
+/// Where the demo's workflow definitions are written, and what they are.
+pub const WORKFLOWS_DIR: &str = "data/workflows";
+const WORKFLOWS: [(&str, &str); 2] = [
+    (
+        "purchase_requisition.toml",
+        include_str!("config/workflows/purchase_requisition.toml"),
+    ),
+    (
+        "purchase_order_approval.toml",
+        include_str!("config/workflows/purchase_order_approval.toml"),
+    ),
+];
+
+/// Writes the demo's workflow definitions (every start: they belong to the binary; copy them
+/// elsewhere to change them).
+pub fn write_workflows(base: &Path) -> anyhow::Result<()> {
+    let dir = base.join(WORKFLOWS_DIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, text) in WORKFLOWS {
+        let path = dir.join(name);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Creates the demo's signing secret and secret-store key on first use, readable by the
 /// owner only.
 pub fn ensure_secret(base: &Path) -> anyhow::Result<()> {
@@ -88,7 +115,9 @@ ERP Provider Layer demo on http://{addr}  (tenants: acme, globex; storage: sqlit
   curl -s -X POST http://{addr}/providers/kv/set -H \"Authorization: Bearer $ACME\" -d '{{\"key\":\"greeting\",\"value\":\"hello\"}}'
   curl -s -X POST http://{addr}/providers/kv/get -H \"Authorization: Bearer $ACME\" -d '{{\"key\":\"greeting\"}}'
   curl -s -X POST http://{addr}/providers/kv/get -H \"Authorization: Bearer $GLOBEX\" -d '{{\"key\":\"greeting\"}}'   # NOT_FOUND: globex has its own store
-{inventory}{pricing}  curl -s http://{addr}/providers -H \"Authorization: Bearer $ACME\"
+{inventory}{pricing}  # a durable workflow (the README's walkthrough approves it and watches it escalate):
+  curl -s -X POST http://{addr}/providers/workflows/start -H \"Authorization: Bearer $ACME\" -d '{{\"definition\":\"purchase_requisition\",\"input\":{{\"item\":\"bearing\",\"quantity\":40,\"amount\":64000}}}}'
+  curl -s http://{addr}/providers -H \"Authorization: Bearer $ACME\"
   curl -s http://{addr}/openapi.json
 
 Tokens are valid for 24 hours; mint more with: provider-host token --tenant acme --roles staff

@@ -233,6 +233,7 @@ fn source_with(path: Option<&Path>, listen: Option<SocketAddr>) -> anyhow::Resul
         None => {
             let cwd = std::env::current_dir().context("reading the working directory")?;
             demo::ensure_secret(&cwd)?;
+            demo::write_workflows(&cwd)?;
             Origin::Text {
                 text: config::DEMO.to_owned(),
                 name: "<demo>".into(),

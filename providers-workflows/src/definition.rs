@@ -81,6 +81,10 @@ pub enum StepKind {
         /// What undoes the step when the workflow is cancelled, rejected or fails later.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         compensate: Option<Compensation>,
+        /// Call as the approver of this earlier approval step (their subject, roles and
+        /// company when they decided) instead of as the requester.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_as: Option<String>,
     },
     /// Waits for a decision by a holder of `role`.
     Approval {
@@ -235,6 +239,7 @@ struct RawStep {
     payload: Option<Spanned<toml::Value>>,
     retry: Option<Spanned<RawRetry>>,
     compensate: Option<Spanned<RawCompensation>>,
+    run_as: Option<Spanned<String>>,
     role: Option<Spanned<String>>,
     actions: Option<Spanned<Vec<String>>>,
     sla: Option<Spanned<String>>,
@@ -385,6 +390,7 @@ pub fn parse_placed(text: &str) -> Result<(Definition, Vec<CallPlace>), Vec<Defi
     let mut seen: HashSet<String> = HashSet::new();
     // Steps whose output later steps may reference: every step before the current one.
     let mut earlier: Vec<String> = Vec::new();
+    let mut approvals: Vec<String> = Vec::new();
     let mut steps = Vec::new();
     let mut places = Vec::new();
     for step in raw.steps {
@@ -447,12 +453,24 @@ pub fn parse_placed(text: &str) -> Result<(Definition, Vec<CallPlace>), Vec<Defi
                         payload: references(&mut errors, c.payload, &id, &earlier, Some(&id)),
                     }
                 });
+                if let Some(r) = &s.run_as
+                    && !approvals.contains(r.get_ref())
+                {
+                    errors.at(
+                        r.span(),
+                        format!(
+                            "step '{id}': run_as '{}' names no approval step before this one",
+                            r.get_ref()
+                        ),
+                    );
+                }
                 StepKind::Call {
                     service,
                     action,
                     payload,
                     retry,
                     compensate,
+                    run_as: s.run_as.map(Spanned::into_inner),
                 }
             }
             "approval" => {
@@ -462,6 +480,7 @@ pub fn parse_placed(text: &str) -> Result<(Definition, Vec<CallPlace>), Vec<Defi
                 errors.misplaced(&s.payload, "payload", "approval", "call");
                 errors.misplaced(&s.retry, "retry", "approval", "call");
                 errors.misplaced(&s.compensate, "compensate", "approval", "call");
+                errors.misplaced(&s.run_as, "run_as", "approval", "call");
                 errors.misplaced(&s.duration, "duration", "approval", "timer");
                 errors.misplaced(&s.signal, "signal", "approval", "signal");
                 errors.misplaced(&s.timeout, "timeout", "approval", "signal");
@@ -531,6 +550,7 @@ pub fn parse_placed(text: &str) -> Result<(Definition, Vec<CallPlace>), Vec<Defi
                 errors.misplaced(&s.payload, "payload", kind_name, "call");
                 errors.misplaced(&s.retry, "retry", kind_name, "call");
                 errors.misplaced(&s.compensate, "compensate", kind_name, "call");
+                errors.misplaced(&s.run_as, "run_as", kind_name, "call");
                 errors.misplaced(&s.role, "role", kind_name, "approval");
                 errors.misplaced(&s.actions, "actions", kind_name, "approval");
                 errors.misplaced(&s.sla, "sla", kind_name, "approval");
@@ -576,6 +596,9 @@ pub fn parse_placed(text: &str) -> Result<(Definition, Vec<CallPlace>), Vec<Defi
             }
         };
         earlier.push(id.clone());
+        if matches!(kind, StepKind::Approval { .. }) {
+            approvals.push(id.clone());
+        }
         steps.push(Step {
             id,
             name: s.name,

@@ -596,22 +596,31 @@ fn advance(
                     service,
                     action,
                     payload,
+                    run_as,
                     ..
                 } => {
                     let key = format!("{}:{}:{}", inst.id, step.id, inst.round);
-                    match template::resolve(payload, &scope(inst, &key)) {
-                        Ok(payload) => {
+                    let payload = template::resolve(payload, &scope(inst, &key));
+                    let identity = match run_as {
+                        None => Ok(None),
+                        Some(approval) => approver(inst, approval).map(Some),
+                    };
+                    match payload.and_then(|p| identity.map(|i| (p, i))) {
+                        Ok((payload, identity)) => {
                             if inst.state == state::WAITING {
                                 inst.state = state::RUNNING.into();
                             }
-                            events.push(event(
-                                "step_started",
-                                &step.id,
-                                json!({"attempt": inst.attempt + 1, "idempotency_key": key}),
-                            ));
-                            Next::Call(Box::new(call_of(
-                                inst, &step.id, service, action, payload, key,
-                            )))
+                            let mut call =
+                                call_of(inst, &step.id, service, action, payload, key.clone());
+                            let mut detail =
+                                json!({"attempt": inst.attempt + 1, "idempotency_key": key});
+                            if let Some((subject, roles, company)) = identity {
+                                detail["run_as"] = Value::from(subject.as_str());
+                                (call.subject, call.roles, call.company_id) =
+                                    (subject, roles, company);
+                            }
+                            events.push(event("step_started", &step.id, detail));
+                            Next::Call(Box::new(call))
                         }
                         Err(e) => {
                             events.push(event("step_failed", &step.id, json!({"error": e})));
@@ -915,6 +924,28 @@ fn call_of(
         payload,
         idempotency_key,
     }
+}
+
+/// Who decided approval step `step`, with the roles and company they held then.
+fn approver(inst: &Instance, step: &str) -> Result<(String, Vec<String>, Option<String>), String> {
+    let decided = inst
+        .outputs
+        .get(step)
+        .filter(|o| o["decision"] == "approved")
+        .ok_or_else(|| {
+            format!("run_as '{step}': that approval step was not approved (it was skipped?)")
+        })?;
+    let subject = decided["by"].as_str().unwrap_or_default().to_owned();
+    let roles = decided["roles"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let company = decided["company_id"].as_str().map(str::to_owned);
+    Ok((subject, roles, company))
 }
 
 /// Evaluates a `when` on the instance: variables `input`, `steps` (outputs by step id) and

@@ -509,7 +509,8 @@ impl Connected {
                     .any(|s| matches!(s.kind, StepKind::Approval { .. }));
                 inst.outputs.insert(
                     step.id.clone(),
-                    json!({"decision": "approved", "by": ctx.subject(), "comment": comment}),
+                    json!({"decision": "approved", "by": ctx.subject(), "comment": comment,
+                        "roles": ctx.roles(), "company_id": ctx.company_id()}),
                 );
                 inst.cursor += 1;
                 inst.state = if more {

@@ -39,6 +39,7 @@ fn the_test_and_demo_configs_load() {
 
     let dir = tempfile::tempdir().unwrap();
     provider_host::demo::ensure_secret(dir.path()).unwrap();
+    provider_host::demo::write_workflows(dir.path()).unwrap();
     let demo = provider_host::config::load_str(
         provider_host::config::DEMO,
         "<demo>",
@@ -48,6 +49,15 @@ fn the_test_and_demo_configs_load() {
     )
     .unwrap();
     assert_eq!(demo.tenants.keys().collect::<Vec<_>>(), ["acme", "globex"]);
+    // Both demo workflows check against the demo's services and reach the provider.
+    let workflows = &demo.tenants["acme"].services["workflows"].config["definitions"];
+    let names: Vec<&str> = workflows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["purchase_order_approval", "purchase_requisition"]);
     assert_eq!(
         demo.tenants["globex"].services["kv"].config,
         serde_json::json!({"max_value_bytes": 4096})

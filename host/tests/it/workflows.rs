@@ -178,7 +178,161 @@ matrix!(
     retries_keep_one_idempotency_key_and_failures_compensate,
     cancel_compensates_completed_steps_in_reverse,
     starts_are_idempotent_and_inputs_checked,
+    a_purchase_order_is_raised_approved_as_its_approver_and_cancelled_by_compensation,
 );
+
+pub const PO_CHAIN: &str = include_str!("../../src/config/workflows/purchase_order_approval.toml");
+
+async fn a_purchase_order_is_raised_approved_as_its_approver_and_cancelled_by_compensation(
+    db: providers_database::testing::TestDatabase,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let flows = with_workflows(dir.path(), 1.0, &[("po.toml", PO_CHAIN)]);
+    let app = App::configured(db, |text| {
+        flows(text)
+            .edit("\"quick\", \"workflows\"]", "\"quick\", \"workflows\", \"rules\", \"purchase-orders\"]")
+            .edit(
+                "[security.roles]\n",
+                "[security.roles]\n\
+                 buyer = [\"purchase-orders.read\", \"purchase-orders.write\", \"rules.evaluate\", \"workflows.start\", \"workflows.read\", \"workflows.cancel\"]\n\
+                 approver = [\"purchase-orders.read\", \"purchase-orders.approve\", \"workflows.read\", \"workflows.decide\"]\n",
+            )
+            + r#"
+[[providers]]
+service = "rules"
+
+[providers.config.sets.po_approval]
+default = "approve"
+rules = [{ name = "large_order", when = "order.total > 100000", then = "require_approval" }]
+
+[[providers]]
+service = "purchase-orders"
+config = { currency = "EUR", approval_rules = "po_approval" }
+"#
+    })
+    .await;
+    let buyer = app.token_as("acme", &["buyer"], "ada", Some("ACME-MFG"));
+    let approver = app.token_as("acme", &["approver"], "grace", Some("ACME-MFG"));
+    let order = |quantity: &str| {
+        json!({"seller_company": "STEEL-CO", "product": "HR coil", "quantity": quantity, "unit": "TON",
+            "unit_price": "512.35", "delivery_date": "2027-01-15", "delivery_location": "Kolkata"})
+    };
+    let start = |input: Value| {
+        let app = &app;
+        let buyer = &buyer;
+        async move {
+            let r = app
+                .post(
+                    Some(buyer),
+                    "workflows/start",
+                    json!({"definition": "purchase_order_approval", "input": input}),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.body["data"]["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let get = |id: String| {
+        let app = &app;
+        let buyer = &buyer;
+        async move {
+            app.post(Some(buyer), "workflows/get", json!({"id": id}))
+                .await
+                .body["data"]
+                .clone()
+        }
+    };
+    let reach = |id: String, state: &'static str| {
+        let get = &get;
+        async move {
+            for _ in 0..500 {
+                let got = get(id.clone()).await;
+                if got["state"] == state {
+                    return got;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("{id} never reached {state}: {:#}", get(id.clone()).await);
+        }
+    };
+    // 200 t: over 100,000, so the rules ask for approval.
+    let big = start(order("200")).await;
+    let pending = reach(big.clone(), "PENDING_APPROVAL").await;
+    assert_eq!(
+        (pending["step"].as_str(), pending["role"].as_str()),
+        (Some("review"), Some("approver"))
+    );
+    let po = pending["outputs"]["raise"]["po_number"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(pending["outputs"]["raise"]["status"], "PENDING_APPROVAL");
+    let r = app
+        .post(
+            Some(&approver),
+            "workflows/approve",
+            json!({"id": big, "comment": "budget ok"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let done = reach(big.clone(), "COMPLETED").await;
+    // The release ran as the approver: the order provider's own rule (not its creator) held.
+    let release = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "step_started" && e["step"] == "release")
+        .unwrap();
+    assert_eq!(release["detail"]["run_as"], "grace");
+    let r = app
+        .post(
+            Some(&buyer),
+            "purchase-orders/get",
+            json!({"po_number": po}),
+        )
+        .await;
+    assert_eq!(r.body["data"]["status"], "OPEN", "{}", r.body);
+
+    // 20 t needs no approval: review and release are skipped.
+    let small = start(order("20")).await;
+    let done = reach(small, "COMPLETED").await;
+    assert_eq!(
+        events(&done),
+        [
+            "started",
+            "step_started raise",
+            "step_completed raise",
+            "skipped review",
+            "skipped release",
+            "completed"
+        ]
+    );
+
+    // Cancelled while waiting for approval: the compensation cancels the order.
+    let withdrawn = start(order("300")).await;
+    let pending = reach(withdrawn.clone(), "PENDING_APPROVAL").await;
+    let po = pending["outputs"]["raise"]["po_number"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = app
+        .post(Some(&buyer), "workflows/cancel", json!({"id": withdrawn}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    reach(withdrawn.clone(), "CANCELLED").await;
+    let r = app
+        .post(
+            Some(&buyer),
+            "purchase-orders/get",
+            json!({"po_number": po}),
+        )
+        .await;
+    assert_eq!(r.body["data"]["status"], "CANCELLED", "{}", r.body);
+    assert_eq!(
+        r.body["data"]["buyer_notes"],
+        format!("workflow {withdrawn} was cancelled")
+    );
+}
 
 async fn a_requisition_is_approved_by_its_roles_only_and_recorded(
     db: providers_database::testing::TestDatabase,
