@@ -124,6 +124,8 @@ pub struct Executor {
     settings: Settings,
     clock: Arc<dyn Clock>,
     permits: Arc<tokio::sync::Semaphore>,
+    /// The batch writer every drive's writes go through.
+    writer: tokio::sync::mpsc::Sender<store::Pending>,
 }
 
 /// A process's name in leases: host name, process id and a random part.
@@ -169,6 +171,7 @@ impl Executor {
         let postgres = crate::migrate::is_postgres(&pool);
         let owner = owner_name();
         let executor = Self {
+            writer: store::spawn_writer(pool.clone(), 1),
             pool,
             owner,
             postgres,
@@ -378,8 +381,23 @@ impl Executor {
                 // Held: due as soon as the lease would expire, should this process die.
                 inst.due_ms = Some(now);
             }
-            let lease = hold.then(|| (self.owner.as_str(), now + lease_ms(&self.settings)));
-            match store::save(&self.pool, &inst, &events, now, lease).await? {
+            let lease = hold.then(|| (self.owner.clone(), now + lease_ms(&self.settings)));
+            let (reply, written) = tokio::sync::oneshot::channel();
+            let pending = store::Pending {
+                inst: inst.clone(),
+                events,
+                now_ms: now,
+                lease,
+                reply,
+            };
+            if self.writer.send(pending).await.is_err() {
+                return Err(sqlx::Error::PoolClosed);
+            }
+            let saved = written
+                .await
+                .map_err(|_| sqlx::Error::PoolClosed)?
+                .map_err(sqlx::Error::Protocol)?;
+            match saved {
                 Some(cancel) => {
                     inst.rev += 1;
                     inst.cancel_requested = cancel;
@@ -390,9 +408,6 @@ impl Executor {
                     self.release(&inst.id).await;
                     return Ok(());
                 }
-            }
-            for e in &events {
-                tracing::debug!(instance = %inst.id, tenant = %inst.tenant, kind = e.kind, step = e.step.as_deref(), "workflow event");
             }
             match next {
                 Next::Stop => return Ok(()),

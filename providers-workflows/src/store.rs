@@ -221,26 +221,111 @@ pub(crate) async fn write_events<'c>(
     at_ms: i64,
     events: &[Event],
 ) -> Result<(), sqlx::Error> {
-    for e in events {
-        sqlx::query(
-            "INSERT INTO wf_history (instance, at_ms, kind, step, actor, comment, detail) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(instance)
-        .bind(at_ms)
-        .bind(e.kind)
-        .bind(e.step.as_deref())
-        .bind(e.actor.as_deref())
-        .bind(e.comment.as_deref())
-        .bind(e.detail.to_string())
-        .execute(&mut **tx)
-        .await?;
+    let rows: Vec<(&str, i64, &Event)> = events.iter().map(|e| (instance, at_ms, e)).collect();
+    insert_events(tx, &rows).await
+}
+
+/// Most events in one `INSERT` (7 values each, far below either database's bound limit).
+const EVENTS_PER_INSERT: usize = 500;
+
+/// Inserts `(instance, event)` rows, many per statement.
+async fn insert_events<'c>(
+    tx: &mut sqlx::Transaction<'c, sqlx::Any>,
+    rows: &[(&str, i64, &Event)],
+) -> Result<(), sqlx::Error> {
+    for chunk in rows.chunks(EVENTS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT INTO wf_history (instance, at_ms, kind, step, actor, comment, detail) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let b = i * 7;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7
+            ));
+        }
+        // Only placeholders are formatted in; every value is bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (instance, at_ms, e) in chunk {
+            query = query
+                .bind(*instance)
+                .bind(*at_ms)
+                .bind(e.kind)
+                .bind(e.step.as_deref())
+                .bind(e.actor.as_deref())
+                .bind(e.comment.as_deref())
+                .bind(e.detail.to_string());
+        }
+        query.execute(&mut **tx).await?;
     }
     Ok(())
 }
 
+/// Every column a write may change; `input` only where a caller changes it (a resubmit), so
+/// the executor's writes do not rewrite it per step.
+fn update_sql(with_input: bool) -> &'static str {
+    if with_input {
+        "UPDATE wf_instances SET state = $1, ending = $2, cursor = $3, round = $4, attempt = $5, \
+         entered_ms = $6, role = $7, escalated_to = $8, reminders = $9, outputs = $10, \
+         done = $11, error = $12, due_ms = $13, updated_ms = $14, rev = rev + 1, \
+         lease_owner = $15, lease_until_ms = $16, input = $19 \
+         WHERE id = $17 AND rev = $18 RETURNING cancel_requested"
+    } else {
+        "UPDATE wf_instances SET state = $1, ending = $2, cursor = $3, round = $4, attempt = $5, \
+         entered_ms = $6, role = $7, escalated_to = $8, reminders = $9, outputs = $10, \
+         done = $11, error = $12, due_ms = $13, updated_ms = $14, rev = rev + 1, \
+         lease_owner = $15, lease_until_ms = $16 \
+         WHERE id = $17 AND rev = $18 RETURNING cancel_requested"
+    }
+}
+
+/// Writes `inst` if it is still at revision `inst.rev`: whether a cancel was asked for, or
+/// `None` when it changed since it was read (nothing is written).
+async fn update<'c>(
+    tx: &mut sqlx::Transaction<'c, sqlx::Any>,
+    inst: &Instance,
+    now_ms: i64,
+    lease: Option<(&str, i64)>,
+    with_input: bool,
+) -> Result<Option<bool>, sqlx::Error> {
+    let mut query = sqlx::query(update_sql(with_input))
+        .bind(&inst.state)
+        .bind(inst.ending.as_deref())
+        .bind(inst.cursor)
+        .bind(inst.round)
+        .bind(inst.attempt)
+        .bind(inst.entered_ms)
+        .bind(inst.role.as_deref())
+        .bind(inst.escalated_to.as_deref())
+        .bind(inst.reminders)
+        .bind(Value::Object(inst.outputs.clone()).to_string())
+        .bind(json!(inst.done).to_string())
+        .bind(inst.error.as_deref())
+        .bind(inst.due_ms)
+        .bind(now_ms)
+        .bind(lease.map(|(owner, _)| owner))
+        .bind(lease.map(|(_, until)| until))
+        .bind(&inst.id)
+        .bind(inst.rev);
+    if with_input {
+        query = query.bind(inst.input.to_string());
+    }
+    let row = query.fetch_optional(&mut **tx).await?;
+    row.map(|r| r.try_get::<i64, _>(0).map(|c| c != 0))
+        .transpose()
+}
+
 /// Writes `inst` (read at revision `inst.rev`) and `events` in one transaction. The lease is
-/// released when `release`, else extended to `lease_until`. Returns whether a cancel was
+/// released when `lease` is none, else held until its time. Returns whether a cancel was
 /// asked for, or `None` when the instance changed since it was read (nothing is written).
 pub(crate) async fn save(
     pool: &AnyPool,
@@ -250,40 +335,88 @@ pub(crate) async fn save(
     lease: Option<(&str, i64)>,
 ) -> Result<Option<bool>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let row = sqlx::query(
-        "UPDATE wf_instances SET state = $1, ending = $2, cursor = $3, round = $4, attempt = $5, \
-         entered_ms = $6, role = $7, escalated_to = $8, reminders = $9, input = $10, outputs = $11, \
-         done = $12, error = $13, due_ms = $14, updated_ms = $15, rev = rev + 1, \
-         lease_owner = $16, lease_until_ms = $17 \
-         WHERE id = $18 AND rev = $19 RETURNING cancel_requested",
-    )
-    .bind(&inst.state)
-    .bind(inst.ending.as_deref())
-    .bind(inst.cursor)
-    .bind(inst.round)
-    .bind(inst.attempt)
-    .bind(inst.entered_ms)
-    .bind(inst.role.as_deref())
-    .bind(inst.escalated_to.as_deref())
-    .bind(inst.reminders)
-    .bind(inst.input.to_string())
-    .bind(Value::Object(inst.outputs.clone()).to_string())
-    .bind(json!(inst.done).to_string())
-    .bind(inst.error.as_deref())
-    .bind(inst.due_ms)
-    .bind(now_ms)
-    .bind(lease.map(|(owner, _)| owner))
-    .bind(lease.map(|(_, until)| until))
-    .bind(&inst.id)
-    .bind(inst.rev)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = row else {
+    let Some(cancel) = update(&mut tx, inst, now_ms, lease, true).await? else {
         return Ok(None);
     };
     write_events(&mut tx, &inst.id, now_ms, events).await?;
     tx.commit().await?;
-    Ok(Some(row.try_get::<i64, _>(0)? != 0))
+    Ok(Some(cancel))
+}
+
+/// One executor write waiting for the batch writer.
+pub(crate) struct Pending {
+    pub inst: Instance,
+    pub events: Vec<Event>,
+    pub now_ms: i64,
+    pub lease: Option<(String, i64)>,
+    pub reply: tokio::sync::oneshot::Sender<Result<Option<bool>, String>>,
+}
+
+/// Most writes committed together.
+const BATCH: usize = 128;
+
+/// Commits the executor's writes in batches: every write that is waiting when a commit ends
+/// goes into the next one, each fenced by its own revision. One commit then covers many
+/// instances' steps, which is what bounds throughput (SQLite has one writer; PostgreSQL
+/// flushes its log per commit). `writers` batches may commit at once (1 on SQLite, whose
+/// writes are serial anyway).
+pub(crate) fn spawn_writer(pool: AnyPool, writers: usize) -> tokio::sync::mpsc::Sender<Pending> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Pending>(BATCH * 4);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    for _ in 0..writers.max(1) {
+        let rx = rx.clone();
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            loop {
+                // Held only while a batch is taken, not while it is written.
+                let batch = {
+                    let mut rx = rx.lock().await;
+                    let Some(first) = rx.recv().await else { return };
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(p) => batch.push(p),
+                            Err(_) => break,
+                        }
+                    }
+                    batch
+                };
+                match write_batch(&pool, &batch).await {
+                    Ok(outcomes) => {
+                        for (p, outcome) in batch.into_iter().zip(outcomes) {
+                            let _ = p.reply.send(Ok(outcome));
+                        }
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        for p in batch {
+                            let _ = p.reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        });
+    }
+    tx
+}
+
+async fn write_batch(pool: &AnyPool, batch: &[Pending]) -> Result<Vec<Option<bool>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut rows: Vec<(&str, i64, &Event)> = Vec::new();
+    for p in batch {
+        let lease = p.lease.as_ref().map(|(o, u)| (o.as_str(), *u));
+        let outcome = update(&mut tx, &p.inst, p.now_ms, lease, false).await?;
+        if outcome.is_some() {
+            rows.extend(p.events.iter().map(|e| (p.inst.id.as_str(), p.now_ms, e)));
+        }
+        outcomes.push(outcome);
+    }
+    if !rows.is_empty() {
+        insert_events(&mut tx, &rows).await?;
+    }
+    tx.commit().await?;
+    Ok(outcomes)
 }
 
 /// The instance `id` of `tenant`.
