@@ -176,6 +176,15 @@ pub(crate) fn check_settings(
             ),
         );
     }
+    if settings.poll < Duration::from_millis(10) {
+        at(
+            span.clone(),
+            format!(
+                "workflows.poll ({}) must be at least 10ms",
+                humantime::format_duration(settings.poll)
+            ),
+        );
+    }
     if !(1..=10_000).contains(&settings.batch) || !(1..=10_000).contains(&settings.concurrency) {
         at(
             span.clone(),
@@ -218,9 +227,21 @@ impl Running {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let runner: Arc<dyn Runner> = Arc::new(HostRunner { host });
         let driven = executor.clone();
+        // Its own task: a slow claim must not silence it (on SQLite, silence past 5 s lets
+        // another process take the executor's slot).
+        let beating = executor.clone();
+        let mut beat_stopped = stop.subscribe();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => beating.heartbeat().await,
+                    _ = beat_stopped.changed() => return,
+                }
+            }
+        });
         let task = tokio::spawn(async move {
             tracing::info!(owner = driven.owner(), "workflow executor started");
-            let mut beat = Instant::now();
             loop {
                 if *stopped.borrow() {
                     break;
@@ -232,10 +253,6 @@ impl Running {
                         0
                     }
                 };
-                if beat.elapsed() >= Duration::from_secs(1) {
-                    driven.heartbeat().await;
-                    beat = Instant::now();
-                }
                 if claimed == 0 {
                     tokio::select! {
                         _ = tokio::time::sleep(poll) => {}

@@ -674,8 +674,10 @@ fn retry(errors: &mut Errors, raw: Option<Spanned<RawRetry>>) -> Retry {
     if let Some(ms) = errors.duration(&raw.backoff, "retry.backoff") {
         retry.backoff_ms = ms;
     }
-    if let Some(ms) = errors.duration(&raw.max_backoff, "retry.max_backoff") {
-        retry.max_backoff_ms = ms;
+    match errors.duration(&raw.max_backoff, "retry.max_backoff") {
+        Some(ms) => retry.max_backoff_ms = ms,
+        // Unbounded by the default cap when only the first wait is given.
+        None => retry.max_backoff_ms = retry.max_backoff_ms.max(retry.backoff_ms),
     }
     if retry.max_backoff_ms < retry.backoff_ms
         && let Some(b) = &raw.max_backoff

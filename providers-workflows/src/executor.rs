@@ -124,33 +124,53 @@ pub struct Executor {
     settings: Settings,
     clock: Arc<dyn Clock>,
     permits: Arc<tokio::sync::Semaphore>,
+    /// On SQLite: another process took the slot (this one was silent too long); stop.
+    lost: std::sync::atomic::AtomicBool,
     /// The batch writer every drive's writes go through.
     writer: tokio::sync::mpsc::Sender<store::Pending>,
 }
 
-/// A process's name in leases: host name, process id and a random part.
-fn owner_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "host".into());
+        .unwrap_or_else(|_| "host".into())
+}
+
+/// This process's PID namespace (Linux), so a process id is only compared within one.
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|l| {
+            l.display()
+                .to_string()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A process's name in leases: host name, process id, PID namespace and a random part.
+fn owner_name() -> String {
     format!(
-        "{host}:{}:{}",
+        "{}:{}:{}:{}",
+        hostname(),
         std::process::id(),
+        pid_namespace(),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     )
 }
 
-/// Whether the process named in `owner` is gone, when it ran on this machine.
+/// Whether the process named in `owner` is gone: it ran on this machine, in this PID
+/// namespace, and its process id is free.
 fn gone(owner: &str) -> bool {
-    let mut parts = owner.split(':');
-    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
+    let parts: Vec<&str> = owner.split(':').collect();
+    let [host, pid, namespace, _] = parts.as_slice() else {
         return false;
     };
-    let here = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
-    host == here
-        && std::path::Path::new("/proc/self").exists()
+    let ours = pid_namespace();
+    *host == hostname()
+        && !ours.is_empty()
+        && *namespace == ours
         && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
@@ -172,6 +192,7 @@ impl Executor {
         let owner = owner_name();
         let executor = Self {
             writer: store::spawn_writer(pool.clone(), 1),
+            lost: std::sync::atomic::AtomicBool::new(false),
             pool,
             owner,
             postgres,
@@ -238,7 +259,8 @@ impl Executor {
         &self.settings
     }
 
-    /// Keeps the SQLite slot: called at least every second while the executor runs.
+    /// Keeps the SQLite slot: called every second, on a task of its own, while the executor
+    /// runs.
     pub async fn heartbeat(&self) {
         if self.postgres {
             return;
@@ -252,7 +274,9 @@ impl Executor {
         .await;
         match result {
             Ok(r) if r.rows_affected() == 0 => {
-                tracing::error!(owner = %self.owner, "another process took the SQLite workflow executor slot");
+                if !self.lost.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    tracing::error!(owner = %self.owner, "another process took the SQLite workflow executor slot; this host runs no more workflows (restart it once the other one is stopped)");
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "workflow executor heartbeat failed"),
@@ -266,7 +290,7 @@ impl Executor {
             .permits
             .available_permits()
             .min(self.settings.batch.max(1));
-        if free == 0 {
+        if free == 0 || self.lost.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(0);
         }
         let claimed = self.claim(free).await?;
@@ -280,11 +304,7 @@ impl Executor {
             let runner = runner.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let id = inst.id.clone();
-                if let Err(e) = me.drive(inst, runner.as_ref()).await {
-                    tracing::warn!(instance = %id, error = %e, "workflow step could not be recorded; it runs again when its lease expires");
-                    me.release(&id).await;
-                }
+                me.drive(inst, runner.as_ref()).await;
             });
         }
         Ok(n)
@@ -337,33 +357,43 @@ impl Executor {
         rows.iter().map(Instance::from_row).collect()
     }
 
-    async fn release(&self, id: &str) {
+    /// Frees the lease this drive holds, if the row is still at the revision it last wrote
+    /// (a later claim by this same process is left alone), due again at `due_ms`.
+    async fn release(&self, inst: &Instance, due_ms: Option<i64>) {
         let _ = sqlx::query(
-            "UPDATE wf_instances SET lease_owner = NULL, lease_until_ms = NULL WHERE id = $1 AND lease_owner = $2",
+            "UPDATE wf_instances SET lease_owner = NULL, lease_until_ms = NULL, due_ms = $1 \
+             WHERE id = $2 AND lease_owner = $3 AND rev = $4",
         )
-        .bind(id)
+        .bind(due_ms)
+        .bind(&inst.id)
         .bind(&self.owner)
+        .bind(inst.rev)
         .execute(&self.pool)
         .await;
     }
 
-    /// Runs `inst` until it waits, ends, or its state changed under it.
-    async fn drive(&self, mut inst: Instance, runner: &dyn Runner) -> Result<(), sqlx::Error> {
-        let loaded = match store::snapshot(&self.pool, &inst.digest).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(instance = %inst.id, error = %e, "workflow definition unreadable");
-                self.release(&inst.id).await;
-                return Ok(());
-            }
-        };
+    /// Runs `inst` until it waits, ends, or its state changed under it. A failure to read or
+    /// write leaves it to be tried again in [`RETRY_AFTER_FAULT_MS`].
+    async fn drive(&self, mut inst: Instance, runner: &dyn Runner) {
+        if let Err(e) = self.drive_inner(&mut inst, runner).await {
+            tracing::warn!(instance = %inst.id, tenant = %inst.tenant, error = %e, "workflow could not be run or recorded; it is tried again in 5 s");
+            self.release(&inst, Some(self.clock.now_ms() + RETRY_AFTER_FAULT_MS))
+                .await;
+        }
+    }
+
+    async fn drive_inner(&self, inst: &mut Instance, runner: &dyn Runner) -> Result<(), String> {
+        let loaded = store::snapshot(&self.pool, &inst.digest)
+            .await
+            .map_err(|e| format!("its definition snapshot: {}", e.detail))?;
         let mut outcome: Option<Result<Value, ProviderError>> = None;
         // Bounded: a workflow of n steps needs about n transitions; a loop cannot spin here.
-        for _ in 0..(loaded.definition.steps.len() * 4 + 16) {
+        for _ in 0..(loaded.definition.steps.len() * 6 + 16) {
             let now = self.clock.now_ms();
             let mut events = Vec::new();
+            let cancel_seen = inst.cancel_requested;
             let next = advance(
-                &mut inst,
+                inst,
                 &loaded,
                 now,
                 outcome.take(),
@@ -390,24 +420,48 @@ impl Executor {
                 lease,
                 reply,
             };
-            if self.writer.send(pending).await.is_err() {
-                return Err(sqlx::Error::PoolClosed);
-            }
+            self.writer
+                .send(pending)
+                .await
+                .map_err(|_| "the workflow writer has stopped".to_owned())?;
             let saved = written
                 .await
-                .map_err(|_| sqlx::Error::PoolClosed)?
-                .map_err(sqlx::Error::Protocol)?;
+                .map_err(|_| "the workflow writer has stopped".to_owned())??;
             match saved {
                 Some(cancel) => {
                     inst.rev += 1;
                     inst.cancel_requested = cancel;
                 }
-                None => {
-                    // Changed meanwhile (a decision, or a lease taken over): whoever changed
-                    // it moves it on.
-                    self.release(&inst.id).await;
-                    return Ok(());
+                // Changed meanwhile (a decision, or a lease taken over): whoever changed it
+                // holds it now and moves it on; nothing of this drive's is released.
+                None => return Ok(()),
+            }
+            // A cancel that arrived while this transition was decided: act on it first (no
+            // further step starts). The write made it due, should this drive stop here.
+            if inst.cancel_requested
+                && !cancel_seen
+                && !state::is_final(&inst.state)
+                && inst.state != state::COMPENSATING
+            {
+                if !hold {
+                    // Released by the write: claim it back if nobody else did.
+                    let reclaimed = sqlx::query(
+                        "UPDATE wf_instances SET lease_owner = $1, lease_until_ms = $2, rev = rev + 1 \
+                         WHERE id = $3 AND rev = $4 AND lease_owner IS NULL",
+                    )
+                    .bind(&self.owner)
+                    .bind(now + lease_ms(&self.settings))
+                    .bind(&inst.id)
+                    .bind(inst.rev)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    if reclaimed.rows_affected() == 0 {
+                        return Ok(());
+                    }
+                    inst.rev += 1;
                 }
+                continue;
             }
             match next {
                 Next::Stop => return Ok(()),
@@ -416,51 +470,80 @@ impl Executor {
                     outcome = Some(runner.call(*call).await);
                 }
                 Next::Signal(name, deadline) => {
-                    if let Some(payload) = self.signal(&inst.id, &name).await? {
+                    if let Some(payload) = self.signal(&inst.id, &name, deadline).await? {
                         outcome = Some(Ok(payload));
+                        continue;
+                    }
+                    if deadline.is_some_and(|d| now >= d) {
+                        outcome = Some(Err(ProviderError::new(
+                            providers_core::ErrorCode::Timeout,
+                            format!("signal '{name}' did not arrive in time"),
+                        )));
                         continue;
                     }
                     // Released as waiting first, then the signals read again: a signal sent
                     // before the release is seen here; one sent after finds the instance
-                    // waiting and makes it due itself.
+                    // waiting and makes it due itself. A cancel made meanwhile keeps it due.
                     sqlx::query(
-                        "UPDATE wf_instances SET lease_owner = NULL, lease_until_ms = NULL, due_ms = $1 \
-                         WHERE id = $2 AND lease_owner = $3",
+                        "UPDATE wf_instances SET lease_owner = NULL, lease_until_ms = NULL, \
+                         due_ms = CASE WHEN cancel_requested = 1 THEN $1 ELSE $2 END \
+                         WHERE id = $3 AND lease_owner = $4 AND rev = $5",
                     )
+                    .bind(now)
                     .bind(deadline)
                     .bind(&inst.id)
                     .bind(&self.owner)
+                    .bind(inst.rev)
                     .execute(&self.pool)
-                    .await?;
-                    if self.signal(&inst.id, &name).await?.is_some() {
-                        sqlx::query("UPDATE wf_instances SET due_ms = $1 WHERE id = $2 AND state = 'WAITING'")
-                            .bind(self.clock.now_ms())
-                            .bind(&inst.id)
-                            .execute(&self.pool)
-                            .await?;
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    if self.signal(&inst.id, &name, deadline).await?.is_some() {
+                        sqlx::query(
+                            "UPDATE wf_instances SET due_ms = $1 WHERE id = $2 AND state = 'WAITING'",
+                        )
+                        .bind(self.clock.now_ms())
+                        .bind(&inst.id)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     }
                     return Ok(());
                 }
             }
         }
-        self.release(&inst.id).await;
+        self.release(inst, Some(self.clock.now_ms())).await;
         Ok(())
     }
 
-    async fn signal(&self, instance: &str, name: &str) -> Result<Option<Value>, sqlx::Error> {
-        let row = sqlx::query("SELECT payload FROM wf_signals WHERE instance = $1 AND name = $2")
-            .bind(instance)
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+    /// The payload of signal `name` if it arrived (by `deadline`, when there is one).
+    async fn signal(
+        &self,
+        instance: &str,
+        name: &str,
+        deadline: Option<i64>,
+    ) -> Result<Option<Value>, String> {
+        let row = sqlx::query(
+            "SELECT payload FROM wf_signals WHERE instance = $1 AND name = $2 AND at_ms <= $3",
+        )
+        .bind(instance)
+        .bind(name)
+        .bind(deadline.unwrap_or(i64::MAX))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| e.to_string())?;
         Ok(match row {
-            Some(r) => {
-                Some(serde_json::from_str(&r.try_get::<String, _>(0)?).unwrap_or(Value::Null))
-            }
+            Some(r) => Some(
+                serde_json::from_str(&r.try_get::<String, _>(0).map_err(|e| e.to_string())?)
+                    .unwrap_or(Value::Null),
+            ),
             None => None,
         })
     }
 }
+
+/// After a fault (the database unreachable, a snapshot unreadable), how long an instance
+/// rests before it is tried again: a fault that persists must not spin the executor.
+const RETRY_AFTER_FAULT_MS: i64 = 5_000;
 
 fn lease_ms(settings: &Settings) -> i64 {
     i64::try_from(settings.lease.as_millis()).unwrap_or(i64::MAX)
@@ -525,8 +608,15 @@ fn advance(
     let cursor = usize::try_from(inst.cursor).unwrap_or(usize::MAX);
     match inst.state.as_str() {
         state::COMPENSATING => {
-            while let Some(last) = inst.done.last() {
-                match loaded.definition.step(last).map(|(_, s)| &s.kind) {
+            // Rewinding (a send-back or resubmit): only the steps that will run again are
+            // undone, then the workflow runs on from its cursor.
+            let rewind = inst.ending.as_deref() == Some(state::RUNNING);
+            while let Some((id, _)) = inst.done.last().map(|d| done_entry(d)) {
+                let found = loaded.definition.step(id);
+                if rewind && found.is_some_and(|(i, _)| (i as i64) < inst.cursor) {
+                    break;
+                }
+                match found.map(|(_, s)| &s.kind) {
                     Some(StepKind::Call {
                         compensate: Some(_),
                         ..
@@ -536,39 +626,64 @@ fn advance(
                     }
                 }
             }
-            let Some(last) = inst.done.last().cloned() else {
+            let last = inst.done.last().map(|d| done_entry(d)).filter(|(id, _)| {
+                !rewind
+                    || loaded
+                        .definition
+                        .step(id)
+                        .is_some_and(|(i, _)| (i as i64) >= inst.cursor)
+            });
+            let Some((id, round)) = last.map(|(id, round)| (id.to_owned(), round)) else {
                 let ending = inst.ending.take().unwrap_or_else(|| state::FAILED.into());
-                events.push(Event::new(
-                    "ended",
-                    None,
-                    json!({"state": ending, "error": inst.error}),
-                ));
+                if rewind {
+                    events.push(Event::new(
+                        "undone",
+                        None,
+                        json!({"resume_at": inst.cursor}),
+                    ));
+                } else {
+                    events.push(Event::new(
+                        "ended",
+                        None,
+                        json!({"state": ending, "error": inst.error}),
+                    ));
+                }
                 inst.state = ending;
                 inst.role = None;
                 inst.escalated_to = None;
-                return Next::Stop;
+                return if rewind { Next::Continue } else { Next::Stop };
             };
-            let Some((_, step)) = loaded.definition.step(&last) else {
+            let Some((_, step)) = loaded.definition.step(&id) else {
                 return Next::Stop;
             };
             let StepKind::Call {
                 compensate: Some(c),
+                run_as,
                 ..
             } = &step.kind
             else {
                 return Next::Stop;
             };
-            let key = format!("{}:{}:{}:undo", inst.id, step.id, inst.round);
-            match template::resolve(&c.payload, &scope(inst, &key)) {
-                Ok(payload) => {
+            // The undo names the run it undoes, and runs as that run did.
+            let key = format!("{}:{}:{}:undo", inst.id, step.id, round);
+            let identity = match run_as {
+                None => Ok(None),
+                Some(approval) => approver(inst, approval).map(Some),
+            };
+            match template::resolve(&c.payload, &scope(inst, &key))
+                .and_then(|p| identity.map(|i| (p, i)))
+            {
+                Ok((payload, identity)) => {
                     events.push(event(
                         "compensation_started",
                         &step.id,
-                        json!({"attempt": inst.attempt + 1}),
+                        json!({"attempt": inst.attempt + 1, "idempotency_key": key}),
                     ));
-                    Next::Call(Box::new(call_of(
-                        inst, &step.id, &c.service, &c.action, payload, key,
-                    )))
+                    let mut call = call_of(inst, &step.id, &c.service, &c.action, payload, key);
+                    if let Some((subject, roles, company)) = identity {
+                        (call.subject, call.roles, call.company_id) = (subject, roles, company);
+                    }
+                    Next::Call(Box::new(call))
                 }
                 Err(e) => {
                     events.push(event("compensation_failed", &step.id, json!({"error": e})));
@@ -692,22 +807,6 @@ fn advance(
                 StepKind::Signal { signal, timeout_ms } => {
                     let entered = *inst.entered_ms.get_or_insert(now);
                     let deadline = timeout_ms.map(|ms| entered + scaled(ms, settings));
-                    if deadline.is_some_and(|d| now >= d) {
-                        events.push(event(
-                            "step_failed",
-                            &step.id,
-                            json!({"error": format!("signal '{signal}' did not arrive in time")}),
-                        ));
-                        note_error(
-                            inst,
-                            format!(
-                                "step '{}': signal '{signal}' did not arrive in time",
-                                step.id
-                            ),
-                        );
-                        begin_compensation(inst, state::FAILED);
-                        return Next::Continue;
-                    }
                     if inst.state != state::WAITING {
                         events.push(event(
                             "waiting_for_signal",
@@ -716,6 +815,7 @@ fn advance(
                         ));
                     }
                     inst.state = state::WAITING.into();
+                    // Whether it arrived, or the wait ran out, is read by the caller.
                     Next::Signal(signal.clone(), deadline)
                 }
             }
@@ -793,7 +893,7 @@ fn apply(
 ) -> Option<Next> {
     let cursor = usize::try_from(inst.cursor).unwrap_or(usize::MAX);
     if inst.state == state::COMPENSATING {
-        let last = inst.done.last().cloned()?;
+        let last = done_entry(inst.done.last()?).0.to_owned();
         let retry = match loaded.definition.step(&last).map(|(_, s)| &s.kind) {
             Some(StepKind::Call { retry, .. }) => retry.clone(),
             _ => Default::default(),
@@ -838,12 +938,23 @@ fn apply(
     }
     let step = loaded.definition.steps.get(cursor)?;
     let StepKind::Call { retry, .. } = &step.kind else {
-        // A signal step's payload.
-        if let Ok(payload) = outcome {
-            events.push(event("signal_received", &step.id, json!({})));
-            step_done(inst, &step.id, payload);
-            if inst.state == state::WAITING {
-                inst.state = state::RUNNING.into();
+        // A signal step's payload, or its wait running out.
+        match outcome {
+            Ok(payload) => {
+                events.push(event("signal_received", &step.id, json!({})));
+                step_done(inst, &step.id, payload);
+                if inst.state == state::WAITING {
+                    inst.state = state::RUNNING.into();
+                }
+            }
+            Err(e) => {
+                events.push(event(
+                    "step_failed",
+                    &step.id,
+                    json!({"code": e.code.as_str(), "error": e.detail, "final": true}),
+                ));
+                note_error(inst, format!("step '{}': {}", step.id, e.detail));
+                begin_compensation(inst, state::FAILED);
             }
         }
         return None;
@@ -855,7 +966,7 @@ fn apply(
                 &step.id,
                 json!({"attempt": inst.attempt + 1}),
             ));
-            inst.done.push(step.id.clone());
+            inst.done.push(format!("{}@{}", step.id, inst.round));
             step_done(inst, &step.id, output);
             None
         }
@@ -881,6 +992,14 @@ fn apply(
             begin_compensation(inst, state::FAILED);
             None
         }
+    }
+}
+
+/// A completed step as `done` keeps it: `<step>@<round>`.
+fn done_entry(entry: &str) -> (&str, i64) {
+    match entry.rsplit_once('@') {
+        Some((step, round)) => (step, round.parse().unwrap_or(0)),
+        None => (entry, 0),
     }
 }
 

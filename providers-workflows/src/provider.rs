@@ -232,7 +232,9 @@ impl Connected {
         let key = payload.get("idempotency_key").and_then(Value::as_str);
         let request_hash = {
             use sha2::{Digest, Sha256};
-            let hash = Sha256::digest(format!("{}\n{input}", loaded.definition.name).as_bytes());
+            let hash = Sha256::digest(
+                format!("{}\n{}\n{input}", loaded.definition.name, ctx.subject()).as_bytes(),
+            );
             hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
         };
         let now = now_ms();
@@ -291,7 +293,7 @@ impl Connected {
             let existing = Instance::from_row(&row).map_err(db_error)?;
             if existing.request_hash != request_hash {
                 return Err(ProviderError::conflict(format!(
-                    "idempotency key '{}' already started instance '{}' with another definition or input",
+                    "idempotency key '{}' already started instance '{}' with another definition, input or requester",
                     key.unwrap_or_default(),
                     existing.id
                 )));
@@ -531,10 +533,7 @@ impl Connected {
                     .rposition(|s| matches!(s.kind, StepKind::Approval { .. }));
                 inst.round += 1;
                 match previous {
-                    Some(at) => {
-                        inst.cursor = i64::try_from(at).unwrap_or(0);
-                        inst.state = state::RUNNING.into();
-                    }
+                    Some(at) => rewind(&mut inst, &loaded.definition, at),
                     None => inst.state = state::SENT_BACK.into(),
                 }
                 "sent_back"
@@ -604,8 +603,7 @@ impl Connected {
             inst.input = input;
         }
         let now = now_ms();
-        inst.state = state::RUNNING.into();
-        inst.cursor = 0;
+        rewind(&mut inst, &loaded.definition, 0);
         inst.due_ms = Some(now);
         let event = Event {
             kind: "resubmitted",
@@ -679,6 +677,27 @@ impl Connected {
                 inst.state
             )));
         }
+        let loaded = store::snapshot(&self.pool, &inst.digest).await?;
+        let waited: Vec<&str> = loaded
+            .definition
+            .steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                StepKind::Signal { signal, .. } => Some(signal.as_str()),
+                _ => None,
+            })
+            .collect();
+        if !waited.contains(&name) {
+            return Err(ProviderError::validation(format!(
+                "payload at '/name': workflow '{}' waits for no signal '{name}' (it waits for: {})",
+                inst.definition,
+                if waited.is_empty() {
+                    "none".to_owned()
+                } else {
+                    waited.join(", ")
+                }
+            )));
+        }
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         let fresh = sqlx::query(
@@ -745,6 +764,22 @@ impl Connected {
             })
             .collect();
         json!({"definitions": items})
+    }
+}
+
+/// Moves `inst` back to step `to`: the completed call steps from there on will run again, so
+/// they are undone first (compensated, then RUNNING from `to`).
+fn rewind(inst: &mut Instance, definition: &Definition, to: usize) {
+    inst.cursor = i64::try_from(to).unwrap_or(0);
+    let again = inst.done.iter().any(|d| {
+        let step = d.rsplit_once('@').map_or(d.as_str(), |(s, _)| s);
+        definition.step(step).is_some_and(|(i, _)| i >= to)
+    });
+    if again {
+        inst.state = state::COMPENSATING.into();
+        inst.ending = Some(state::RUNNING.into());
+    } else {
+        inst.state = state::RUNNING.into();
     }
 }
 

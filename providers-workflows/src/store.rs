@@ -86,7 +86,7 @@ pub struct Instance {
     pub input: Value,
     /// Outputs of completed steps, by step id.
     pub outputs: Map<String, Value>,
-    /// Completed call steps in order, for compensation.
+    /// Completed call steps in order (`<step>@<round>`), for compensation.
     pub done: Vec<String>,
     /// Why it failed, when it did.
     pub error: Option<String>,
@@ -271,19 +271,22 @@ async fn insert_events<'c>(
 }
 
 /// Every column a write may change; `input` only where a caller changes it (a resubmit), so
-/// the executor's writes do not rewrite it per step.
+/// the executor's writes do not rewrite it per step. A cancel asked for keeps the instance due
+/// now whatever the write says, so a drive that did not see it yet cannot park it.
 fn update_sql(with_input: bool) -> &'static str {
     if with_input {
         "UPDATE wf_instances SET state = $1, ending = $2, cursor = $3, round = $4, attempt = $5, \
          entered_ms = $6, role = $7, escalated_to = $8, reminders = $9, outputs = $10, \
-         done = $11, error = $12, due_ms = $13, updated_ms = $14, rev = rev + 1, \
-         lease_owner = $15, lease_until_ms = $16, input = $19 \
+         done = $11, error = $12, due_ms = CASE WHEN cancel_requested = 1 AND $1 NOT IN \
+         ('COMPLETED', 'REJECTED', 'CANCELLED', 'FAILED', 'COMPENSATING') THEN $14 ELSE $13 END, \
+         updated_ms = $14, rev = rev + 1, lease_owner = $15, lease_until_ms = $16, input = $19 \
          WHERE id = $17 AND rev = $18 RETURNING cancel_requested"
     } else {
         "UPDATE wf_instances SET state = $1, ending = $2, cursor = $3, round = $4, attempt = $5, \
          entered_ms = $6, role = $7, escalated_to = $8, reminders = $9, outputs = $10, \
-         done = $11, error = $12, due_ms = $13, updated_ms = $14, rev = rev + 1, \
-         lease_owner = $15, lease_until_ms = $16 \
+         done = $11, error = $12, due_ms = CASE WHEN cancel_requested = 1 AND $1 NOT IN \
+         ('COMPLETED', 'REJECTED', 'CANCELLED', 'FAILED', 'COMPENSATING') THEN $14 ELSE $13 END, \
+         updated_ms = $14, rev = rev + 1, lease_owner = $15, lease_until_ms = $16 \
          WHERE id = $17 AND rev = $18 RETURNING cancel_requested"
     }
 }

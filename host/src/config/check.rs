@@ -584,16 +584,6 @@ impl<'a> Checker<'a> {
             Some(s) => (s.span(), s.into_inner()),
             None => (0..0, Default::default()),
         };
-        let mut problems = Vec::new();
-        crate::workflows::check_settings(
-            &settings,
-            server.request_timeout,
-            |span, message| problems.push((span, message)),
-            span.clone(),
-        );
-        for (span, message) in problems {
-            self.at(span, message);
-        }
         let served: Vec<String> = provided
             .iter()
             .filter(|(_, p)| {
@@ -601,6 +591,19 @@ impl<'a> Checker<'a> {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        // The settings matter only where the executor runs.
+        if !served.is_empty() {
+            let mut problems = Vec::new();
+            crate::workflows::check_settings(
+                &settings,
+                server.request_timeout,
+                |span, message| problems.push((span, message)),
+                span.clone(),
+            );
+            for (span, message) in problems {
+                self.at(span, message);
+            }
+        }
         let definitions = match &mut settings.definitions {
             Some(dir) => {
                 *dir = self.base_dir.join(&*dir);

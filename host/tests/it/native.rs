@@ -577,7 +577,7 @@ async fn a_missing_or_malformed_manifest_is_refused() {
         std::fs::copy(built().file("fixture-1.0.0"), dir.join("fixture.so")).unwrap();
     })
     .await;
-    assert!(missing.starts_with("no provider offers service 'fixture' (available: inventory, kv, purchase-orders, rules, uid); no fixture.plugin.toml was found in "), "{missing}");
+    assert!(missing.starts_with("no provider offers service 'fixture' (available: inventory, kv, purchase-orders, rules, uid, workflows); no fixture.plugin.toml was found in "), "{missing}");
     let malformed = refused(|dir| {
         fixture(dir, "fixture-1.0.0", "1.0.0");
         let path = dir.join("fixture.plugin.toml");

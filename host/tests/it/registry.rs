@@ -23,7 +23,8 @@ fn exactly_the_expected_builtins_are_compiled_in() {
             "kv@1.0.0 (Builtin)",
             "purchase-orders@1.0.0 (Builtin)",
             "rules@1.0.0 (Builtin)",
-            "uid@1.0.0 (Builtin)"
+            "uid@1.0.0 (Builtin)",
+            "workflows@1.0.0 (Builtin)"
         ]
     );
 }

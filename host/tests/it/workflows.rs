@@ -177,6 +177,7 @@ matrix!(
     overdue_approvals_are_reminded_and_escalated_on_the_seed_schedule,
     retries_keep_one_idempotency_key_and_failures_compensate,
     cancel_compensates_completed_steps_in_reverse,
+    a_cancel_during_a_running_step_is_not_lost,
     starts_are_idempotent_and_inputs_checked,
     a_purchase_order_is_raised_approved_as_its_approver_and_cancelled_by_compensation,
 );
@@ -307,6 +308,74 @@ config = { currency = "EUR", approval_rules = "po_approval" }
             "completed"
         ]
     );
+
+    // Sent back to the buyer, then resubmitted: the first order is cancelled before the
+    // order is raised again (under the new round's key), and the new one is approved.
+    let again = start(order("250")).await;
+    let pending = reach(again.clone(), "PENDING_APPROVAL").await;
+    let first_po = pending["outputs"]["raise"]["po_number"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = app
+        .post(
+            Some(&approver),
+            "workflows/send_back",
+            json!({"id": again, "comment": "wrong seller"}),
+        )
+        .await;
+    assert_eq!(r.body["data"]["state"], "SENT_BACK", "{}", r.body);
+    let r = app
+        .post(
+            Some(&buyer),
+            "workflows/resubmit",
+            json!({"id": again, "input": {"quantity": "240"}}),
+        )
+        .await;
+    assert_eq!(r.body["data"]["state"], "COMPENSATING", "{}", r.body);
+    let pending = reach(again.clone(), "PENDING_APPROVAL").await;
+    let second_po = pending["outputs"]["raise"]["po_number"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(first_po, second_po);
+    let r = app
+        .post(
+            Some(&buyer),
+            "purchase-orders/get",
+            json!({"po_number": first_po}),
+        )
+        .await;
+    assert_eq!(r.body["data"]["status"], "CANCELLED", "{}", r.body);
+    let keys: Vec<String> = pending["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["step"] == "raise" && e["detail"]["idempotency_key"].is_string())
+        .map(|e| e["detail"]["idempotency_key"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            format!("{again}:raise:0"),
+            format!("{again}:raise:0:undo"),
+            format!("{again}:raise:1")
+        ]
+    );
+    let r = app
+        .post(Some(&approver), "workflows/approve", json!({"id": again}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    reach(again.clone(), "COMPLETED").await;
+    let r = app
+        .post(
+            Some(&buyer),
+            "purchase-orders/get",
+            json!({"po_number": second_po}),
+        )
+        .await;
+    assert_eq!(r.body["data"]["status"], "OPEN", "{}", r.body);
+    assert_eq!(r.body["data"]["quantity"], "240.000", "{}", r.body);
 
     // Cancelled while waiting for approval: the compensation cancels the order.
     let withdrawn = start(order("300")).await;
@@ -731,6 +800,19 @@ async fn retries_keep_one_idempotency_key_and_failures_compensate(
         2,
         "{trail:?}"
     );
+    // A name no step waits for is refused, naming the ones it waits for.
+    let r = f
+        .call(
+            &f.requester,
+            "signal",
+            json!({"id": id, "name": "delivred"}),
+        )
+        .await;
+    let detail = assert_error(&r, 400, ErrorCode::ValidationError);
+    assert_eq!(
+        detail,
+        "payload at '/name': workflow 'fulfilment' waits for no signal 'delivred' (it waits for: delivered)"
+    );
     // A signal nobody waits for is kept; the step waiting for its name takes it.
     let r = f
         .call(
@@ -910,6 +992,93 @@ async fn cancel_compensates_completed_steps_in_reverse(
     assert_error(&r, 409, ErrorCode::Conflict);
 }
 
+/// A call in flight when the cancel comes: it finishes, is compensated with the rest, and the
+/// approval after it never begins.
+pub const SLOW: &str = r#"
+name = "slow"
+version = 1
+
+[[steps]]
+id = "reserve"
+type = "call"
+service = "kv"
+action = "set"
+payload = { key = "held/${workflow.id}", value = 1 }
+compensate = { service = "kv", action = "delete", payload = { key = "held/${workflow.id}" } }
+
+[[steps]]
+id = "nap"
+type = "call"
+service = "probe"
+action = "sleep"
+payload = { ms = 400 }
+
+[[steps]]
+id = "ask"
+type = "approval"
+role = "DEPT_HEAD"
+"#;
+
+async fn a_cancel_during_a_running_step_is_not_lost(db: providers_database::testing::TestDatabase) {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::configured(db, with_workflows(dir.path(), 1.0, &[("slow.toml", SLOW)])).await;
+    let ana = app.token_as("acme", &["requester"], "ana", None);
+    let r = app
+        .post(Some(&ana), "workflows/start", json!({"definition": "slow"}))
+        .await;
+    let id = r.body["data"]["id"].as_str().unwrap().to_owned();
+    app.counters.reach(|c| &c.sleeping, 1).await;
+    let r = app
+        .post(Some(&ana), "workflows/cancel", json!({"id": id}))
+        .await;
+    assert_eq!(r.body["data"]["state"], "RUNNING", "{}", r.body);
+    let mut end = Value::Null;
+    for _ in 0..300 {
+        end = app
+            .post(Some(&ana), "workflows/get", json!({"id": id}))
+            .await
+            .body["data"]
+            .clone();
+        if end["state"] == "CANCELLED" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(end["state"], "CANCELLED", "{end:#}");
+    let trail = events(&end);
+    assert!(
+        trail.contains(&"step_completed nap".to_owned()),
+        "the call in flight finished: {trail:?}"
+    );
+    // Nothing starts after the cancel (the approval may be entered in the same write as the
+    // call's result, and is left at once).
+    let cancelled_at = trail.iter().position(|e| e == "cancel_requested").unwrap();
+    assert!(
+        !trail[cancelled_at..]
+            .iter()
+            .any(|e| e.starts_with("step_started")),
+        "{trail:?}"
+    );
+    assert!(
+        !trail
+            .iter()
+            .any(|e| e.starts_with("sla_breached") || e.starts_with("approved")),
+        "{trail:?}"
+    );
+    assert_eq!(
+        trail[trail.len() - 3..],
+        [
+            "compensation_started reserve",
+            "compensated reserve",
+            "ended"
+        ]
+    );
+    let r = app
+        .post(Some(&ana), "kv/get", json!({"key": format!("held/{id}")}))
+        .await;
+    assert_error(&r, 404, ErrorCode::NotFound);
+}
+
 async fn starts_are_idempotent_and_inputs_checked(db: providers_database::testing::TestDatabase) {
     let f = Flow::new(db, 1.0).await;
     let body = json!({"definition": "purchase_requisition", "idempotency_key": "req-77",
@@ -919,6 +1088,15 @@ async fn starts_are_idempotent_and_inputs_checked(db: providers_database::testin
     let again = f.call(&f.requester, "start", body.clone()).await;
     assert_eq!(again.body["data"]["created"], false, "{}", again.body);
     assert_eq!(again.body["data"]["id"], first.body["data"]["id"]);
+    // The same key from another requester is not theirs to reuse.
+    let r = f
+        .call(&f.as_role("requester", "otto"), "start", body.clone())
+        .await;
+    let detail = assert_error(&r, 409, ErrorCode::Conflict);
+    assert!(
+        detail.contains("another definition, input or requester"),
+        "{detail}"
+    );
     let mut other = body.clone();
     other["input"]["amount"] = json!(301);
     let r = f.call(&f.requester, "start", other).await;
