@@ -909,23 +909,18 @@ fn apply(
                 inst.attempt = 0;
             }
             Err(e) => {
-                let tries = u32::try_from(inst.attempt + 1).unwrap_or(u32::MAX);
-                if retry.again(e.code, tries) {
-                    let at = now + backoff(retry.delay_ms(tries), settings);
-                    inst.attempt += 1;
-                    inst.due_ms = Some(at);
-                    events.push(event(
-                        "compensation_failed",
-                        &last,
-                        json!({"code": e.code.as_str(), "error": e.detail, "retry_at_ms": at}),
-                    ));
-                    return Some(Next::Stop);
-                }
-                events.push(event(
+                if let Some(next) = retry_later(
+                    inst,
+                    &retry,
+                    &e,
+                    now,
+                    settings,
                     "compensation_failed",
                     &last,
-                    json!({"code": e.code.as_str(), "error": e.detail, "final": true}),
-                ));
+                    events,
+                ) {
+                    return Some(next);
+                }
                 note_error(
                     inst,
                     format!("compensation of step '{last}' failed: {}", e.detail),
@@ -971,15 +966,18 @@ fn apply(
             None
         }
         Err(e) => {
-            let tries = u32::try_from(inst.attempt + 1).unwrap_or(u32::MAX);
-            if retry.again(e.code, tries) {
-                let at = now + backoff(retry.delay_ms(tries), settings);
-                inst.attempt += 1;
-                inst.due_ms = Some(at);
-                events.push(event("step_failed", &step.id, json!({"code": e.code.as_str(), "error": e.detail, "attempt": tries, "retry_at_ms": at})));
-                return Some(Next::Stop);
+            if let Some(next) = retry_later(
+                inst,
+                retry,
+                &e,
+                now,
+                settings,
+                "step_failed",
+                &step.id,
+                events,
+            ) {
+                return Some(next);
             }
-            events.push(event("step_failed", &step.id, json!({"code": e.code.as_str(), "error": e.detail, "attempt": tries, "final": true})));
             note_error(
                 inst,
                 format!(
@@ -993,6 +991,37 @@ fn apply(
             None
         }
     }
+}
+
+/// Records a failed try of `step`'s call (or its compensation) as `kind`: with the time of the
+/// next try when `retry` allows one (`Some(Stop)`: it rests until then), else as final.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site each for steps and compensations"
+)]
+fn retry_later(
+    inst: &mut Instance,
+    retry: &crate::definition::Retry,
+    e: &ProviderError,
+    now: i64,
+    settings: &Settings,
+    kind: &'static str,
+    step: &str,
+    events: &mut Vec<Event>,
+) -> Option<Next> {
+    let tries = u32::try_from(inst.attempt + 1).unwrap_or(u32::MAX);
+    let mut detail = json!({"code": e.code.as_str(), "error": e.detail, "attempt": tries});
+    if retry.again(e.code, tries) {
+        let at = now + backoff(retry.delay_ms(tries), settings);
+        inst.attempt += 1;
+        inst.due_ms = Some(at);
+        detail["retry_at_ms"] = json!(at);
+        events.push(event(kind, step, detail));
+        return Some(Next::Stop);
+    }
+    detail["final"] = json!(true);
+    events.push(event(kind, step, detail));
+    None
 }
 
 /// A completed step as `done` keeps it: `<step>@<round>`.

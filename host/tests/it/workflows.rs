@@ -142,14 +142,19 @@ impl Flow {
 
     /// Waits (within 10 s) until `id` is in `state`; returns the instance.
     async fn reach(&self, id: &str, state: &str) -> Value {
+        self.until(id, |got| got["state"] == state).await
+    }
+
+    /// Waits (within 10 s) until `id` meets `check`; returns the instance.
+    async fn until(&self, id: &str, check: impl Fn(&Value) -> bool) -> Value {
         for _ in 0..500 {
             let got = self.get(id).await;
-            if got["state"] == state {
+            if check(&got) {
                 return got;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("{id} never reached {state}: {:#}", self.get(id).await);
+        panic!("{id} never got there: {:#}", self.get(id).await);
     }
 
     async fn kv(&self, key: &str) -> crate::support::Resp {
@@ -561,13 +566,10 @@ async fn send_back_resubmit_and_reject_follow_the_seed(
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // Back to the department head; from there back to the requester.
-    for _ in 0..200 {
-        let got = f.get(&id).await;
-        if got["state"] == "PENDING_APPROVAL" && got["step"] == "dept_head" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    f.until(&id, |got| {
+        got["state"] == "PENDING_APPROVAL" && got["step"] == "dept_head"
+    })
+    .await;
     let r = f
         .call(
             &head,
@@ -693,14 +695,9 @@ async fn overdue_approvals_are_reminded_and_escalated_on_the_seed_schedule(
     let r = f.call(&manager, "approve", json!({"id": id})).await;
     let detail = assert_error(&r, 403, ErrorCode::Forbidden);
     assert!(detail.contains("needs role DEPT_HEAD;"), "{detail}");
-    let mut escalated = Value::Null;
-    for _ in 0..400 {
-        escalated = f.get(&id).await;
-        if escalated["escalated_to"] == "PLANT_MANAGER" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let escalated = f
+        .until(&id, |got| got["escalated_to"] == "PLANT_MANAGER")
+        .await;
     assert_eq!(escalated["escalated_to"], "PLANT_MANAGER", "{escalated:#}");
     let trail = events(&escalated);
     assert_eq!(
@@ -742,14 +739,11 @@ async fn overdue_approvals_are_reminded_and_escalated_on_the_seed_schedule(
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // The accounts review (over 50,000) starts its own schedule, and escalates too.
-    let mut review = Value::Null;
-    for _ in 0..400 {
-        review = f.get(&id).await;
-        if review["step"] == "accounts" && review["escalated_to"] == "PLANT_MANAGER" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let review = f
+        .until(&id, |got| {
+            got["step"] == "accounts" && got["escalated_to"] == "PLANT_MANAGER"
+        })
+        .await;
     assert_eq!(
         (review["step"].as_str(), review["escalated_to"].as_str()),
         (Some("accounts"), Some("PLANT_MANAGER")),
@@ -927,13 +921,10 @@ async fn cancel_compensates_completed_steps_in_reverse(
             json!({"sku": "VALVE-2", "fail_times": 0, "code": "PROVIDER_UNAVAILABLE"}),
         )
         .await;
-    for _ in 0..300 {
-        let got = f.get(&id).await;
-        if got["state"] == "WAITING" && got["step"] == "delivery" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    f.until(&id, |got| {
+        got["state"] == "WAITING" && got["step"] == "delivery"
+    })
+    .await;
     assert_eq!(f.kv(&format!("reserved/{id}")).await.status, 200);
     let r = f
         .call(
