@@ -5,8 +5,13 @@
 //! `BENCH_POSTGRES_URL=postgres://…` for PostgreSQL as well.
 //!
 //! On each database, in one run:
-//! - **commit**: one single-row `INSERT` in its own transaction, one after another (the
-//!   reference for a step's latency);
+//! - **commit**: one single-row `INSERT` in its own transaction (`BEGIN`, `INSERT`, `COMMIT`),
+//!   one after another (the reference for a step's latency);
+//! - **one-statement commit**: the same `INSERT` committing itself, one round trip (the
+//!   cheapest commit either database has);
+//! - **update + insert commit**: what a step writes, without the executor: one row updated
+//!   (revision-checked) and one inserted in one transaction;
+//! - **the call alone**: `rules/list` through `Host::call`, without a workflow;
 //! - **step**: workflows of 50 call steps to a no-I/O builtin (`rules/list`) through the
 //!   host's call pipeline, run by the executor one after another: (start → COMPLETED) ÷ 50,
 //!   the median of 15 (the start and the claim are shared by the 50 steps; completion is polled by id
@@ -78,7 +83,7 @@ service = "rules"
 service = "workflows"
 [workflows]
 definitions = "{}"
-poll = "5ms"
+poll = "10ms"
 batch = 64
 concurrency = 64
 [tenants.acme]
@@ -90,6 +95,9 @@ services = ["rules", "workflows"]
 
 struct Figures {
     commit_us: f64,
+    auto_us: f64,
+    state_us: f64,
+    call_us: f64,
     step_us: f64,
     insert_rate: f64,
     step_rate: f64,
@@ -145,6 +153,58 @@ async fn run(url: &str) -> Figures {
         insert(pool.clone(), format!("seq{i}")).await;
     }
     let commit_us = started.elapsed().as_secs_f64() * 1e6 / 500.0;
+    // The same row written by one statement that commits itself: one round trip.
+    let started = Instant::now();
+    for i in 0..500 {
+        sqlx::query("INSERT INTO bench_raw (id, at) VALUES ($1, $2)")
+            .bind(format!("auto{i}"))
+            .bind(1_i64)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let auto_us = started.elapsed().as_secs_f64() * 1e6 / 500.0;
+
+    // What a step writes, without the executor: one row updated and one inserted, one commit.
+    for table in ["bench_state", "bench_events"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}")))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "CREATE TABLE bench_state (id TEXT PRIMARY KEY, body TEXT NOT NULL, rev BIGINT NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("CREATE TABLE bench_events (id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO bench_state (id, body, rev) VALUES ('s', '{}', 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let body = json!({"s0": {"sets": []}, "s1": {"sets": []}}).to_string();
+    let started = Instant::now();
+    for i in 0..500 {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("UPDATE bench_state SET body = $1, rev = rev + 1 WHERE id = 's' AND rev = $2")
+            .bind(&body)
+            .bind(i64::from(i))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO bench_events (id, body) VALUES ($1, $2)")
+            .bind(format!("e{i}"))
+            .bind(&body)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let state_us = started.elapsed().as_secs_f64() * 1e6 / 500.0;
 
     let identity = Identity {
         subject: "bench".into(),
@@ -165,6 +225,21 @@ async fn run(url: &str) -> Figures {
                 .to_owned()
         }
     };
+    // The call a step makes, alone.
+    let ctx = host.context(identity.clone(), "bench");
+    for _ in 0..50 {
+        host.call(ctx.clone(), "rules", "list", json!({}))
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    for _ in 0..2000 {
+        host.call(ctx.clone(), "rules", "list", json!({}))
+            .await
+            .unwrap();
+    }
+    let call_us = started.elapsed().as_secs_f64() * 1e6 / 2000.0;
+
     // Chains one after another; the median.
     let mut chains = Vec::new();
     for _ in 0..15 {
@@ -222,6 +297,9 @@ async fn run(url: &str) -> Figures {
     host.shutdown(Instant::now() + Duration::from_secs(5)).await;
     Figures {
         commit_us,
+        auto_us,
+        state_us,
+        call_us,
         step_us,
         insert_rate,
         step_rate: (WORKFLOWS * 3) as f64 / took,
@@ -245,14 +323,18 @@ fn main() {
     let (cores, cpu, stamp) = support::machine();
     let mut entry = format!(
         "## {stamp}\n\nMachine: {cores} cores, {cpu}. Steps call `rules/list` (no I/O) through the host's pipeline; references are raw single-row commits on the same database and pool, in the same run.\n\n\
-         | database | raw commit | step | step ÷ commit (goal ≤ 1.5) | raw inserts/s (64 tasks) | steps/s (1,000 workflows × 3) | ÷ raw (goal ≥ 0.5) | workflows/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+         | database | raw commit (`BEGIN`, `INSERT`, `COMMIT`) | one-statement commit (`INSERT`) | update + insert commit | the call alone | step | step ÷ raw commit (goal ≤ 1.5) | step ÷ one-statement commit | raw inserts/s (64 tasks) | steps/s (1,000 workflows × 3) | ÷ raw (goal ≥ 0.5) | workflows/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for (name, f) in &runs {
         entry.push_str(&format!(
-            "| {name} | {:.0} µs | {:.0} µs | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} |\n",
+            "| {name} | {:.0} µs | {:.0} µs | {:.0} µs | {:.1} µs | {:.0} µs | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} |\n",
             f.commit_us,
+            f.auto_us,
+            f.state_us,
+            f.call_us,
             f.step_us,
             f.step_us / f.commit_us,
+            f.step_us / f.auto_us,
             f.insert_rate,
             f.step_rate,
             f.step_rate / f.insert_rate,

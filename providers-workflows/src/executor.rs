@@ -126,8 +126,8 @@ pub struct Executor {
     permits: Arc<tokio::sync::Semaphore>,
     /// On SQLite: another process took the slot (this one was silent too long); stop.
     lost: std::sync::atomic::AtomicBool,
-    /// The batch writer every drive's writes go through.
-    writer: tokio::sync::mpsc::Sender<store::Pending>,
+    /// What every drive's writes go through.
+    writer: store::Writer,
 }
 
 fn hostname() -> String {
@@ -191,7 +191,7 @@ impl Executor {
         let postgres = crate::migrate::is_postgres(&pool);
         let owner = owner_name();
         let executor = Self {
-            writer: store::spawn_writer(pool.clone(), 1),
+            writer: store::Writer::new(pool.clone()),
             lost: std::sync::atomic::AtomicBool::new(false),
             pool,
             owner,
@@ -412,21 +412,7 @@ impl Executor {
                 inst.due_ms = Some(now);
             }
             let lease = hold.then(|| (self.owner.clone(), now + lease_ms(&self.settings)));
-            let (reply, written) = tokio::sync::oneshot::channel();
-            let pending = store::Pending {
-                inst: inst.clone(),
-                events,
-                now_ms: now,
-                lease,
-                reply,
-            };
-            self.writer
-                .send(pending)
-                .await
-                .map_err(|_| "the workflow writer has stopped".to_owned())?;
-            let saved = written
-                .await
-                .map_err(|_| "the workflow writer has stopped".to_owned())??;
+            let saved = self.writer.save(inst.clone(), events, now, lease).await?;
             match saved {
                 Some(cancel) => {
                     inst.rev += 1;

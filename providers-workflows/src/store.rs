@@ -346,7 +346,7 @@ pub(crate) async fn save(
     Ok(Some(cancel))
 }
 
-/// One executor write waiting for the batch writer.
+/// One executor write waiting to be committed.
 pub(crate) struct Pending {
     pub inst: Instance,
     pub events: Vec<Event>,
@@ -358,68 +358,271 @@ pub(crate) struct Pending {
 /// Most writes committed together.
 const BATCH: usize = 128;
 
-/// Commits the executor's writes in batches: every write that is waiting when a commit ends
-/// goes into the next one, each fenced by its own revision. One commit then covers many
-/// instances' steps, which is what bounds throughput (SQLite has one writer; PostgreSQL
-/// flushes its log per commit). `writers` batches may commit at once (1 on SQLite, whose
-/// writes are serial anyway).
-pub(crate) fn spawn_writer(pool: AnyPool, writers: usize) -> tokio::sync::mpsc::Sender<Pending> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Pending>(BATCH * 4);
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    for _ in 0..writers.max(1) {
-        let rx = rx.clone();
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            loop {
-                // Held only while a batch is taken, not while it is written.
-                let batch = {
-                    let mut rx = rx.lock().await;
-                    let Some(first) = rx.recv().await else { return };
-                    let mut batch = vec![first];
-                    while batch.len() < BATCH {
-                        match rx.try_recv() {
-                            Ok(p) => batch.push(p),
-                            Err(_) => break,
-                        }
+/// Commits the executor's writes, many instances' in one transaction when they come together
+/// (each still fenced by its own revision): what bounds throughput is commits (SQLite has one
+/// writer; PostgreSQL flushes its log per commit). There is no writer task: whoever holds the
+/// lock commits everything queued, its own write included, so an uncontended write costs no
+/// hand-off between tasks, and a write that waited finds itself committed by the one before.
+pub(crate) struct Writer {
+    pool: AnyPool,
+    postgres: bool,
+    queue: std::sync::Mutex<Vec<Pending>>,
+    committing: tokio::sync::Mutex<()>,
+}
+
+impl Writer {
+    pub(crate) fn new(pool: AnyPool) -> Self {
+        Self {
+            postgres: crate::migrate::is_postgres(&pool),
+            pool,
+            queue: std::sync::Mutex::new(Vec::new()),
+            committing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Commits `inst` and `events` (see [`save`]), with whatever else is waiting.
+    pub(crate) async fn save(
+        &self,
+        inst: Instance,
+        events: Vec<Event>,
+        now_ms: i64,
+        lease: Option<(String, i64)>,
+    ) -> Result<Option<bool>, String> {
+        let (reply, mut written) = tokio::sync::oneshot::channel();
+        self.queue
+            .lock()
+            .map_err(|_| "the workflow write queue is poisoned".to_owned())?
+            .push(Pending {
+                inst,
+                events,
+                now_ms,
+                lease,
+                reply,
+            });
+        loop {
+            let _turn = self.committing.lock().await;
+            if let Some(done) = Self::answered(&mut written) {
+                return done;
+            }
+            let batch: Vec<Pending> = {
+                let mut queue = self
+                    .queue
+                    .lock()
+                    .map_err(|_| "the workflow write queue is poisoned".to_owned())?;
+                let n = queue.len().min(BATCH);
+                queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                // Ours is neither queued nor answered: cannot happen, as whoever took it
+                // answers (or drops it) before letting go of the lock.
+                return Err("the workflow write was lost before its commit".into());
+            }
+            match write_batch(&self.pool, self.postgres, &batch).await {
+                Ok(outcomes) => {
+                    for (p, outcome) in batch.into_iter().zip(outcomes) {
+                        let _ = p.reply.send(Ok(outcome));
                     }
-                    batch
-                };
-                match write_batch(&pool, &batch).await {
-                    Ok(outcomes) => {
-                        for (p, outcome) in batch.into_iter().zip(outcomes) {
-                            let _ = p.reply.send(Ok(outcome));
-                        }
-                    }
-                    Err(e) => {
-                        let e = e.to_string();
-                        for p in batch {
-                            let _ = p.reply.send(Err(e.clone()));
-                        }
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    for p in batch {
+                        let _ = p.reply.send(Err(e.clone()));
                     }
                 }
             }
-        });
+            if let Some(done) = Self::answered(&mut written) {
+                return done;
+            }
+        }
     }
-    tx
+
+    /// The answer to a queued write, once it was committed or abandoned (the drive that took
+    /// it into its batch was dropped mid-commit: then it is in doubt, and retried from the
+    /// database's state like any fault).
+    fn answered(
+        written: &mut tokio::sync::oneshot::Receiver<Result<Option<bool>, String>>,
+    ) -> Option<Result<Option<bool>, String>> {
+        match written.try_recv() {
+            Ok(done) => Some(done),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Some(Err(
+                "the commit carrying this write was abandoned; its outcome is read back".into(),
+            )),
+        }
+    }
 }
 
-async fn write_batch(pool: &AnyPool, batch: &[Pending]) -> Result<Vec<Option<bool>>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut rows: Vec<(&str, i64, &Event)> = Vec::new();
-    for p in batch {
-        let lease = p.lease.as_ref().map(|(o, u)| (o.as_str(), *u));
-        let outcome = update(&mut tx, &p.inst, p.now_ms, lease, false).await?;
-        if outcome.is_some() {
-            rows.extend(p.events.iter().map(|e| (p.inst.id.as_str(), p.now_ms, e)));
+/// `sql` with every `$n` placeholder moved up by `by`.
+fn shifted(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut chars = sql.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
         }
-        outcomes.push(outcome);
+        let from = i + 1;
+        let mut to = from;
+        while let Some(&(j, d)) = chars.peek() {
+            if !d.is_ascii_digit() {
+                break;
+            }
+            to = j + 1;
+            chars.next();
+        }
+        match sql[from..to].parse::<usize>() {
+            Ok(n) => out.push_str(&format!("${}", n + by)),
+            Err(_) => out.push('$'),
+        }
     }
-    if !rows.is_empty() {
-        insert_events(&mut tx, &rows).await?;
+    out
+}
+
+/// The columns of a history row, in the order [`bind_event`] binds them.
+const HISTORY_COLUMNS: &str = "instance, at_ms, kind, step, actor, comment, detail";
+
+/// `(${base+1}, …, ${base+7}), …` for `n` history rows.
+fn history_values(base: usize, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let b = base + i * 7;
+            format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Parameters of one instance's update in a batch ($1..$18 of [`update_sql`]).
+const UPDATE_PARAMS: usize = 18;
+
+/// Commits `batch` in one statement on PostgreSQL (each update a CTE whose history rows are
+/// inserted only if it matched its revision) or one script inside `BEGIN IMMEDIATE … COMMIT`
+/// on SQLite (each history insert guarded by `changes()` of the update before it): one round
+/// trip to the database either way, where a transaction of separate statements takes four.
+async fn write_batch(
+    pool: &AnyPool,
+    postgres: bool,
+    batch: &[Pending],
+) -> Result<Vec<Option<bool>>, sqlx::Error> {
+    let update = update_sql(false).replace(
+        "RETURNING cancel_requested",
+        "RETURNING id, cancel_requested",
+    );
+    let mut sql = String::new();
+    let mut base = 0;
+    let mut selects = Vec::new();
+    if !postgres {
+        sql.push_str("BEGIN IMMEDIATE;\n");
     }
-    tx.commit().await?;
-    Ok(outcomes)
+    for (i, p) in batch.iter().enumerate() {
+        let update = shifted(&update, base);
+        base += UPDATE_PARAMS;
+        let values = (!p.events.is_empty()).then(|| history_values(base, p.events.len()));
+        base += p.events.len() * 7;
+        if postgres {
+            sql.push_str(if i == 0 { "WITH " } else { ", " });
+            sql.push_str(&format!("u{i} AS ({update})"));
+            if let Some(values) = values {
+                sql.push_str(&format!(
+                    ", e{i} AS (INSERT INTO wf_history ({HISTORY_COLUMNS}) SELECT * FROM (VALUES {values}) AS v \
+                     WHERE EXISTS (SELECT 1 FROM u{i}))"
+                ));
+            }
+            selects.push(format!("SELECT id, cancel_requested FROM u{i}"));
+        } else {
+            sql.push_str(&update);
+            sql.push_str(";\n");
+            if let Some(values) = values {
+                sql.push_str(&format!(
+                    "INSERT INTO wf_history ({HISTORY_COLUMNS}) SELECT * FROM (VALUES {values}) WHERE changes() = 1;\n"
+                ));
+            }
+        }
+    }
+    if postgres {
+        sql.push(' ');
+        sql.push_str(&selects.join(" UNION ALL "));
+    } else {
+        sql.push_str("COMMIT;");
+    }
+    // Only placeholders are formatted in; every value is bound.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(batch.len() == 1);
+    for p in batch {
+        let inst = &p.inst;
+        query = query
+            .bind(inst.state.clone())
+            .bind(inst.ending.clone())
+            .bind(inst.cursor)
+            .bind(inst.round)
+            .bind(inst.attempt)
+            .bind(inst.entered_ms)
+            .bind(inst.role.clone())
+            .bind(inst.escalated_to.clone())
+            .bind(inst.reminders)
+            .bind(Value::Object(inst.outputs.clone()).to_string())
+            .bind(json!(inst.done).to_string())
+            .bind(inst.error.clone())
+            .bind(inst.due_ms)
+            .bind(p.now_ms)
+            .bind(p.lease.as_ref().map(|(owner, _)| owner.clone()))
+            .bind(p.lease.as_ref().map(|(_, until)| *until))
+            .bind(inst.id.clone())
+            .bind(inst.rev);
+        for e in &p.events {
+            query = query
+                .bind(inst.id.clone())
+                .bind(p.now_ms)
+                .bind(e.kind)
+                .bind(e.step.clone())
+                .bind(e.actor.clone())
+                .bind(e.comment.clone())
+                .bind(e.detail.to_string());
+        }
+    }
+    let rows = if postgres {
+        query.fetch_all(pool).await?
+    } else {
+        let mut conn = pool.acquire().await?;
+        match query.fetch_all(&mut *conn).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                // The script may have stopped inside its transaction: end it before the
+                // connection is used again, or drop the connection if that fails too.
+                if let Err(r) = sqlx::query("ROLLBACK").execute(&mut *conn).await
+                    && !is_no_transaction(&r)
+                {
+                    drop(conn.detach());
+                }
+                return Err(e);
+            }
+        }
+    };
+    let mut written = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let id: String = row.try_get(0)?;
+        let cancel: i64 = row.try_get(1)?;
+        written.insert(id, cancel != 0);
+    }
+    Ok(batch
+        .iter()
+        .map(|p| written.get(&p.inst.id).copied())
+        .collect())
+}
+
+/// Whether `e` is SQLite saying no transaction was open (the script failed before `BEGIN`, or
+/// the failure rolled it back already).
+fn is_no_transaction(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.message().contains("no transaction is active"))
 }
 
 /// The instance `id` of `tenant`.
@@ -503,4 +706,142 @@ pub(crate) async fn snapshot(pool: &AnyPool, digest: &str) -> Result<Arc<Loaded>
     let loaded = Arc::new(Loaded::new(definition).map_err(ProviderError::internal)?);
     remember(&loaded);
     Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use providers_database::testing::TestDatabase;
+
+    use super::*;
+
+    async fn seeded(db: &TestDatabase) -> AnyPool {
+        let pool = db.pool().await;
+        crate::prepare(&pool).await.expect("workflow tables");
+        sqlx::query(
+            "INSERT INTO wf_definitions (digest, name, version, body, created_ms) VALUES ('d', 'f', 1, '{}', 0)",
+        )
+        .execute(&pool)
+        .await
+        .expect("definition");
+        for id in ["a", "b", "c"] {
+            sqlx::query(
+                "INSERT INTO wf_instances (id, tenant, definition, version, digest, idempotency_key, request_hash, \
+                 requester, roles, company_id, state, ending, cursor, round, attempt, entered_ms, role, escalated_to, \
+                 reminders, input, outputs, done, error, cancel_requested, due_ms, lease_owner, lease_until_ms, rev, \
+                 created_ms, updated_ms) VALUES ($1, 't', 'f', 1, 'd', NULL, 'h', 'u', '[]', NULL, 'RUNNING', NULL, 0, 0, 0, \
+                 NULL, NULL, NULL, 0, '{}', '{}', '[]', NULL, $2, 0, NULL, NULL, 5, 0, 0)",
+            )
+            .bind(id)
+            .bind(i64::from(id == "c"))
+            .execute(&pool)
+            .await
+            .expect("instance");
+        }
+        pool
+    }
+
+    fn pending(mut inst: Instance, rev: i64, events: usize) -> Pending {
+        inst.rev = rev;
+        inst.cursor = 1;
+        let event = |i: usize| Event {
+            kind: "step_completed",
+            step: Some(format!("s{i}")),
+            actor: None,
+            comment: Some("it's \"quoted\"".into()),
+            detail: json!({"i": i}),
+        };
+        Pending {
+            inst,
+            events: (0..events).map(event).collect(),
+            now_ms: 9,
+            lease: Some(("me".into(), 99)),
+            reply: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    async fn history(pool: &AnyPool, id: &str) -> Vec<(String, Option<String>)> {
+        sqlx::query("SELECT kind, step FROM wf_history WHERE instance = $1 ORDER BY id")
+            .bind(id)
+            .fetch_all(pool)
+            .await
+            .expect("history")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    /// One statement writes several instances: each update lands only at the revision it
+    /// names, and a stale one's history rows are not written either.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_writes_each_instance_only_at_its_revision() {
+        for db in TestDatabase::both().await {
+            let pool = seeded(&db).await;
+            let postgres = db.backend == "postgres";
+            let load = |id: &'static str| {
+                let pool = pool.clone();
+                async move { load(&pool, "t", id).await.expect("read").expect("there") }
+            };
+            let batch = vec![
+                pending(load("a").await, 5, 2),
+                pending(load("b").await, 4, 1),
+                pending(load("c").await, 5, 0),
+            ];
+            let outcomes = write_batch(&pool, postgres, &batch).await.expect("written");
+            assert_eq!(
+                outcomes,
+                vec![Some(false), None, Some(true)],
+                "{}",
+                db.backend
+            );
+            let lease = |id: &'static str| {
+                let pool = pool.clone();
+                async move {
+                    sqlx::query("SELECT lease_owner FROM wf_instances WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(&pool)
+                        .await
+                        .expect("lease")
+                        .get::<Option<String>, _>(0)
+                }
+            };
+            let a = load("a").await;
+            assert_eq!((a.rev, a.cursor), (6, 1), "{}", db.backend);
+            assert_eq!(lease("a").await.as_deref(), Some("me"));
+            let b = load("b").await;
+            assert_eq!((b.rev, b.cursor), (5, 0), "{}", db.backend);
+            assert_eq!(lease("b").await, None);
+            assert_eq!(
+                history(&pool, "a").await,
+                vec![
+                    ("step_completed".to_owned(), Some("s0".to_owned())),
+                    ("step_completed".to_owned(), Some("s1".to_owned()))
+                ]
+            );
+            assert!(history(&pool, "b").await.is_empty(), "{}", db.backend);
+
+            // A batch that fails after its update changes nothing, and every connection of
+            // the pool is usable after it (no transaction left open).
+            sqlx::query("ALTER TABLE wf_history RENAME TO wf_history_away")
+                .execute(&pool)
+                .await
+                .expect("rename");
+            let failed = write_batch(&pool, postgres, &[pending(load("a").await, 6, 1)]).await;
+            assert!(failed.is_err(), "{}", db.backend);
+            sqlx::query("ALTER TABLE wf_history_away RENAME TO wf_history")
+                .execute(&pool)
+                .await
+                .expect("rename back");
+            assert_eq!(load("a").await.rev, 6, "{}", db.backend);
+            for _ in 0..4 {
+                let at = load("a").await;
+                let rev = at.rev;
+                let outcomes = write_batch(&pool, postgres, &[pending(at, rev, 1)])
+                    .await
+                    .expect("written after a failure");
+                assert_eq!(outcomes, vec![Some(false)], "{}", db.backend);
+            }
+            assert_eq!(load("a").await.rev, 10, "{}", db.backend);
+            assert_eq!(history(&pool, "a").await.len(), 6, "{}", db.backend);
+        }
+    }
 }
