@@ -12,17 +12,29 @@ static PREPARED: Mutex<Option<HashSet<String>>> = Mutex::const_new(None);
 
 fn migrator(postgres: bool) -> Migrator {
     let sql = if postgres {
-        include_str!("../migrations/postgres/0001_workflows.sql")
+        [
+            include_str!("../migrations/postgres/0001_workflows.sql"),
+            include_str!("../migrations/postgres/0002_write_id.sql"),
+        ]
     } else {
-        include_str!("../migrations/sqlite/0001_workflows.sql")
+        [
+            include_str!("../migrations/sqlite/0001_workflows.sql"),
+            include_str!("../migrations/sqlite/0002_write_id.sql"),
+        ]
     };
-    let mut m = Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("workflows"),
-        MigrationType::Simple,
-        sqlx::AssertSqlSafe(sql).into_sql_str(),
-        false,
-    )]);
+    let migration = |version: i64, name: &'static str, sql: &'static str| {
+        Migration::new(
+            version,
+            Cow::Borrowed(name),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(sql).into_sql_str(),
+            false,
+        )
+    };
+    let mut m = Migrator::with_migrations(vec![
+        migration(1, "workflows", sql[0]),
+        migration(2, "write_id", sql[1]),
+    ]);
     m.dangerous_set_table_name("_workflows_migrations");
     m
 }

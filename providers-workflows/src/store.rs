@@ -357,6 +357,9 @@ pub(crate) struct Pending {
 
 /// Most writes committed together.
 const BATCH: usize = 128;
+/// Most history rows in one batch statement (with [`BATCH`], far below either database's
+/// limit on bound values once padded); a single write with more goes alone, in a transaction.
+const BATCH_EVENTS: usize = 1024;
 
 /// Commits the executor's writes, many instances' in one transaction when they come together
 /// (each still fenced by its own revision): what bounds throughput is commits (SQLite has one
@@ -409,7 +412,15 @@ impl Writer {
                     .queue
                     .lock()
                     .map_err(|_| "the workflow write queue is poisoned".to_owned())?;
-                let n = queue.len().min(BATCH);
+                let mut n = 0;
+                let mut events = 0;
+                while let Some(p) = queue.get(n) {
+                    if n > 0 && (n == BATCH || events + p.events.len() > BATCH_EVENTS) {
+                        break;
+                    }
+                    events += p.events.len();
+                    n += 1;
+                }
                 queue.drain(..n).collect()
             };
             if batch.is_empty() {
@@ -452,141 +463,175 @@ impl Writer {
     }
 }
 
-/// `sql` with every `$n` placeholder moved up by `by`.
-fn shifted(sql: &str, by: usize) -> String {
-    let mut out = String::with_capacity(sql.len() + 16);
-    let mut chars = sql.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        if c != '$' {
-            out.push(c);
-            continue;
-        }
-        let from = i + 1;
-        let mut to = from;
-        while let Some(&(j, d)) = chars.peek() {
-            if !d.is_ascii_digit() {
-                break;
+/// The columns of one instance's row in a batch's `v` table, in the order they are bound.
+const V_COLUMNS: &str = "id, rev, state, ending, cursor, round, attempt, entered_ms, role, \
+     escalated_to, reminders, outputs, done, error, due_ms, now_ms, lease_owner, lease_until_ms";
+const V_WIDTH: usize = 18;
+
+/// The columns of one history row in a batch's `h` table: the row and its order in the batch.
+const H_COLUMNS: &str = "instance, at_ms, kind, step, actor, comment, detail, ord";
+const H_WIDTH: usize = 8;
+
+/// What the executor's update sets from a row of `v`; as [`update_sql`] (a cancel asked for
+/// keeps the instance due now), for many rows at once.
+const V_SET: &str = "state = v.state, ending = v.ending, cursor = v.cursor, round = v.round, \
+     attempt = v.attempt, entered_ms = v.entered_ms, role = v.role, escalated_to = v.escalated_to, \
+     reminders = v.reminders, outputs = v.outputs, done = v.done, error = v.error, \
+     due_ms = CASE WHEN wf_instances.cancel_requested = 1 AND v.state NOT IN \
+     ('COMPLETED', 'REJECTED', 'CANCELLED', 'FAILED', 'COMPENSATING') THEN v.now_ms ELSE v.due_ms END, \
+     updated_ms = v.now_ms, rev = wf_instances.rev + 1, lease_owner = v.lease_owner, \
+     lease_until_ms = v.lease_until_ms, write_id = $1";
+
+/// `($2, …), (…)`: `rows` rows of `width` placeholders from `$base+2` (`$1` is the batch's id).
+fn placeholders(base: usize, rows: usize, width: usize) -> String {
+    let mut out = String::with_capacity(rows * width * 5);
+    for r in 0..rows {
+        out.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..width {
+            if c > 0 {
+                out.push_str(", ");
             }
-            to = j + 1;
-            chars.next();
+            out.push('$');
+            out.push_str(&(base + r * width + c + 2).to_string());
         }
-        match sql[from..to].parse::<usize>() {
-            Ok(n) => out.push_str(&format!("${}", n + by)),
-            Err(_) => out.push('$'),
-        }
+        out.push(')');
     }
     out
 }
 
-/// The columns of a history row, in the order [`bind_event`] binds them.
-const HISTORY_COLUMNS: &str = "instance, at_ms, kind, step, actor, comment, detail";
-
-/// `(${base+1}, …, ${base+7}), …` for `n` history rows.
-fn history_values(base: usize, n: usize) -> String {
-    (0..n)
-        .map(|i| {
-            let b = base + i * 7;
-            format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The batch statement for `instances` rows of `v` and `events` rows of `h` (both already
+/// rounded up, so the database sees few distinct statements and keeps each one prepared).
+fn batch_sql(postgres: bool, instances: usize, events: usize) -> String {
+    let v = placeholders(0, instances, V_WIDTH);
+    let update = format!(
+        "UPDATE wf_instances SET {V_SET} FROM v WHERE wf_instances.id = v.id AND wf_instances.rev = v.rev \
+         RETURNING wf_instances.id, wf_instances.cancel_requested"
+    );
+    let h = (events > 0).then(|| placeholders(instances * V_WIDTH, events, H_WIDTH));
+    let insert = "INSERT INTO wf_history (instance, at_ms, kind, step, actor, comment, detail) \
+         SELECT instance, at_ms, kind, step, actor, comment, detail FROM h";
+    if postgres {
+        // One statement: the history rows go in only for the instances `u` wrote.
+        let mut sql = format!("WITH v ({V_COLUMNS}) AS (VALUES {v}), u AS ({update})");
+        if let Some(h) = h {
+            sql.push_str(&format!(
+                ", h ({H_COLUMNS}) AS (VALUES {h}), e AS ({insert} WHERE instance IN (SELECT id FROM u) ORDER BY ord)"
+            ));
+        }
+        sql.push_str(" SELECT id, cancel_requested FROM u");
+        sql
+    } else {
+        // One script in one transaction: the instances its update wrote carry the batch's id.
+        let mut sql = format!("BEGIN IMMEDIATE;\nWITH v ({V_COLUMNS}) AS (VALUES {v}) {update};\n");
+        if let Some(h) = h {
+            sql.push_str(&format!(
+                "WITH h ({H_COLUMNS}) AS (VALUES {h}) {insert} WHERE EXISTS \
+                 (SELECT 1 FROM wf_instances w WHERE w.id = h.instance AND w.write_id = $1) ORDER BY ord;\n"
+            ));
+        }
+        sql.push_str("COMMIT;");
+        sql
+    }
 }
 
-/// Parameters of one instance's update in a batch ($1..$18 of [`update_sql`]).
-const UPDATE_PARAMS: usize = 18;
-
-/// Commits `batch` in one statement on PostgreSQL (each update a CTE whose history rows are
-/// inserted only if it matched its revision) or one script inside `BEGIN IMMEDIATE … COMMIT`
-/// on SQLite (each history insert guarded by `changes()` of the update before it): one round
-/// trip to the database either way, where a transaction of separate statements takes four.
+/// Commits `batch` in one round trip: on PostgreSQL one statement (the updates from a
+/// `VALUES` table, the history rows inserted only for the instances written), on SQLite one
+/// script inside `BEGIN IMMEDIATE … COMMIT`. Each instance is written only at the revision it
+/// names. Rows are padded (with rows that match nothing) to powers of two.
 async fn write_batch(
     pool: &AnyPool,
     postgres: bool,
     batch: &[Pending],
 ) -> Result<Vec<Option<bool>>, sqlx::Error> {
-    let update = update_sql(false).replace(
-        "RETURNING cancel_requested",
-        "RETURNING id, cancel_requested",
-    );
-    let mut sql = String::new();
-    let mut base = 0;
-    let mut selects = Vec::new();
-    if !postgres {
-        sql.push_str("BEGIN IMMEDIATE;\n");
+    let event_count: usize = batch.iter().map(|p| p.events.len()).sum();
+    if let [only] = batch
+        && event_count > BATCH_EVENTS
+    {
+        let lease = only.lease.as_ref().map(|(o, u)| (o.as_str(), *u));
+        return Ok(vec![
+            save(pool, &only.inst, &only.events, only.now_ms, lease).await?,
+        ]);
     }
-    for (i, p) in batch.iter().enumerate() {
-        let update = shifted(&update, base);
-        base += UPDATE_PARAMS;
-        let values = (!p.events.is_empty()).then(|| history_values(base, p.events.len()));
-        base += p.events.len() * 7;
-        if postgres {
-            sql.push_str(if i == 0 { "WITH " } else { ", " });
-            sql.push_str(&format!("u{i} AS ({update})"));
-            if let Some(values) = values {
-                sql.push_str(&format!(
-                    ", e{i} AS (INSERT INTO wf_history ({HISTORY_COLUMNS}) SELECT * FROM (VALUES {values}) AS v \
-                     WHERE EXISTS (SELECT 1 FROM u{i}))"
-                ));
-            }
-            selects.push(format!("SELECT id, cancel_requested FROM u{i}"));
-        } else {
-            sql.push_str(&update);
-            sql.push_str(";\n");
-            if let Some(values) = values {
-                sql.push_str(&format!(
-                    "INSERT INTO wf_history ({HISTORY_COLUMNS}) SELECT * FROM (VALUES {values}) WHERE changes() = 1;\n"
-                ));
-            }
-        }
-    }
-    if postgres {
-        sql.push(' ');
-        sql.push_str(&selects.join(" UNION ALL "));
+    let instances = batch.len().max(1).next_power_of_two();
+    let events = if event_count == 0 {
+        0
     } else {
-        sql.push_str("COMMIT;");
-    }
+        event_count.next_power_of_two()
+    };
+    let sql = batch_sql(postgres, instances, events);
     // Only placeholders are formatted in; every value is bound.
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(batch.len() == 1);
+    let write_id = i64::from_ne_bytes(uuid::Uuid::new_v4().as_u64_pair().0.to_ne_bytes());
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(write_id);
     for p in batch {
         let inst = &p.inst;
         query = query
-            .bind(inst.state.clone())
+            .bind(Some(inst.id.clone()))
+            .bind(Some(inst.rev))
+            .bind(Some(inst.state.clone()))
             .bind(inst.ending.clone())
-            .bind(inst.cursor)
-            .bind(inst.round)
-            .bind(inst.attempt)
+            .bind(Some(inst.cursor))
+            .bind(Some(inst.round))
+            .bind(Some(inst.attempt))
             .bind(inst.entered_ms)
             .bind(inst.role.clone())
             .bind(inst.escalated_to.clone())
-            .bind(inst.reminders)
-            .bind(Value::Object(inst.outputs.clone()).to_string())
-            .bind(json!(inst.done).to_string())
+            .bind(Some(inst.reminders))
+            .bind(Some(Value::Object(inst.outputs.clone()).to_string()))
+            .bind(Some(json!(inst.done).to_string()))
             .bind(inst.error.clone())
             .bind(inst.due_ms)
-            .bind(p.now_ms)
+            .bind(Some(p.now_ms))
             .bind(p.lease.as_ref().map(|(owner, _)| owner.clone()))
-            .bind(p.lease.as_ref().map(|(_, until)| *until))
-            .bind(inst.id.clone())
-            .bind(inst.rev);
+            .bind(p.lease.as_ref().map(|(_, until)| *until));
+    }
+    for _ in batch.len()..instances {
+        // Matches no row: its id is NULL.
+        query = query
+            .bind(None::<String>)
+            .bind(None::<i64>)
+            .bind(None::<String>)
+            .bind(None::<String>)
+            .bind(None::<i64>)
+            .bind(None::<i64>)
+            .bind(None::<i64>)
+            .bind(None::<i64>)
+            .bind(None::<String>)
+            .bind(None::<String>)
+            .bind(None::<i64>)
+            .bind(None::<String>)
+            .bind(None::<String>)
+            .bind(None::<String>)
+            .bind(None::<i64>)
+            .bind(None::<i64>)
+            .bind(None::<String>)
+            .bind(None::<i64>);
+    }
+    let mut ord = 0_i64;
+    for p in batch {
         for e in &p.events {
+            ord += 1;
             query = query
-                .bind(inst.id.clone())
-                .bind(p.now_ms)
-                .bind(e.kind)
+                .bind(Some(p.inst.id.clone()))
+                .bind(Some(p.now_ms))
+                .bind(Some(e.kind))
                 .bind(e.step.clone())
                 .bind(e.actor.clone())
                 .bind(e.comment.clone())
-                .bind(e.detail.to_string());
+                .bind(Some(e.detail.to_string()))
+                .bind(Some(ord));
         }
+    }
+    for _ in event_count..events {
+        // Belongs to no instance: never inserted.
+        query = query
+            .bind(None::<String>)
+            .bind(None::<i64>)
+            .bind(None::<&'static str>)
+            .bind(None::<String>)
+            .bind(None::<String>)
+            .bind(None::<String>)
+            .bind(None::<String>)
+            .bind(None::<i64>);
     }
     let rows = if postgres {
         query.fetch_all(pool).await?
