@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 
-mod fields;
+mod json;
 mod otlp;
 mod writer;
 
@@ -135,20 +135,13 @@ pub fn init(
     type Boxed = Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>;
     // Lines are written in batches by a thread of their own (see `writer`).
     let (writer, guard) = writer::stderr();
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let logs: Boxed = match format {
-        LogFormat::Text => fmt
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_filter(filter)
             .boxed(),
-        LogFormat::Json => fmt
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(true)
-            .fmt_fields(fields::AppendJson)
-            .with_filter(filter)
-            .boxed(),
+        LogFormat::Json => json::JsonLines::new(writer).with_filter(filter).boxed(),
     };
     let mut layers = vec![logs];
     let mut telemetry = Telemetry {

@@ -24,6 +24,8 @@ const SPILL_AT: usize = 8 * 1024 * 1024;
 
 struct Shared {
     lines: Mutex<Vec<u8>>,
+    /// Where batches go: stderr, or memory in this crate's tests.
+    sink: Option<Mutex<Vec<u8>>>,
     wake: Condvar,
     /// Held while writing, so batches leave in the order they were taken.
     out: Mutex<()>,
@@ -38,9 +40,15 @@ impl Shared {
     fn write_out(&self) {
         let _out = lock(&self.out);
         let batch = std::mem::take(&mut *lock(&self.lines));
-        if !batch.is_empty() {
+        if batch.is_empty() {
+            return;
+        }
+        match &self.sink {
             // Nowhere to report a failed write to stderr; the lines are gone either way.
-            let _ = std::io::stderr().lock().write_all(&batch);
+            None => {
+                let _ = std::io::stderr().lock().write_all(&batch);
+            }
+            Some(memory) => lock(memory).extend_from_slice(&batch),
         }
     }
 }
@@ -63,8 +71,19 @@ impl std::fmt::Debug for Flusher {
 
 /// A batched stderr writer and the guard of its thread.
 pub(crate) fn stderr() -> (Batched, Flusher) {
+    start(None)
+}
+
+/// A batched writer into memory ([`Batched::taken`]), for tests.
+#[cfg(test)]
+pub(crate) fn memory() -> (Batched, Flusher) {
+    start(Some(Mutex::new(Vec::new())))
+}
+
+fn start(sink: Option<Mutex<Vec<u8>>>) -> (Batched, Flusher) {
     let shared = Arc::new(Shared {
         lines: Mutex::new(Vec::with_capacity(64 * 1024)),
+        sink,
         wake: Condvar::new(),
         out: Mutex::new(()),
         stop: AtomicBool::new(false),
@@ -101,11 +120,9 @@ impl Drop for Flusher {
     }
 }
 
-/// One line on its way into the buffer.
-pub(crate) struct Line<'a>(&'a Shared);
-
-impl Write for Line<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+impl Batched {
+    /// Queues `bytes` (whole lines) to be written.
+    pub(crate) fn push(&self, bytes: &[u8]) {
         let mut lines = lock(&self.0.lines);
         lines.extend_from_slice(bytes);
         let waiting = lines.len();
@@ -115,6 +132,25 @@ impl Write for Line<'_> {
         } else if waiting >= WAKE_AT {
             self.0.wake.notify_one();
         }
+    }
+
+    /// What a memory writer has written so far.
+    #[cfg(test)]
+    pub(crate) fn taken(&self) -> Vec<u8> {
+        self.0
+            .sink
+            .as_ref()
+            .map(|m| lock(m).clone())
+            .unwrap_or_default()
+    }
+}
+
+/// One line on its way into the buffer.
+pub(crate) struct Line<'a>(&'a Batched);
+
+impl Write for Line<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.push(bytes);
         Ok(bytes.len())
     }
 
@@ -127,6 +163,6 @@ impl<'a> MakeWriter<'a> for Batched {
     type Writer = Line<'a>;
 
     fn make_writer(&'a self) -> Self::Writer {
-        Line(&self.0)
+        Line(self)
     }
 }
