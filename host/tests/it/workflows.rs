@@ -825,7 +825,8 @@ async fn retries_keep_one_idempotency_key_and_failures_compensate(
         .await;
     assert_eq!(
         r.body["data"]["delivered"], false,
-        "each name is received once"
+        "each name is received once: {}",
+        r.body
     );
     let done = f.reach(&id, "COMPLETED").await;
     assert_eq!(done["outputs"]["delivery"], json!({"note": "dock 4"}));
