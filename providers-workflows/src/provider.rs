@@ -671,6 +671,18 @@ impl Connected {
             )));
         }
         let inst = self.instance(id).await?;
+        // A signal sent again (a sender retrying) is answered the same whatever happened
+        // since, the workflow's end included: it was received once.
+        let received = sqlx::query("SELECT 1 FROM wf_signals WHERE instance = $1 AND name = $2")
+            .bind(id)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .is_some();
+        if received {
+            return Ok(json!({"id": id, "name": name, "delivered": false}));
+        }
         if state::is_final(&inst.state) {
             return Err(ProviderError::conflict(format!(
                 "instance '{id}' is {}; it takes no more signals",

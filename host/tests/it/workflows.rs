@@ -829,6 +829,16 @@ async fn retries_keep_one_idempotency_key_and_failures_compensate(
         r.body
     );
     let done = f.reach(&id, "COMPLETED").await;
+    // A sender retrying after the end is told the same.
+    let r = f
+        .call(
+            &f.requester,
+            "signal",
+            json!({"id": id, "name": "delivered", "payload": {"note": "late"}}),
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.body);
+    assert_eq!(r.body["data"]["delivered"], false, "{}", r.body);
     assert_eq!(done["outputs"]["delivery"], json!({"note": "dock 4"}));
     assert_eq!(
         f.kv(&format!("closed/{id}")).await.body["data"]["value"],
