@@ -27,6 +27,14 @@ fn migrator() -> Migrator {
                 .into_sql_str(),
             false,
         ),
+        Migration::new(
+            3,
+            Cow::Borrowed("purchase order keys"),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(include_str!("../migrations/0003_purchase_order_keys.sql"))
+                .into_sql_str(),
+            false,
+        ),
     ]);
     m.dangerous_set_table_name("_logic_migrations");
     m

@@ -229,7 +229,11 @@ impl Connected {
         })?;
         let input = payload.get("input").cloned().unwrap_or_else(|| json!({}));
         self.check_input(loaded, &input)?;
-        let key = payload.get("idempotency_key").and_then(Value::as_str);
+        // The payload's key, else the call's (a client's `Idempotency-Key`, a workflow step's).
+        let key = payload
+            .get("idempotency_key")
+            .and_then(Value::as_str)
+            .or(ctx.idempotency_key());
         let request_hash = {
             use sha2::{Digest, Sha256};
             let hash = Sha256::digest(

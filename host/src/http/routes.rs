@@ -45,6 +45,33 @@ fn admit(config: &Config, plan: &TenantPlan, identity: &Identity) -> Result<(), 
         })
 }
 
+/// Longest `Idempotency-Key` accepted.
+const IDEMPOTENCY_KEY_MAX: usize = 200;
+
+/// The request's `Idempotency-Key`, handed to the provider in the call context (a provider
+/// that creates something returns the same result for the same key): 1 to 200 visible ASCII
+/// characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<Arc<str>>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key)
+            if !key.is_empty()
+                && key.len() <= IDEMPOTENCY_KEY_MAX
+                && key.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(Arc::from(key)))
+        }
+        _ => Err(ApiError::new(
+            ErrorCode::ValidationError,
+            format!(
+                "header Idempotency-Key: must be 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters (no spaces)"
+            ),
+        )),
+    }
+}
+
 /// `POST /providers/{service}/{action}`.
 ///
 /// Takes the raw request rather than `HeaderMap` and `Bytes` extractors: those copy every
@@ -57,6 +84,7 @@ pub async fn call(
 ) -> Result<Json<Value>, ApiError> {
     let Path((service, action)) = path.map_err(bad_path)?;
     let (mut parts, body) = request.into_parts();
+    let idempotency_key = idempotency_key(&parts.headers)?;
     // One generation for the whole request, and for the nested calls it makes: the one the
     // audit layer authenticated against, when it did.
     let (generation, identity) = match parts.extensions.remove::<super::Authenticated>() {
@@ -127,7 +155,9 @@ pub async fn call(
             )
         })?
     };
-    let ctx = host.context(identity, &request_id);
+    let ctx = host
+        .context(identity, &request_id)
+        .with_idempotency_key(idempotency_key);
     let data = host
         .call_in(&generation, ctx, &service, &action, payload)
         .await?;

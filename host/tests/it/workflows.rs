@@ -184,6 +184,7 @@ matrix!(
     cancel_compensates_completed_steps_in_reverse,
     a_cancel_during_a_running_step_is_not_lost,
     starts_are_idempotent_and_inputs_checked,
+    an_idempotency_key_header_keys_the_start,
     a_purchase_order_is_raised_approved_as_its_approver_and_cancelled_by_compensation,
 );
 
@@ -1223,5 +1224,49 @@ fn definitions_with_errors_are_refused_with_their_places() {
             .message
             .starts_with("workflows.lease (2s) must be longer than server.request_timeout (3s)")),
         "{errors:?}"
+    );
+}
+
+/// `Idempotency-Key` on the request is the start's key when the payload names none; a header
+/// that is not a key is refused before anything runs.
+async fn an_idempotency_key_header_keys_the_start(db: providers_database::testing::TestDatabase) {
+    let f = Flow::new(db, 1.0).await;
+    let start = |key: &str| {
+        axum::http::Request::post("/providers/workflows/start")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {}", f.requester))
+            .header("idempotency-key", key)
+            .body(axum::body::Body::from(
+                json!({"definition": "purchase_requisition",
+                    "input": {"item": "boots", "quantity": 2, "amount": 80}})
+                .to_string(),
+            ))
+            .unwrap()
+    };
+    let first = f.app.send(start("client-req-1")).await;
+    assert_eq!(first.body["data"]["created"], true, "{}", first.body);
+    let again = f.app.send(start("client-req-1")).await;
+    assert_eq!(
+        (&again.body["data"]["created"], &again.body["data"]["id"]),
+        (&json!(false), &first.body["data"]["id"]),
+        "{}",
+        again.body
+    );
+    for bad in ["two words", &"k".repeat(201), ""] {
+        let r = f.app.send(start(bad)).await;
+        let detail = assert_error(&r, 400, ErrorCode::ValidationError);
+        assert_eq!(
+            detail,
+            "header Idempotency-Key: must be 1 to 200 visible ASCII characters (no spaces)"
+        );
+    }
+    let edge = f.app.send(start(&"k".repeat(200))).await;
+    assert_eq!(edge.body["data"]["created"], true, "{}", edge.body);
+    let listed = f.call(&f.requester, "list", json!({})).await;
+    assert_eq!(
+        listed.body["data"]["items"].as_array().map(Vec::len),
+        Some(2),
+        "one instance per key, none for the refused headers: {}",
+        listed.body
     );
 }

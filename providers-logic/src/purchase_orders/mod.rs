@@ -469,6 +469,20 @@ impl Connected {
         event: &str,
         fresh: bool,
     ) -> Result<Value, ProviderError> {
+        let snapshot = self.save_in(&mut tx, cursor, order, event, fresh).await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(snapshot)
+    }
+
+    /// [`Self::save`] without the commit.
+    async fn save_in(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        cursor: i64,
+        order: &mut Order,
+        event: &str,
+        fresh: bool,
+    ) -> Result<Value, ProviderError> {
         order.erp_sync_status = "PENDING".into();
         let o = &*order;
         let sql = if fresh {
@@ -510,7 +524,7 @@ impl Connected {
             .bind(&o.changed_by)
             .bind(o.created_ms)
             .bind(o.updated_ms)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .map_err(storage)?;
         let snapshot = o.json();
@@ -525,10 +539,9 @@ impl Connected {
         .bind(o.version)
         .bind(snapshot.to_string())
         .bind(o.updated_ms)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await
         .map_err(storage)?;
-        tx.commit().await.map_err(storage)?;
         Ok(snapshot)
     }
 
@@ -617,8 +630,47 @@ impl Connected {
         if self.needs_approval(&order, ctx).await? {
             order.status = State::PendingApproval;
         }
+        // What the key stands for: the request as checked, so a retry matches whatever the
+        // order became since and another request under the same key does not.
+        let request = json!({
+            "po_number": req.po_number,
+            "buyer_company": order.buyer_company,
+            "seller_company": order.seller_company,
+            "product": order.product,
+            "quantity": order.quantity,
+            "unit": order.unit,
+            "unit_price": order.unit_price,
+            "currency": order.currency,
+            "delivery_date": order.delivery_date,
+            "delivery_location": order.delivery_location,
+            "buyer_notes": order.buyer_notes,
+        })
+        .to_string();
         let mut tx = self.pool.begin().await.map_err(storage)?;
+        // The counter's row lock orders creates of one tenant: two calls with one key cannot
+        // both miss the first's order.
         let cursor = self.next(&mut tx, "update").await?;
+        if let Some(key) = ctx.idempotency_key() {
+            let made = sqlx::query(
+                "SELECT po_number, idempotency_request FROM po_orders WHERE tenant = $1 AND idempotency_key = $2",
+            )
+            .bind(&self.tenant)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(storage)?;
+            if let Some(row) = made {
+                let po: String = row.try_get(0).map_err(storage)?;
+                let asked: Option<String> = row.try_get(1).map_err(storage)?;
+                drop(tx);
+                if asked.as_deref() != Some(request.as_str()) {
+                    return Err(ProviderError::conflict(format!(
+                        "idempotency key '{key}' was used to create purchase order '{po}' from another request"
+                    )));
+                }
+                return Ok(self.get_visible(&po, ctx).await?.json());
+            }
+        }
         order.seq = self.next(&mut tx, "order").await?;
         if order.po_number.is_empty() {
             order.po_number = format!("{}{:06}", self.config.number_prefix, order.seq);
@@ -628,6 +680,23 @@ impl Connected {
                 "purchase order '{}' already exists",
                 order.po_number
             )));
+        }
+        if let Some(key) = ctx.idempotency_key() {
+            let saved = self
+                .save_in(&mut tx, cursor, &mut order, "created", true)
+                .await?;
+            sqlx::query(
+                "UPDATE po_orders SET idempotency_key = $1, idempotency_request = $2 WHERE tenant = $3 AND po_number = $4",
+            )
+            .bind(key)
+            .bind(&request)
+            .bind(&self.tenant)
+            .bind(&order.po_number)
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?;
+            tx.commit().await.map_err(storage)?;
+            return Ok(saved);
         }
         self.save(tx, cursor, &mut order, "created", true).await
     }

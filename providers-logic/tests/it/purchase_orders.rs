@@ -694,7 +694,59 @@ async fn lists_filter_and_page(db: TestDatabase) {
     p.host.disconnect().await.unwrap();
 }
 
+/// A create under a call's idempotency key (a workflow step's, a client's `Idempotency-Key`)
+/// makes one order however often it runs; the key reused for another request is refused.
+async fn creates_under_one_idempotency_key_make_one_order(db: TestDatabase) {
+    let pool = db.pool().await;
+    let p = parties(&pool, "acme", json!({})).await;
+    let keyed = p.buyer.clone().with_idempotency_key(Some("wf-1:raise:0"));
+    let first = p.call(&keyed, "create", order("3", "10")).await.unwrap();
+    assert_eq!(first["po_number"], "PO-000001");
+    // Confirmed by the seller meanwhile: a retry returns the order as it is now.
+    let confirmed = p
+        .call(
+            &p.seller,
+            "seller_confirm",
+            json!({"po_number": "PO-000001", "version": 1}),
+        )
+        .await
+        .unwrap();
+    let again = p.call(&keyed, "create", order("3", "10")).await.unwrap();
+    assert_eq!(again, confirmed);
+    // The same key for another order is refused, and makes nothing.
+    let (c, d) = err(p.call(&keyed, "create", order("4", "10")).await);
+    assert_eq!(
+        (c, d.as_str()),
+        (
+            ErrorCode::Conflict,
+            "idempotency key 'wf-1:raise:0' was used to create purchase order 'PO-000001' from another request"
+        )
+    );
+    // Concurrent retries under a new key: one order between them.
+    let other = p.buyer.clone().with_idempotency_key(Some("client-7"));
+    let made =
+        futures_util::future::join_all((0..8).map(|_| p.call(&other, "create", order("5", "10"))))
+            .await;
+    let numbers: std::collections::BTreeSet<String> = made
+        .into_iter()
+        .map(|r| r.unwrap()["po_number"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(numbers.into_iter().collect::<Vec<_>>(), ["PO-000002"]);
+    // Without a key, each create is an order.
+    p.call(&p.buyer, "create", order("5", "10")).await.unwrap();
+    let listed = p.call(&p.buyer, "list", json!({})).await.unwrap();
+    let all: Vec<&str> = listed["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["po_number"].as_str().unwrap())
+        .collect();
+    assert_eq!(all, ["PO-000001", "PO-000002", "PO-000003"]);
+    p.host.disconnect().await.unwrap();
+}
+
 matrix!(
+    creates_under_one_idempotency_key_make_one_order,
     lifecycle_with_amendments_and_both_parties,
     approval_rules_and_separation_of_duties,
     bad_input_and_stale_versions_change_nothing,
