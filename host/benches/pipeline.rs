@@ -45,6 +45,7 @@ use tower::ServiceExt;
 mod support;
 use support::measure;
 
+
 struct Echo;
 
 #[async_trait]

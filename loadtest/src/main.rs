@@ -25,6 +25,11 @@ use axum::routing::post;
 use serde_json::{Value, json};
 use sqlx::{AnyPool, Row};
 
+/// The host's allocator, so the references compare like with like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+
 const BODY: &str = r#"{"data":{"key":"bench","value":{"sku":"A-100","qty":42,"warehouse":"north"},"etag":"1234567890123456789"},"request_id":"00000000-0000-4000-8000-000000000000"}"#;
 
 async fn bare() -> impl IntoResponse {

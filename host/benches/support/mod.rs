@@ -1,8 +1,12 @@
-//! What every in-process benchmark shares: the timing loop, the machine line, and writing a
-//! results file newest first.
+//! What every in-process benchmark shares: the host binary's allocator, the timing loop, the
+//! machine line, and writing a results file newest first.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
+
+/// The `provider-host` binary's allocator, for the host and every reference alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Nanoseconds per iteration of `f`: batches of ~100 ms after a warm-up, median batch mean.
 #[allow(dead_code, reason = "not every benchmark times a loop")]
