@@ -45,7 +45,6 @@ use tower::ServiceExt;
 mod support;
 use support::measure;
 
-
 struct Echo;
 
 #[async_trait]

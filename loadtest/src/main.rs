@@ -29,7 +29,6 @@ use sqlx::{AnyPool, Row};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-
 const BODY: &str = r#"{"data":{"key":"bench","value":{"sku":"A-100","qty":42,"warehouse":"north"},"etag":"1234567890123456789"},"request_id":"00000000-0000-4000-8000-000000000000"}"#;
 
 async fn bare() -> impl IntoResponse {

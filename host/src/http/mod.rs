@@ -73,9 +73,10 @@ async fn request_context(
     let span = tracing::info_span!(
         target: "provider_host::request",
         "request",
-        request_id = %id,
-        method = %request.method(),
-        path = %clip(request.uri().path(), 256),
+        // Strings given as `&str`, not `%`: no trip through `fmt` per field.
+        request_id = &*id,
+        method = request.method().as_str(),
+        path = clipped(request.uri().path(), 256),
         tenant = tracing::field::Empty,
         subject = tracing::field::Empty,
         status = tracing::field::Empty,
@@ -90,7 +91,8 @@ async fn request_context(
             Instant::now(),
             who,
             request.method().clone(),
-            clip(request.uri().path(), 256),
+            // A reference count, not a copy of the path.
+            request.uri().clone(),
         )
     });
     // A W3C trace context from the caller makes this request part of its trace (only when
@@ -117,7 +119,7 @@ async fn request_context(
                 .map(|e| e.error.code.as_str()),
         );
     }
-    if let Some((started, who, method, path)) = access {
+    if let Some((started, who, method, uri)) = access {
         let code = response
             .extensions()
             .get::<Arc<ApiError>>()
@@ -129,9 +131,9 @@ async fn request_context(
         // One line per request, its fields documented in docs/operations.md.
         tracing::info!(
             target: "provider_host::access",
-            request_id = %id,
-            method = %method,
-            path = %path,
+            request_id = &*id,
+            method = method.as_str(),
+            path = clipped(uri.path(), 256),
             status = response.status().as_u16(),
             latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             tenant,
@@ -199,9 +201,14 @@ pub(super) fn record_caller(tenant: &str, subject: &str) {
 }
 
 pub(super) fn clip(s: &str, max: usize) -> String {
+    clipped(s, max).to_owned()
+}
+
+/// The first `max` characters of `s`, borrowed.
+fn clipped(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
-        Some((i, _)) => s[..i].to_owned(),
-        None => s.to_owned(),
+        Some((i, _)) => &s[..i],
+        None => s,
     }
 }
 
