@@ -539,7 +539,10 @@ async fn credentials_never_reach_the_log_even_at_trace_level() {
     drop(guard);
     let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     // Both requests were logged (their access lines and spans), and no layer logs headers.
-    assert!(log.matches("path=\"/providers/kv/get\"").count() >= 2, "{log}");
+    assert!(
+        log.matches("path=\"/providers/kv/get\"").count() >= 2,
+        "{log}"
+    );
     assert!(!log.contains("plain-header-value"), "{log}");
     for secret in [
         token.as_str(),
