@@ -406,6 +406,14 @@ fn company(ctx: &CallContext) -> Result<&str, ProviderError> {
     })
 }
 
+/// How [`Connected::save`] writes an order.
+enum Write<'a> {
+    /// A new order, made under this idempotency key and request, if any.
+    Insert { key: Option<(&'a str, &'a str)> },
+    /// Over the stored order.
+    Update,
+}
+
 impl Connected {
     async fn load(
         &self,
@@ -460,34 +468,21 @@ impl Connected {
         Ok(answer["decision"].as_str() == Some(self.config.approval_decision.as_str()))
     }
 
-    /// Writes `order` (insert when `fresh`) and its outbox record in `tx`, then commits.
+    /// Writes `order` and its outbox record in `tx`, then commits: over the stored order, or
+    /// as a new one (`Write::Insert`, with the idempotency key and request it was made under).
     async fn save(
         &self,
         mut tx: Transaction<'static, Any>,
         cursor: i64,
         order: &mut Order,
         event: &str,
-        fresh: bool,
-    ) -> Result<Value, ProviderError> {
-        let snapshot = self.save_in(&mut tx, cursor, order, event, fresh).await?;
-        tx.commit().await.map_err(storage)?;
-        Ok(snapshot)
-    }
-
-    /// [`Self::save`] without the commit.
-    async fn save_in(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        cursor: i64,
-        order: &mut Order,
-        event: &str,
-        fresh: bool,
+        write: Write<'_>,
     ) -> Result<Value, ProviderError> {
         order.erp_sync_status = "PENDING".into();
         let o = &*order;
-        let sql = if fresh {
+        let sql = if let Write::Insert { .. } = write {
             format!(
-                "INSERT INTO po_orders (tenant, {COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)"
+                "INSERT INTO po_orders (tenant, {COLUMNS}, idempotency_key, idempotency_request) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)"
             )
         } else {
             "UPDATE po_orders SET po_number = $2, seq = $3, version = $4, buyer_company = $5, seller_company = $6, product = $7, \
@@ -496,7 +491,7 @@ impl Connected {
              proposed_delivery_date = $20, amendment_reason = $21, buyer_notes = $22, erp_sync_status = $23, created_by = $24, \
              changed_by = $25, created_ms = $26, updated_ms = $27 WHERE tenant = $1 AND po_number = $2".to_owned()
         };
-        sqlx::query(sqlx::AssertSqlSafe(sql))
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&self.tenant)
             .bind(&o.po_number)
             .bind(o.seq)
@@ -523,10 +518,13 @@ impl Connected {
             .bind(&o.created_by)
             .bind(&o.changed_by)
             .bind(o.created_ms)
-            .bind(o.updated_ms)
-            .execute(&mut **tx)
-            .await
-            .map_err(storage)?;
+            .bind(o.updated_ms);
+        if let Write::Insert { key } = write {
+            query = query
+                .bind(key.map(|(k, _)| k))
+                .bind(key.map(|(_, request)| request));
+        }
+        query.execute(&mut *tx).await.map_err(storage)?;
         let snapshot = o.json();
         sqlx::query(
             "INSERT INTO po_updates (tenant, cursor, po_number, event, version, snapshot, at_ms) \
@@ -539,9 +537,10 @@ impl Connected {
         .bind(o.version)
         .bind(snapshot.to_string())
         .bind(o.updated_ms)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .map_err(storage)?;
+        tx.commit().await.map_err(storage)?;
         Ok(snapshot)
     }
 
@@ -630,27 +629,29 @@ impl Connected {
         if self.needs_approval(&order, ctx).await? {
             order.status = State::PendingApproval;
         }
-        // What the key stands for: the request as checked, so a retry matches whatever the
+        // What a key stands for: the request as checked, so a retry matches whatever the
         // order became since and another request under the same key does not.
-        let request = json!({
-            "po_number": req.po_number,
-            "buyer_company": order.buyer_company,
-            "seller_company": order.seller_company,
-            "product": order.product,
-            "quantity": order.quantity,
-            "unit": order.unit,
-            "unit_price": order.unit_price,
-            "currency": order.currency,
-            "delivery_date": order.delivery_date,
-            "delivery_location": order.delivery_location,
-            "buyer_notes": order.buyer_notes,
-        })
-        .to_string();
+        let request = ctx.idempotency_key().map(|_| {
+            json!({
+                "po_number": req.po_number,
+                "buyer_company": order.buyer_company,
+                "seller_company": order.seller_company,
+                "product": order.product,
+                "quantity": order.quantity,
+                "unit": order.unit,
+                "unit_price": order.unit_price,
+                "currency": order.currency,
+                "delivery_date": order.delivery_date,
+                "delivery_location": order.delivery_location,
+                "buyer_notes": order.buyer_notes,
+            })
+            .to_string()
+        });
         let mut tx = self.pool.begin().await.map_err(storage)?;
         // The counter's row lock orders creates of one tenant: two calls with one key cannot
         // both miss the first's order.
         let cursor = self.next(&mut tx, "update").await?;
-        if let Some(key) = ctx.idempotency_key() {
+        if let (Some(key), Some(request)) = (ctx.idempotency_key(), &request) {
             let made = sqlx::query(
                 "SELECT po_number, idempotency_request FROM po_orders WHERE tenant = $1 AND idempotency_key = $2",
             )
@@ -681,24 +682,9 @@ impl Connected {
                 order.po_number
             )));
         }
-        if let Some(key) = ctx.idempotency_key() {
-            let saved = self
-                .save_in(&mut tx, cursor, &mut order, "created", true)
-                .await?;
-            sqlx::query(
-                "UPDATE po_orders SET idempotency_key = $1, idempotency_request = $2 WHERE tenant = $3 AND po_number = $4",
-            )
-            .bind(key)
-            .bind(&request)
-            .bind(&self.tenant)
-            .bind(&order.po_number)
-            .execute(&mut *tx)
+        let key = ctx.idempotency_key().zip(request.as_deref());
+        self.save(tx, cursor, &mut order, "created", Write::Insert { key })
             .await
-            .map_err(storage)?;
-            tx.commit().await.map_err(storage)?;
-            return Ok(saved);
-        }
-        self.save(tx, cursor, &mut order, "created", true).await
     }
 
     /// Begins a change of `po_number` by `action`: takes the outbox lock, loads the order,
@@ -829,7 +815,8 @@ impl Connected {
         order.version = locked.version + 1;
         order.updated_ms = now_ms();
         order.changed_by = ctx.subject().to_owned();
-        self.save(tx, cursor, &mut order, "updated", false).await
+        self.save(tx, cursor, &mut order, "updated", Write::Update)
+            .await
     }
 
     async fn transition(
@@ -923,7 +910,8 @@ impl Connected {
         order.version += 1;
         order.updated_ms = now_ms();
         order.changed_by = ctx.subject().to_owned();
-        self.save(tx, cursor, &mut order, event, false).await
+        self.save(tx, cursor, &mut order, event, Write::Update)
+            .await
     }
 
     async fn propose(&self, req: ProposeReq, ctx: &CallContext) -> Result<Value, ProviderError> {
@@ -967,7 +955,7 @@ impl Connected {
         order.version += 1;
         order.updated_ms = now_ms();
         order.changed_by = ctx.subject().to_owned();
-        self.save(tx, cursor, &mut order, "changes_proposed", false)
+        self.save(tx, cursor, &mut order, "changes_proposed", Write::Update)
             .await
     }
 
