@@ -675,24 +675,6 @@ impl Connected {
             )));
         }
         let inst = self.instance(id).await?;
-        // A signal sent again (a sender retrying) is answered the same whatever happened
-        // since, the workflow's end included: it was received once.
-        let received = sqlx::query("SELECT 1 FROM wf_signals WHERE instance = $1 AND name = $2")
-            .bind(id)
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?
-            .is_some();
-        if received {
-            return Ok(json!({"id": id, "name": name, "delivered": false}));
-        }
-        if state::is_final(&inst.state) {
-            return Err(ProviderError::conflict(format!(
-                "instance '{id}' is {}; it takes no more signals",
-                inst.state
-            )));
-        }
         let loaded = store::snapshot(&self.pool, &inst.digest).await?;
         let waited: Vec<&str> = loaded
             .definition
@@ -729,6 +711,15 @@ impl Connected {
         .map_err(db_error)?
         .rows_affected()
             == 1;
+        // A signal sent again (a sender retrying) is answered `delivered: false` whatever
+        // happened since, the workflow's end included; a new one to an ended workflow is
+        // refused (the transaction is dropped, so nothing is kept).
+        if fresh && state::is_final(&inst.state) {
+            return Err(ProviderError::conflict(format!(
+                "instance '{id}' is {}; it takes no more signals",
+                inst.state
+            )));
+        }
         if fresh {
             let event = Event {
                 kind: "signal",
