@@ -191,7 +191,7 @@ impl Executor {
         let postgres = crate::migrate::is_postgres(&pool);
         let owner = owner_name();
         let executor = Self {
-            writer: store::Writer::new(pool.clone()),
+            writer: store::Writer::new(pool.clone(), postgres),
             lost: std::sync::atomic::AtomicBool::new(false),
             pool,
             owner,

@@ -291,6 +291,36 @@ fn update_sql(with_input: bool) -> &'static str {
     }
 }
 
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// Binds `$1..$18` of [`update_sql`] for `inst`.
+fn bind_update<'q>(
+    query: AnyQuery<'q>,
+    inst: &Instance,
+    now_ms: i64,
+    lease: Option<(&str, i64)>,
+) -> AnyQuery<'q> {
+    query
+        .bind(inst.state.clone())
+        .bind(inst.ending.clone())
+        .bind(inst.cursor)
+        .bind(inst.round)
+        .bind(inst.attempt)
+        .bind(inst.entered_ms)
+        .bind(inst.role.clone())
+        .bind(inst.escalated_to.clone())
+        .bind(inst.reminders)
+        .bind(Value::Object(inst.outputs.clone()).to_string())
+        .bind(json!(inst.done).to_string())
+        .bind(inst.error.clone())
+        .bind(inst.due_ms)
+        .bind(now_ms)
+        .bind(lease.map(|(owner, _)| owner.to_owned()))
+        .bind(lease.map(|(_, until)| until))
+        .bind(inst.id.clone())
+        .bind(inst.rev)
+}
+
 /// Writes `inst` if it is still at revision `inst.rev`: whether a cancel was asked for, or
 /// `None` when it changed since it was read (nothing is written).
 async fn update<'c>(
@@ -300,25 +330,7 @@ async fn update<'c>(
     lease: Option<(&str, i64)>,
     with_input: bool,
 ) -> Result<Option<bool>, sqlx::Error> {
-    let mut query = sqlx::query(update_sql(with_input))
-        .bind(&inst.state)
-        .bind(inst.ending.as_deref())
-        .bind(inst.cursor)
-        .bind(inst.round)
-        .bind(inst.attempt)
-        .bind(inst.entered_ms)
-        .bind(inst.role.as_deref())
-        .bind(inst.escalated_to.as_deref())
-        .bind(inst.reminders)
-        .bind(Value::Object(inst.outputs.clone()).to_string())
-        .bind(json!(inst.done).to_string())
-        .bind(inst.error.as_deref())
-        .bind(inst.due_ms)
-        .bind(now_ms)
-        .bind(lease.map(|(owner, _)| owner))
-        .bind(lease.map(|(_, until)| until))
-        .bind(&inst.id)
-        .bind(inst.rev);
+    let mut query = bind_update(sqlx::query(update_sql(with_input)), inst, now_ms, lease);
     if with_input {
         query = query.bind(inst.input.to_string());
     }
@@ -374,9 +386,9 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn new(pool: AnyPool) -> Self {
+    pub(crate) fn new(pool: AnyPool, postgres: bool) -> Self {
         Self {
-            postgres: crate::migrate::is_postgres(&pool),
+            postgres,
             pool,
             queue: std::sync::Mutex::new(Vec::new()),
             committing: tokio::sync::Mutex::new(()),
@@ -567,26 +579,16 @@ async fn write_one(
         }
     };
     // Only placeholders are formatted in; every value is bound.
-    let inst = &p.inst;
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(inst.state.clone())
-        .bind(inst.ending.clone())
-        .bind(inst.cursor)
-        .bind(inst.round)
-        .bind(inst.attempt)
-        .bind(inst.entered_ms)
-        .bind(inst.role.clone())
-        .bind(inst.escalated_to.clone())
-        .bind(inst.reminders)
-        .bind(Value::Object(inst.outputs.clone()).to_string())
-        .bind(json!(inst.done).to_string())
-        .bind(inst.error.clone())
-        .bind(inst.due_ms)
-        .bind(p.now_ms)
-        .bind(p.lease.as_ref().map(|(owner, _)| owner.clone()))
-        .bind(p.lease.as_ref().map(|(_, until)| *until))
-        .bind(inst.id.clone())
-        .bind(inst.rev);
+    let lease = p
+        .lease
+        .as_ref()
+        .map(|(owner, until)| (owner.as_str(), *until));
+    let mut query = bind_update(
+        sqlx::query(sqlx::AssertSqlSafe(sql)),
+        &p.inst,
+        p.now_ms,
+        lease,
+    );
     for e in &p.events {
         query = query
             .bind(p.inst.id.clone())
