@@ -214,23 +214,19 @@ where
             event.record(&mut fields);
             *line = fields.0;
             if let Some(scope) = ctx.event_scope(event) {
-                let spans: Vec<_> = scope.from_root().collect();
-                if let Some(innermost) = spans.last() {
-                    line.extend_from_slice(b",\"span\":");
-                    span_object(
-                        line,
-                        innermost.name(),
-                        innermost.extensions().get::<Pairs>(),
-                    );
-                    line.extend_from_slice(b",\"spans\":[");
-                    for (i, span) in spans.iter().enumerate() {
-                        if i > 0 {
-                            line.push(b',');
-                        }
-                        span_object(line, span.name(), span.extensions().get::<Pairs>());
+                // `spans` outermost first, then `span`: the innermost again, copied.
+                line.extend_from_slice(b",\"spans\":[");
+                let mut innermost = 0..0;
+                for (i, span) in scope.from_root().enumerate() {
+                    if i > 0 {
+                        line.push(b',');
                     }
-                    line.push(b']');
+                    let start = line.len();
+                    span_object(line, span.name(), span.extensions().get::<Pairs>());
+                    innermost = start..line.len();
                 }
+                line.extend_from_slice(b"],\"span\":");
+                line.extend_from_within(innermost);
             }
             line.extend_from_slice(b"}\n");
             self.out.push(line);
