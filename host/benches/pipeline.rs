@@ -241,7 +241,7 @@ enabled = false
     let identity = Identity {
         subject: "bench".into(),
         tenant: "bench".into(),
-        roles: vec!["caller".into()],
+        roles: Arc::from(["caller".to_owned()]),
         company_id: None,
     };
     let body = Bytes::from(payload().to_string());

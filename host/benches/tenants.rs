@@ -91,8 +91,8 @@ fn run(rt: &tokio::runtime::Runtime, tenants: usize) -> Figures {
         for i in 0..tenants {
             let identity = Identity {
                 subject: "bench".into(),
-                tenant: format!("t{i}"),
-                roles: vec!["clerk".into()],
+                tenant: format!("t{i}").into(),
+                roles: std::sync::Arc::from(["clerk".to_owned()]),
                 company_id: None,
             };
             let ctx = host.context(identity, "bench");

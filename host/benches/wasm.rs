@@ -293,7 +293,7 @@ services = ["kv", "pricing", "compiled"]
     let identity = providers_security::Identity {
         subject: "bench".into(),
         tenant: "bench".into(),
-        roles: vec!["caller".into()],
+        roles: Arc::from(["caller".to_owned()]),
         company_id: None,
     };
     let host_call = |service: &'static str| {

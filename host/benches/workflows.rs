@@ -209,7 +209,7 @@ async fn run(url: &str) -> Figures {
     let identity = Identity {
         subject: "bench".into(),
         tenant: "acme".into(),
-        roles: vec!["clerk".into()],
+        roles: std::sync::Arc::from(["clerk".to_owned()]),
         company_id: None,
     };
     let start = |definition: &'static str| {

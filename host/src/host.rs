@@ -341,10 +341,13 @@ impl Host {
     /// A context for a client's call. [`Host::call`] gives it the means to call other
     /// providers, for the duration of that call only.
     pub fn context(&self, identity: Identity, request_id: &str) -> CallContext {
-        CallContext::new(identity.tenant, request_id)
-            .with_subject(identity.subject)
-            .with_roles(identity.roles)
-            .with_company_id(identity.company_id)
+        CallContext::of(
+            identity.tenant,
+            identity.subject,
+            identity.roles,
+            identity.company_id,
+            request_id,
+        )
     }
 
     /// Runs `service`/`action` for the context's tenant on the current generation.
@@ -386,7 +389,7 @@ impl Host {
             action = if declared.is_some() { action } else { "-" },
             tenant = ctx.tenant(),
             depth = ctx.depth(),
-            version = descriptor.map(|d| tracing::field::display(&d.version)),
+            version = plan.zip(descriptor).map(|(p, d)| p.calls.version(d)),
             kind = plan.map(|p| crate::observe::kind_name(p.factory.kind())),
             outcome = tracing::field::Empty,
             error_code = tracing::field::Empty,
@@ -399,7 +402,7 @@ impl Host {
             .await;
         let took = started.elapsed();
         let code = result.as_ref().err().map(|e| e.code);
-        if !span.is_disabled() {
+        if !span.is_disabled() && providers_observability::traces_exported() {
             tracing::record_all!(
                 span,
                 outcome = crate::audit::outcome_of(code),

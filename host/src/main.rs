@@ -434,10 +434,10 @@ fn token(
             format!("{subject}-{i}")
         };
         let identity = Identity {
-            subject,
-            tenant: tenant.to_owned(),
-            roles: roles.clone(),
-            company_id: company.clone().filter(|c| !c.is_empty()),
+            subject: subject.into(),
+            tenant: tenant.into(),
+            roles: roles.as_slice().into(),
+            company_id: company.as_deref().filter(|c| !c.is_empty()).map(Into::into),
         };
         let token = issuer.mint_identity(&identity, ttl.as_secs())?;
         out.write_all(format!("{token}\n").as_bytes())?;

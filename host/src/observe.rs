@@ -122,6 +122,16 @@ pub struct CallMetrics {
     counters: RwLock<HashMap<(usize, usize, usize), metrics::Counter>>,
     /// By action index.
     latencies: RwLock<HashMap<usize, metrics::Histogram>>,
+    /// The provider's version as its call spans show it, written once.
+    version: std::sync::OnceLock<Box<str>>,
+}
+
+impl CallMetrics {
+    /// The version of the service's provider, `descriptor`, as text.
+    pub(crate) fn version(&self, descriptor: &providers_core::Descriptor) -> &str {
+        self.version
+            .get_or_init(|| descriptor.version.to_string().into())
+    }
 }
 
 /// Counts one provider call (nested ones too) and its latency. `plan` is the configured

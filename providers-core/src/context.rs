@@ -58,6 +58,29 @@ impl CallContext {
         }
     }
 
+    /// A context for a verified caller: `tenant`, `subject`, `roles` and `company_id` as its
+    /// token gives them; no deadline or caller yet. [`new`](Self::new) with the `with_`
+    /// setters gives the same context, making and dropping the empty values it starts with.
+    pub fn of(
+        tenant: Arc<str>,
+        subject: Arc<str>,
+        roles: Arc<[String]>,
+        company_id: Option<Arc<str>>,
+        request_id: impl Into<Arc<str>>,
+    ) -> Self {
+        Self {
+            tenant,
+            subject,
+            roles,
+            company_id,
+            request_id: request_id.into(),
+            deadline: None,
+            depth: 0,
+            idempotency_key: None,
+            caller: None,
+        }
+    }
+
     /// Sets the subject (the token's `sub`).
     ///
     /// A context whose identity changes loses its caller: a provider cannot give itself

@@ -160,7 +160,35 @@ impl Visit for Pairs {
     }
 }
 
+/// Appends `at` as RFC 3339 in UTC with microseconds (`2026-12-04T05:41:30.123456Z`). The
+/// date and time up to the second are written once a second per thread, not once a line.
+fn timestamp(line: &mut Vec<u8>, at: std::time::SystemTime) {
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (secs, micros) = (since.as_secs(), since.subsec_micros());
+    SECOND.with(|cell| {
+        let mut second = cell.borrow_mut();
+        if second.0 != secs || second.1.is_empty() {
+            let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            second.0 = secs;
+            second.1.clear();
+            // `2026-12-04T05:41:30Z` without its `Z`.
+            let _ = write!(second.1, "{}", humantime::format_rfc3339_seconds(whole));
+            second.1.pop();
+        }
+        line.extend_from_slice(second.1.as_bytes());
+    });
+    let mut digits = *b".000000Z";
+    let mut rest = micros;
+    for d in digits[1..7].iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    line.extend_from_slice(&digits);
+}
+
 thread_local! {
+    /// The second last written by [`timestamp`] on this thread, and its text.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
     /// Where a line is put together before it is copied out whole.
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
 }
@@ -200,11 +228,7 @@ where
             line.clear();
             let meta = event.metadata();
             line.extend_from_slice(b"{\"timestamp\":\"");
-            let _ = write!(
-                Escaping(line),
-                "{}",
-                humantime::format_rfc3339_micros(std::time::SystemTime::now())
-            );
+            timestamp(line, std::time::SystemTime::now());
             line.extend_from_slice(b"\",\"level\":\"");
             line.extend_from_slice(meta.level().as_str().as_bytes());
             line.extend_from_slice(b"\",\"target\":");
@@ -293,6 +317,29 @@ mod tests {
         assert_eq!(stamp.len(), "2026-12-04T05:41:30.123456Z".len(), "{stamp}");
         assert_eq!(got[1]["message"], "outside");
         assert!(got[1].get("span").is_none() && got[1].get("spans").is_none());
+    }
+
+    #[test]
+    fn timestamps_match_humantime_across_seconds() {
+        let base = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000);
+        for offset_us in [
+            0u64,
+            1,
+            999_999,
+            1_000_000,
+            1_000_001,
+            59_999_999,
+            86_400_000_123,
+        ] {
+            let at = base + std::time::Duration::from_micros(offset_us);
+            let mut line = Vec::new();
+            timestamp(&mut line, at);
+            assert_eq!(
+                String::from_utf8(line).expect("UTF-8"),
+                humantime::format_rfc3339_micros(at).to_string(),
+                "{offset_us}"
+            );
+        }
     }
 
     #[test]

@@ -126,61 +126,129 @@ pub fn init(
             written.to_owned()
         }
     };
-    let filter = EnvFilter::new(&directives);
+    let filter = LogFilter::of(&directives);
     let probe = tracing_subscriber::registry().with(EnvFilter::new(&directives));
     let access = tracing::subscriber::with_default(
         probe,
         || tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
     );
-    type Boxed = Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>;
     // Lines are written in batches by a thread of their own (see `writer`).
     let (writer, guard) = writer::stderr();
-    let logs: Boxed = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(writer)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_filter(filter)
-            .boxed(),
-        LogFormat::Json => json::JsonLines::new(writer).with_filter(filter).boxed(),
-    };
-    let mut layers = vec![logs];
     let mut telemetry = Telemetry {
         provider: None,
         logs: Some(guard),
     };
-    if let Some(otlp) = otlp {
-        let provider = otlp::provider(otlp)?;
-        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "provider-host");
-        let targets = TRACED_TARGETS
-            .iter()
-            .fold(tracing_subscriber::filter::Targets::new(), |t, target| {
-                t.with_target(*target, tracing::Level::INFO)
-            });
-        layers.push(
-            tracing_opentelemetry::layer()
+    let text = format == LogFormat::Text;
+    let json = (format == LogFormat::Json).then(|| json::JsonLines::new(writer.clone()));
+    // Already installed (tests, a second host in one process): the first one stays.
+    match otlp {
+        // The log layer alone: its filter is the subscriber's. A per-layer filter would keep
+        // a thread-local bitset in step on every span opened, entered, recorded and closed,
+        // for nothing to choose between.
+        None => {
+            let _ = tracing_subscriber::registry()
+                .with(filter.layer())
+                .with(text.then(|| text_layer(writer)))
+                .with(json)
+                .try_init();
+        }
+        Some(otlp) => {
+            type Boxed = Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>;
+            let filter = filter.per_layer();
+            let logs: Boxed = if text {
+                text_layer(writer).with_filter(filter).boxed()
+            } else {
+                json.with_filter(filter).boxed()
+            };
+            let provider = otlp::provider(otlp)?;
+            let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "provider-host");
+            let targets = TRACED_TARGETS
+                .iter()
+                .fold(tracing_subscriber::filter::Targets::new(), |t, target| {
+                    t.with_target(*target, tracing::Level::INFO)
+                });
+            let export: Boxed = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
                 .with_location(false)
                 .with_threads(false)
                 .with_tracked_inactivity(false)
                 .with_filter(targets)
-                .boxed(),
-        );
-        telemetry.provider = Some(provider);
-    }
-    // Already installed (tests, a second host in one process): the first one stays.
-    if tracing_subscriber::registry()
-        .with(layers)
-        .try_init()
-        .is_ok()
-        && otlp.is_some()
-    {
-        TRACING_ON.store(true, std::sync::atomic::Ordering::Relaxed);
+                .boxed();
+            telemetry.provider = Some(provider);
+            if tracing_subscriber::registry()
+                .with(vec![logs, export])
+                .try_init()
+                .is_ok()
+            {
+                TRACING_ON.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
     ACCESS.store(
         if access { 1 } else { 2 },
         std::sync::atomic::Ordering::Relaxed,
     );
     Ok(telemetry)
+}
+
+/// The log filter of a directive list.
+enum LogFilter {
+    /// Only targets and levels: decided per callsite, once, and no state kept per span.
+    Targets(tracing_subscriber::filter::Targets),
+    /// Span and field directives (`[request{tenant=acme}]=debug`): `EnvFilter` follows every
+    /// span, taking a lock each time one is entered, exited, recorded or closed.
+    Env(Box<tracing_subscriber::EnvFilter>),
+}
+
+impl LogFilter {
+    /// `directives` must already have parsed as an `EnvFilter`.
+    fn of(directives: &str) -> Self {
+        // Spaces are not trimmed by every parser: such a list is left to `EnvFilter`.
+        let dynamic = directives.contains(['[', '{']) || directives.contains(char::is_whitespace);
+        match directives.parse() {
+            Ok(targets) if !dynamic => Self::Targets(targets),
+            _ => Self::Env(Box::new(tracing_subscriber::EnvFilter::new(directives))),
+        }
+    }
+
+    /// As the subscriber's own filter.
+    fn layer(
+        self,
+    ) -> Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync> {
+        use tracing_subscriber::Layer as _;
+        match self {
+            Self::Targets(targets) => targets.boxed(),
+            Self::Env(env) => env.boxed(),
+        }
+    }
+
+    /// As one layer's filter.
+    fn per_layer(
+        self,
+    ) -> Box<dyn tracing_subscriber::layer::Filter<tracing_subscriber::Registry> + Send + Sync>
+    {
+        match self {
+            Self::Targets(targets) => Box::new(targets),
+            Self::Env(env) => env,
+        }
+    }
+}
+
+/// Human-readable lines (colours on a terminal).
+fn text_layer<S>(writer: writer::Batched) -> impl tracing_subscriber::Layer<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+}
+
+/// Whether spans are exported (an OTLP endpoint is set). Fields a span only learns as it ends
+/// (a request's status, a call's outcome and duration) reach no log line, as every line inside
+/// the span was written before: without an export they need not be recorded at all.
+pub fn traces_exported() -> bool {
+    TRACING_ON.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Makes `span` (not yet entered) a child of the caller's W3C trace context, when traces are
@@ -272,6 +340,84 @@ mod tests {
             text.contains("observability_selftest_total{kind=\"a\"} 3"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_targets_filter_decides_as_envfilter_would() {
+        use tracing::Level;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let lists = [
+            DEFAULT_FILTER,
+            "warn",
+            "off",
+            "provider_host=debug",
+            "info,provider_host::access=off,provider_host=trace,sqlx=error",
+        ];
+        let targets = [
+            "provider_host",
+            "provider_host::access",
+            "provider_host::call",
+            "sqlx::query",
+            "plugin",
+            "tower_http::cors",
+        ];
+        let levels = [
+            Level::ERROR,
+            Level::WARN,
+            Level::INFO,
+            Level::DEBUG,
+            Level::TRACE,
+        ];
+        for list in lists {
+            assert!(
+                matches!(LogFilter::of(list), LogFilter::Targets(_)),
+                "{list}"
+            );
+            let decide = |filter: LogFilter| {
+                let subscriber = tracing_subscriber::registry().with(filter.layer());
+                tracing::subscriber::with_default(subscriber, || {
+                    targets
+                        .iter()
+                        .flat_map(|t| levels.iter().map(move |l| (*t, *l)))
+                        .map(|(target, level)| {
+                            // `enabled!` needs literal targets and levels: ask the dispatcher.
+                            let meta = tracing::Metadata::new(
+                                "probe",
+                                target,
+                                level,
+                                None,
+                                None,
+                                None,
+                                tracing::field::FieldSet::new(
+                                    &[],
+                                    tracing::callsite::Identifier(&PROBE),
+                                ),
+                                tracing::metadata::Kind::EVENT,
+                            );
+                            tracing::dispatcher::get_default(|d| d.enabled(&meta))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            };
+            let env = LogFilter::Env(Box::new(tracing_subscriber::EnvFilter::new(list)));
+            assert_eq!(decide(LogFilter::of(list)), decide(env), "{list}");
+        }
+        for list in [
+            "[request]=debug",
+            "info,[call{service=kv}]=trace",
+            "info, sqlx=warn",
+        ] {
+            assert!(matches!(LogFilter::of(list), LogFilter::Env(_)), "{list}");
+        }
+    }
+
+    struct Probe;
+    static PROBE: Probe = Probe;
+    impl tracing::Callsite for Probe {
+        fn set_interest(&self, _: tracing::subscriber::Interest) {}
+        fn metadata(&self) -> &tracing::Metadata<'_> {
+            unreachable!("never registered")
+        }
     }
 
     #[test]

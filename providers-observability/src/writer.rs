@@ -27,8 +27,9 @@ struct Shared {
     /// Where batches go: stderr, or memory in this crate's tests.
     sink: Option<Mutex<Vec<u8>>>,
     wake: Condvar,
-    /// Held while writing, so batches leave in the order they were taken.
-    out: Mutex<()>,
+    /// Held while writing, so batches leave in the order they were taken; the buffer is the
+    /// batch being written, swapped with `lines` so that neither grows again from nothing.
+    out: Mutex<Vec<u8>>,
     stop: AtomicBool,
 }
 
@@ -38,8 +39,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn write_out(&self) {
-        let _out = lock(&self.out);
-        let batch = std::mem::take(&mut *lock(&self.lines));
+        let mut batch = lock(&self.out);
+        std::mem::swap(&mut *batch, &mut *lock(&self.lines));
         if batch.is_empty() {
             return;
         }
@@ -50,6 +51,9 @@ impl Shared {
             }
             Some(memory) => lock(memory).extend_from_slice(&batch),
         }
+        batch.clear();
+        // A burst that spilled does not keep its megabytes.
+        batch.shrink_to(WAKE_AT);
     }
 }
 
@@ -85,7 +89,7 @@ fn start(sink: Option<Mutex<Vec<u8>>>) -> (Batched, Flusher) {
         lines: Mutex::new(Vec::with_capacity(64 * 1024)),
         sink,
         wake: Condvar::new(),
-        out: Mutex::new(()),
+        out: Mutex::new(Vec::with_capacity(64 * 1024)),
         stop: AtomicBool::new(false),
     });
     let worker = shared.clone();

@@ -1,7 +1,7 @@
 //! Bearer tokens: verification of signed JWTs and minting of development tokens.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -73,18 +73,19 @@ pub const MAX_LEEWAY_SECONDS: u64 = 600;
 /// sizes that would let a client fill memory with tokens.
 pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8192;
 
-/// The verified identity behind a request.
+/// The verified identity behind a request. Shared strings: a token served from the
+/// verified-token cache, and the call context made from it, copy none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// `sub`.
-    pub subject: String,
+    pub subject: Arc<str>,
     /// `tenant_id`: the only source of the tenant.
-    pub tenant: String,
+    pub tenant: Arc<str>,
     /// `roles`.
-    pub roles: Vec<String>,
+    pub roles: Arc<[String]>,
     /// `company_id`: the company the caller acts for, when the token names one (business
     /// providers such as purchase orders tell buyer and seller apart by it).
-    pub company_id: Option<String>,
+    pub company_id: Option<Arc<str>>,
 }
 
 // The registered claims are options so that a missing one is reported by the validation
@@ -353,10 +354,10 @@ impl TokenVerifier {
                         return Err(unauth("token has an empty tenant_id claim"));
                     }
                     let identity = Identity {
-                        subject: c.sub.unwrap_or_default(),
-                        tenant: c.tenant_id,
-                        roles: c.roles,
-                        company_id: c.company_id.filter(|c| !c.is_empty()),
+                        subject: c.sub.unwrap_or_default().into(),
+                        tenant: c.tenant_id.into(),
+                        roles: c.roles.into(),
+                        company_id: c.company_id.filter(|c| !c.is_empty()).map(Into::into),
                     };
                     return Ok((identity, c.exp.unwrap_or(0)));
                 }
@@ -433,9 +434,9 @@ impl TokenIssuer {
     ) -> Result<String, SecurityError> {
         self.mint_identity(
             &Identity {
-                subject: subject.to_owned(),
-                tenant: tenant.to_owned(),
-                roles: roles.to_vec(),
+                subject: subject.into(),
+                tenant: tenant.into(),
+                roles: roles.into(),
                 company_id: None,
             },
             ttl_seconds,
@@ -450,10 +451,10 @@ impl TokenIssuer {
     ) -> Result<String, SecurityError> {
         let now = now_seconds();
         let claims = Claims {
-            sub: Some(identity.subject.clone()),
-            tenant_id: identity.tenant.clone(),
-            roles: identity.roles.clone(),
-            company_id: identity.company_id.clone(),
+            sub: Some(identity.subject.to_string()),
+            tenant_id: identity.tenant.to_string(),
+            roles: identity.roles.to_vec(),
+            company_id: identity.company_id.as_deref().map(str::to_owned),
             iss: Some(self.settings.issuer.clone()),
             aud: Some(Audience::One(self.settings.audience.clone())),
             exp: Some(now + ttl_seconds),

@@ -81,15 +81,15 @@ impl Generation {
                 identity.roles
             )));
         }
-        let scope = if settings.platform_tenant.as_deref() == Some(identity.tenant.as_str()) {
+        let scope = if settings.platform_tenant.as_deref() == Some(&*identity.tenant) {
             AdminScope::Platform
         } else {
             self.tenant(&identity.tenant)?;
-            AdminScope::Tenant(identity.tenant.clone())
+            AdminScope::Tenant(identity.tenant.to_string())
         };
         Ok(Admin {
             identity: Identity {
-                roles: vec![role.clone()],
+                roles: std::sync::Arc::from([role.clone()]),
                 ..identity
             },
             scope,

@@ -283,10 +283,10 @@ async fn grant(
     let access = issuer
         .mint_identity(
             &Identity {
-                subject: client.subject.clone(),
-                tenant: client.tenant.clone(),
-                roles: client.roles.clone(),
-                company_id: client.company_id.clone(),
+                subject: client.subject.as_str().into(),
+                tenant: client.tenant.as_str().into(),
+                roles: client.roles.as_slice().into(),
+                company_id: client.company_id.as_deref().map(Into::into),
             },
             ttl,
         )

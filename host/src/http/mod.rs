@@ -109,7 +109,7 @@ async fn request_context(
         providers_observability::adopt_remote_parent(&span, parent, state);
     }
     let mut response = next.run(request).instrument(span.clone()).await;
-    if !span.is_disabled() {
+    if !span.is_disabled() && providers_observability::traces_exported() {
         tracing::record_all!(
             span,
             status = response.status().as_u16(),
@@ -124,10 +124,7 @@ async fn request_context(
             .extensions()
             .get::<Arc<ApiError>>()
             .map(|e| e.error.code.as_str());
-        let (tenant, subject) = who
-            .0
-            .get()
-            .map_or(("", ""), |(t, s)| (t.as_str(), s.as_str()));
+        let (tenant, subject) = who.0.get().map_or(("", ""), |(t, s)| (&**t, &**s));
         // One line per request, its fields documented in docs/operations.md.
         tracing::info!(
             target: "provider_host::access",
@@ -182,7 +179,7 @@ pub(crate) struct Authenticated {
 /// The verified tenant and subject of a request, for its access-log line (set by the audit
 /// layer once it has checked the token).
 #[derive(Debug, Default)]
-pub struct Caller(pub std::sync::OnceLock<(String, String)>);
+pub struct Caller(pub std::sync::OnceLock<(Arc<str>, Arc<str>)>);
 
 /// Where a handler leaves what the audit record needs and only it knows.
 #[derive(Debug, Default)]
@@ -272,18 +269,18 @@ async fn audit_requests(
     let config = &generation.config;
     let (tenant, subject) = match identity {
         Some(id)
-            if config.tenants.contains_key(&id.tenant)
-                || config.admin.platform_tenant.as_deref() == Some(id.tenant.as_str()) =>
+            if config.tenants.contains_key(&*id.tenant)
+                || config.admin.platform_tenant.as_deref() == Some(&*id.tenant) =>
         {
-            (id.tenant.clone(), clip(&id.subject, 256))
+            (id.tenant.to_string(), clip(&id.subject, 256))
         }
         Some(id) => (crate::audit::NO_TENANT.to_owned(), clip(&id.subject, 256)),
         None => (crate::audit::NO_TENANT.to_owned(), String::new()),
     };
     if let Some(caller) = request.extensions().get::<Arc<Caller>>() {
         let _ = caller.0.set((
-            identity.map(|i| i.tenant.clone()).unwrap_or_default(),
-            subject.clone(),
+            identity.map_or_else(|| Arc::from(""), |i| i.tenant.clone()),
+            Arc::from(subject.as_str()),
         ));
     }
     if let Some(id) = identity {

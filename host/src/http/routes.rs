@@ -213,7 +213,7 @@ pub async fn list(
         })
         .collect();
     Ok(Json(
-        json!({"tenant": identity.tenant, "providers": services}),
+        json!({"tenant": &*identity.tenant, "providers": services}),
     ))
 }
 

@@ -155,9 +155,9 @@ async fn a_client_credentials_grant_gives_tokens_the_host_accepts(db: TestDataba
         .unwrap();
     assert_eq!(
         (
-            identity.tenant.as_str(),
-            identity.subject.as_str(),
-            identity.roles.clone()
+            &*identity.tenant,
+            &*identity.subject,
+            identity.roles.to_vec()
         ),
         ("acme", "svc-acme", vec!["user".to_owned()])
     );

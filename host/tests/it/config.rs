@@ -241,7 +241,7 @@ fn an_rs256_key_from_pem_files_verifies_tokens() {
     let token = issuer.mint("ada", "acme", &[], 60).unwrap();
     let verifier =
         providers_security::TokenVerifier::new(&config.keys, config.token.clone()).unwrap();
-    assert_eq!(verifier.verify(&token).unwrap().tenant, "acme");
+    assert_eq!(&*verifier.verify(&token).unwrap().tenant, "acme");
 
     let text = text.edit("rs256.pub.pem", "missing.pem");
     let errors = errors_of(&text);

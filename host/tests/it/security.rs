@@ -71,7 +71,7 @@ async fn clients_and_tenants_are_limited_at_the_edge_with_retry_after() {
         providers_security::Identity {
             subject: "check".into(),
             tenant: "acme".into(),
-            roles: vec!["user".into()],
+            roles: Arc::from(["user".to_owned()]),
             company_id: None,
         },
         "check",

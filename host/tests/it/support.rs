@@ -397,10 +397,10 @@ impl App {
         company: Option<&str>,
     ) -> String {
         let identity = providers_security::Identity {
-            subject: subject.to_owned(),
-            tenant: tenant.to_owned(),
+            subject: subject.into(),
+            tenant: tenant.into(),
             roles: roles.iter().map(|r| (*r).to_owned()).collect(),
-            company_id: company.map(str::to_owned),
+            company_id: company.map(Into::into),
         };
         self.issuer.mint_identity(&identity, 300).unwrap()
     }
