@@ -288,7 +288,23 @@ struct Provided {
 }
 
 impl<'a> Checker<'a> {
+    /// An error at `span`; without one (`0..0`, a check of a whole setting rather than of a
+    /// parsed value) at the setting the message starts with (`audit.batch: ...`), when the
+    /// file writes it.
     fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let message = message.into();
+        let span = match message.split_once(": ") {
+            Some((key, _))
+                if span == (0..0)
+                    && key.contains('.')
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.') =>
+            {
+                self.src.span_of(key)
+            }
+            _ => span,
+        };
         let e = self.src.error_at(span, message);
         self.errors.push(e);
     }

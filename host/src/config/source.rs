@@ -79,6 +79,27 @@ impl<'a> Source<'a> {
         }
     }
 
+    /// Where the value of the dotted key `path` (`observability.otlp_queue`) is written, through
+    /// tables; `0..0` (no place) when it is not written, or is inside an array of tables.
+    pub fn span_of(&self, path: &str) -> Range<usize> {
+        let Ok(doc) = toml::de::DeTable::parse(self.text) else {
+            return 0..0;
+        };
+        let mut table = doc.get_ref();
+        let mut keys = path.split('.').peekable();
+        while let Some(key) = keys.next() {
+            let Some((_, value)) = table.iter().find(|(k, _)| k.get_ref() == key) else {
+                return 0..0;
+            };
+            match value.get_ref() {
+                _ if keys.peek().is_none() => return value.span(),
+                toml::de::DeValue::Table(inner) => table = inner,
+                _ => return 0..0,
+            }
+        }
+        0..0
+    }
+
     /// An error about the file as a whole.
     pub fn error(&self, message: impl Into<String>) -> ConfigError {
         self.error_at(0..0, message)
@@ -191,6 +212,25 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn dotted_keys_are_found_through_tables_and_inline_tables() {
+        let text =
+            "# c\n[observability]\notlp_queue = 0\n[audit]\nbatch = { n = 3 }\n[[keys]]\nid = 1\n";
+        let src = Source::new("t.toml", text);
+        let at = |path: &str| {
+            let span = src.span_of(path);
+            (span != (0..0)).then(|| &text[span])
+        };
+        assert_eq!(at("observability.otlp_queue"), Some("0"));
+        assert_eq!(at("audit.batch.n"), Some("3"));
+        assert_eq!(at("audit.batch"), Some("{ n = 3 }"));
+        assert_eq!(at("observability.log_filter"), None);
+        assert_eq!(at("keys.id"), None);
+        assert_eq!(at("nowhere"), None);
+        let e = src.error_at(src.span_of("observability.otlp_queue"), "m");
+        assert_eq!((e.line, e.column), (3, 14));
+    }
 
     #[test]
     fn positions_are_one_based_lines_and_character_columns() {

@@ -300,11 +300,18 @@ fn security_and_server_settings_are_range_checked() {
         "connect_backoff_max = \"400ms\"",
         "connect_backoff_max = \"100ms\"\nmax_connections = 0",
     );
+    // Checks of a whole setting are placed at the setting the message names, in file order.
+    let (backoff, max) = (
+        line_of(&text, "connect_backoff ="),
+        line_of(&text, "max_connections"),
+    );
     assert_eq!(
         errors_of(&text),
         [
-            "test.toml: server.max_connections: must be at least 1",
-            "test.toml: server.connect_backoff: must not exceed server.connect_backoff_max",
+            format!(
+                "test.toml:{backoff}:19: server.connect_backoff: must not exceed server.connect_backoff_max"
+            ),
+            format!("test.toml:{max}:19: server.max_connections: must be at least 1"),
         ]
     );
 }
