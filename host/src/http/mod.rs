@@ -134,7 +134,7 @@ async fn request_context(
             status = response.status().as_u16(),
             latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             tenant,
-            subject,
+            subject = clipped(subject, 256),
             error_code = code.unwrap_or(""),
             "request"
         );
@@ -278,9 +278,10 @@ async fn audit_requests(
         None => (crate::audit::NO_TENANT.to_owned(), String::new()),
     };
     if let Some(caller) = request.extensions().get::<Arc<Caller>>() {
-        let _ = caller.0.set((
-            identity.map_or_else(|| Arc::from(""), |i| i.tenant.clone()),
-            Arc::from(subject.as_str()),
+        // The token's own strings, shared; the access line clips the subject as it writes it.
+        let _ = caller.0.set(identity.map_or_else(
+            || (Arc::from(""), Arc::from("")),
+            |i| (i.tenant.clone(), i.subject.clone()),
         ));
     }
     if let Some(id) = identity {
